@@ -1,0 +1,107 @@
+"""Orbax checkpoints: one factory, saving, and the resume order written down once.
+
+Resume order: `resume=false` starts fresh (and refuses a run directory that already holds
+checkpoints, so nothing on disk is overwritten); `resume=true` restores the newest checkpoint in
+`<run dir>/checkpoints/` that restores cleanly, skipping (and naming) any that does not;
+`resume=auto` does the same when there is a checkpoint and starts fresh otherwise.
+
+Each checkpoint `<step>/` holds two items: `state` (step, params, optimizer state, RNG key data;
+restored onto abstract arrays that carry the target sharding) and `meta` (JSON: the config and the
+metrics at that step). Checkpoints kept: the newest `keep`, plus the best by val/elbo.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from cvae_exp.errors import UserError
+
+log = logging.getLogger(__name__)
+pp = ocp.checkpoint_managers.preservation_policy
+
+# Keys whose change makes a checkpoint's arrays mean something else (or not fit at all).
+SHAPE_KEYS = (
+    "model.kind",
+    "model.hidden",
+    "model.latent_dim",
+    "model.prior",
+    "model.likelihood",
+    "data.name",
+    "data.condition",
+    "optimizer.transform",
+    "optimizer.clip_norm",
+)
+
+
+def make_manager(run_dir: Path, keep: int) -> ocp.CheckpointManager:
+    """The one CheckpointManager of a run, under `<run dir>/checkpoints` (Orbax needs an absolute path)."""
+    # max_to_keep together with best_fn would evict the newest checkpoints and break resume;
+    # a combined preservation policy keeps the newest `keep` and the best one.
+    policy = pp.AnyPreservationPolicy(
+        [
+            pp.LatestN(n=keep),
+            pp.BestN(get_metric_fn=lambda m: -m["val/elbo"], n=1, keep_checkpoints_without_metrics=False),
+        ]
+    )
+    options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True)
+    return ocp.CheckpointManager(
+        (run_dir / "checkpoints").resolve(), item_names=("state", "meta"), options=options
+    )
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:
+    """Starts an async save; `meta["val/elbo"]`, when present, ranks the checkpoint for 'best'."""
+    metrics = {"val/elbo": meta["val/elbo"]} if "val/elbo" in meta else None
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+    manager.save(step, args=args, metrics=metrics, force=True)
+
+
+def abstract(state: Any) -> Any:
+    """Shape/dtype/sharding stand-ins for `state`, the target that restored arrays are placed onto."""
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
+
+
+def restore_newest(manager: ocp.CheckpointManager, target: Any) -> tuple[int, Any, dict] | None:
+    """(step, state, meta) of the newest checkpoint that restores, or None when there is none.
+
+    A checkpoint that fails (truncated or missing files, a killed writer) is reported by step and
+    path and skipped; none is deleted. If checkpoints exist but none restores, that is an error.
+    """
+    steps = sorted(manager.all_steps(), reverse=True)
+    for step in steps:
+        try:
+            restored = manager.restore(
+                step,
+                args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()),
+            )
+        except Exception as err:  # Orbax raises many types for damaged files; all mean "skip it"
+            where = Path(manager.directory) / str(step)
+            log.warning("Checkpoint at step %d (%s) could not be restored and is skipped: %s", step, where, _short(err))
+            continue
+        return step, restored["state"], dict(restored["meta"])
+    if steps:
+        raise UserError(
+            f"None of the {len(steps)} checkpoints in {manager.directory} (steps {', '.join(map(str, steps))}) could be restored."
+        )
+    return None
+
+
+def changed_shape_keys(saved: dict, current: dict) -> list[str]:
+    """The SHAPE_KEYS whose values differ between a checkpoint's config and the current one."""
+
+    def get(cfg: dict, dotted: str):
+        for part in dotted.split("."):
+            cfg = cfg.get(part) if isinstance(cfg, dict) else None
+        return cfg
+
+    return [k for k in SHAPE_KEYS if get(saved, k) != get(current, k)]
+
+
+def _short(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:200] if text else ''}"

@@ -1,0 +1,217 @@
+"""Dataclass schemas for every config group, registered in Hydra's ConfigStore.
+
+The schemas make OmegaConf reject a mistyped key or a wrong type while Hydra composes the config, so
+the error names the key before anything runs. Values that have the right type but are impossible
+(a negative learning rate, a batch larger than the data) are checked by `validate`, also before any
+data is loaded or any function compiled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from cvae_exp.errors import UserError
+
+MODEL_KINDS = ("cvae", "vae", "gsnn", "hybrid", "baseline")
+PRIORS = ("learned", "standard")
+LIKELIHOODS = ("bernoulli", "gaussian")
+BINARIZE = ("static", "dynamic", "none")
+CONDITIONS = ("label", "none", "quadrants")
+PRECISIONS = ("fp32", "bf16")
+NAN_POLICIES = ("stop", "skip")
+RESUME = ("false", "true", "auto")
+SPLITS = ("val", "test")
+SAFE_TARGET_PREFIXES = ("cvae_exp.", "optax.", "flax.")
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "cvae"  # cvae | vae | gsnn | hybrid | baseline
+    hidden: list[int] = field(default_factory=lambda: [500, 500])  # every MLP's hidden widths
+    latent_dim: int = 20
+    prior: str = "learned"  # learned p(z|x) or the fixed N(0, I)
+    likelihood: str = "bernoulli"  # bernoulli | gaussian (learned per-pixel variance)
+    min_log_var: float = -6.0  # variance floor of the Gaussian likelihood, as a log-variance
+    alpha: float = 0.5  # hybrid: alpha * L_CVAE + (1 - alpha) * L_GSNN
+    beta: float = 1.0  # weight of the KL term
+    kl_warmup_steps: int = 0  # KL weight ramps linearly from 0 to beta over these steps
+
+
+@dataclass
+class DataConfig:
+    name: str = "mnist"  # mnist | fashion_mnist
+    path: Optional[str] = None  # local Hub-layout Parquet folder or IDX folder; unset: the Hub
+    hub_id: Optional[str] = None  # overrides the Hub dataset id for `name`
+    binarize: str = "dynamic"  # static | dynamic | none
+    val_size: int = 5000  # carved from the training split with `split_seed`
+    split_seed: int = 0
+    condition: str = "label"  # label | none | quadrants
+    n_given: int = 1  # quadrants given (quadrant task): 1 top-left, 2 top half, 3 all but bottom-right
+    omission_rate: float = 0.0  # probability of blanking a random square of the condition
+
+
+@dataclass
+class OptimizerConfig:
+    _target_: str = "cvae_exp.optim.make_optimizer"
+    transform: dict[str, Any] = field(
+        default_factory=lambda: {"_target_": "optax.adam", "_partial_": True}
+    )
+    lr: float = 1e-3
+    schedule: str = "constant"  # constant | cosine (cosine decays to 0 at trainer.max_steps)
+    warmup_steps: int = 0
+    clip_norm: Optional[float] = None
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 5000
+    batch_size: int = 128  # global batch, split over devices
+    eval_every: int = 1000
+    eval_batch_size: int = 1000
+    log_every: int = 50
+    devices: str = "all"  # all | N
+    precision: str = "fp32"  # fp32 | bf16 (bf16 matmul inputs, fp32 params and accumulation)
+    nan_policy: str = "stop"  # stop | skip
+    progress: bool = True  # tqdm progress bar
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 1000
+    keep: int = 3  # newest checkpoints kept, besides the best by val/elbo
+    enabled: bool = True
+
+
+@dataclass
+class LoggerConfig:
+    tensorboard: bool = True
+    images: bool = True  # reconstruction and per-class sample grids at each evaluation
+
+
+@dataclass
+class EvalConfig:
+    samples: int = 100  # importance samples S per example
+    split: str = "test"  # val | test
+    chunk: int = 100  # samples evaluated at once (memory: batch x chunk x pixels)
+    batch_size: int = 500
+
+
+@dataclass
+class ClusterConfig:
+    coordinator_address: Optional[str] = None
+    num_processes: Optional[int] = None
+    process_id: Optional[int] = None
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    seed: int = 0
+    resume: str = "false"  # false | true | auto (resume when the run dir holds a checkpoint)
+
+
+def register_configs() -> None:
+    """Registers the schemas; the YAML files in conf/ list them first in their defaults."""
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    for group, node in [
+        ("model", ModelConfig),
+        ("data", DataConfig),
+        ("optimizer", OptimizerConfig),
+        ("trainer", TrainerConfig),
+        ("checkpoint", CheckpointConfig),
+        ("logger", LoggerConfig),
+    ]:
+        cs.store(group=group, name=f"{group}_schema", node=node)
+
+
+def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise UserError(f"{key}={value} is not one of {', '.join(allowed)}.")
+
+
+def _at_least(key: str, value: float, low: float) -> None:
+    if value < low:
+        raise UserError(f"{key}={value} must be at least {low}.")
+
+
+def _targets(node: Any, path: str = "optimizer") -> list[tuple[str, str]]:
+    """Every `_target_` inside a config node, with where it sits."""
+    found = []
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == "_target_":
+                found.append((f"{path}._target_", str(v)))
+            else:
+                found.extend(_targets(v, f"{path}.{k}"))
+    return found
+
+
+def resume_mode(cfg: DictConfig) -> str:
+    """`resume` as one of false | true | auto (Hydra parses `resume=true` as a bool)."""
+    return str(cfg.resume).lower()
+
+
+def validate(cfg: DictConfig) -> None:
+    """Refuses impossible values with one sentence naming the key; cheap, runs before any work."""
+    m, d, o, t = cfg.model, cfg.data, cfg.optimizer, cfg.trainer
+    _choice("model.kind", m.kind, MODEL_KINDS)
+    _choice("model.prior", m.prior, PRIORS)
+    _choice("model.likelihood", m.likelihood, LIKELIHOODS)
+    _at_least("model.latent_dim", m.latent_dim, 1)
+    for i, width in enumerate(m.hidden):
+        _at_least(f"model.hidden[{i}]", width, 1)
+    if not 0.0 <= m.alpha <= 1.0:
+        raise UserError(f"model.alpha={m.alpha} must lie in [0, 1].")
+    _at_least("model.beta", m.beta, 0.0)
+    _at_least("model.kl_warmup_steps", m.kl_warmup_steps, 0)
+    _choice("data.binarize", d.binarize, BINARIZE)
+    _choice("data.condition", d.condition, CONDITIONS)
+    if d.condition == "quadrants" and d.n_given not in (1, 2, 3):
+        raise UserError(f"data.n_given={d.n_given} must be 1, 2 or 3.")
+    if m.kind in ("gsnn", "hybrid", "baseline") and d.condition == "none":
+        raise UserError(f"model.kind={m.kind} predicts y from a condition, but data.condition=none.")
+    if m.kind in ("gsnn", "hybrid") and m.prior != "learned":
+        raise UserError(f"model.kind={m.kind} trains through the prior network and needs model.prior=learned.")
+    if not 0.0 <= d.omission_rate <= 1.0:
+        raise UserError(f"data.omission_rate={d.omission_rate} must lie in [0, 1].")
+    _at_least("data.val_size", d.val_size, 1)
+    if o.lr <= 0:
+        raise UserError(f"optimizer.lr={o.lr} must be positive.")
+    _choice("optimizer.schedule", o.schedule, ("constant", "cosine"))
+    _at_least("optimizer.warmup_steps", o.warmup_steps, 0)
+    if o.clip_norm is not None and o.clip_norm <= 0:
+        raise UserError(f"optimizer.clip_norm={o.clip_norm} must be positive (or null for no clipping).")
+    for where, target in _targets(OmegaConf.to_container(o, resolve=True)):
+        if not target.startswith(SAFE_TARGET_PREFIXES):
+            raise UserError(
+                f"{where}={target} is refused: configs may only build objects from "
+                f"{', '.join(p.rstrip('.') for p in SAFE_TARGET_PREFIXES)}."
+            )
+    _at_least("trainer.max_steps", t.max_steps, 1)
+    _at_least("trainer.batch_size", t.batch_size, 1)
+    _at_least("trainer.eval_every", t.eval_every, 1)
+    _at_least("trainer.eval_batch_size", t.eval_batch_size, 1)
+    _at_least("trainer.log_every", t.log_every, 1)
+    _choice("trainer.precision", t.precision, PRECISIONS)
+    _choice("trainer.nan_policy", t.nan_policy, NAN_POLICIES)
+    if t.devices != "all" and not (str(t.devices).isdigit() and int(t.devices) >= 1):
+        raise UserError(f"trainer.devices={t.devices} must be 'all' or a positive number.")
+    _at_least("checkpoint.every", cfg.checkpoint.every, 1)
+    _at_least("checkpoint.keep", cfg.checkpoint.keep, 1)
+    _at_least("eval.samples", cfg.eval.samples, 1)
+    _at_least("eval.chunk", cfg.eval.chunk, 1)
+    _at_least("eval.batch_size", cfg.eval.batch_size, 1)
+    _choice("eval.split", cfg.eval.split, SPLITS)
+    _choice("resume", resume_mode(cfg), RESUME)

@@ -1,0 +1,151 @@
+"""From raw uint8 arrays to training batches: splits, binarization, conditions and masks.
+
+Host side (numpy, once): flatten, carve the validation split, binarize what must stay fixed, and
+hand out batches by step number, so the data order is a pure function of (seed, step) and a resumed
+run sees exactly the batches an uninterrupted run would. Device side (inside the jitted step):
+dynamic binarization, the condition x and the mask of scored pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cvae_exp.errors import UserError
+
+SIDE = 28
+PIXELS = SIDE * SIDE
+NUM_CLASSES = 10
+EVAL_BINARIZATION_SEED = 12345  # one fixed binarization of val/test, shared by every run
+
+
+@dataclass(frozen=True)
+class Split:
+    images: np.ndarray  # uint8 [N, 784]; 0/255 when binarized on the host
+    labels: np.ndarray  # int32 [N]
+
+
+@dataclass(frozen=True)
+class Splits:
+    train: Split
+    val: Split
+    test: Split
+    dynamic: bool  # train images are grayscale and binarized afresh in every step
+
+
+def _bernoulli_u8(images: np.ndarray, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.where(rng.random(images.shape, dtype=np.float32) * 255.0 < images, 255, 0).astype(np.uint8)
+
+
+def make_splits(raw, *, val_size: int, split_seed: int, binarize: str) -> Splits:
+    """Train/val/test as flat uint8 arrays; val is carved from train with `split_seed`.
+
+    static: every split binarized once (a fixed Bernoulli draw per pixel); dynamic: train is redrawn
+    each step, val and test are binarized once with a fixed seed so evaluations stay comparable.
+    """
+    n_train = len(raw.train_images)
+    if val_size >= n_train:
+        raise UserError(f"data.val_size={val_size} leaves no training data: the training split holds {n_train} digits.")
+    order = np.random.default_rng(split_seed).permutation(n_train)
+    flat = raw.train_images.reshape(n_train, PIXELS)
+    labels = raw.train_labels.astype(np.int32)
+    train = Split(flat[order[val_size:]], labels[order[val_size:]])
+    val = Split(flat[order[:val_size]], labels[order[:val_size]])
+    test = Split(raw.test_images.reshape(len(raw.test_images), PIXELS), raw.test_labels.astype(np.int32))
+    if binarize != "none":
+        val = Split(_bernoulli_u8(val.images, EVAL_BINARIZATION_SEED), val.labels)
+        test = Split(_bernoulli_u8(test.images, EVAL_BINARIZATION_SEED + 1), test.labels)
+    if binarize == "static":
+        train = Split(_bernoulli_u8(train.images, split_seed + 1), train.labels)
+    return Splits(train, val, test, dynamic=binarize == "dynamic")
+
+
+class BatchSampler:
+    """Shuffled mini-batches by global step: epoch e uses permutation(seed, e), no state to save."""
+
+    def __init__(self, split: Split, batch_size: int, seed: int):
+        if batch_size > len(split.images):
+            raise UserError(
+                f"trainer.batch_size={batch_size} is larger than the training split ({len(split.images)} digits)."
+            )
+        self.split, self.batch_size, self.seed = split, batch_size, seed
+        self.steps_per_epoch = len(split.images) // batch_size
+        self._epoch, self._order = -1, None
+
+    def indices(self, step: int) -> np.ndarray:
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(len(self.split.images))
+        return self._order[pos * self.batch_size : (pos + 1) * self.batch_size]
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        idx = self.indices(step)
+        return {"image": self.split.images[idx], "label": self.split.labels[idx]}
+
+
+def eval_batches(split: Split, batch_size: int):
+    """Fixed-size batches covering the split; the last one padded, with weights 0 on the padding."""
+    n = len(split.images)
+    for start in range(0, n, batch_size):
+        idx = np.arange(start, start + batch_size)
+        weight = (idx < n).astype(np.float32)
+        idx = np.minimum(idx, n - 1)
+        yield {"image": split.images[idx], "label": split.labels[idx], "weight": weight}
+
+
+# ----------------------------------------------------------------------------- device side
+
+
+def quadrant_mask(n_given: int) -> np.ndarray:
+    """1 on the observed pixels: 1 = top-left, 2 = top half, 3 = all but bottom-right (the paper's order)."""
+    given = np.zeros((SIDE, SIDE), np.float32)
+    h = SIDE // 2
+    quadrants = [(slice(0, h), slice(0, h)), (slice(0, h), slice(h, SIDE)), (slice(h, SIDE), slice(0, h))]
+    for rows, cols in quadrants[:n_given]:
+        given[rows, cols] = 1.0
+    return given.reshape(PIXELS)
+
+
+def condition_dim(condition: str) -> int:
+    return {"none": 0, "label": NUM_CLASSES, "quadrants": PIXELS}[condition]
+
+
+def prepare(batch, key, *, dynamic: bool, condition: str, n_given: int = 1, omission_rate: float = 0.0):
+    """(x, y, mask) from a raw batch, inside jit.
+
+    y: the target in [0, 1]; x: the condition (one-hot label, nothing, or the image with unobserved
+    pixels set to -1 so that 'unobserved' differs from 'black'); mask: 1 on the scored pixels.
+    """
+    key_bin, key_omit = jax.random.split(key)
+    y = batch["image"].astype(jnp.float32) / 255.0
+    if dynamic:
+        y = jax.random.bernoulli(key_bin, y).astype(jnp.float32)
+    b = y.shape[0]
+    if condition == "label":
+        return jax.nn.one_hot(batch["label"], NUM_CLASSES), y, jnp.ones_like(y)
+    if condition == "none":
+        return jnp.zeros((b, 0), jnp.float32), y, jnp.ones_like(y)
+    given = jnp.asarray(quadrant_mask(n_given))
+    observed = jnp.broadcast_to(given, y.shape)
+    if omission_rate > 0.0:
+        observed = observed * (1.0 - _omission(key_omit, b, omission_rate))
+    x = jnp.where(observed > 0, y, -1.0)
+    return x, y, jnp.broadcast_to(1.0 - given, y.shape)
+
+
+def _omission(key, b: int, rate: float) -> jax.Array:
+    """Per example, with probability `rate`, a random 7 x 7 square to blank out of the condition."""
+    k_on, k_r, k_c = jax.random.split(key, 3)
+    size = SIDE // 4
+    on = jax.random.bernoulli(k_on, rate, (b, 1, 1))
+    r0 = jax.random.randint(k_r, (b, 1, 1), 0, SIDE - size + 1)
+    c0 = jax.random.randint(k_c, (b, 1, 1), 0, SIDE - size + 1)
+    rows = jnp.arange(SIDE)[None, :, None]
+    cols = jnp.arange(SIDE)[None, None, :]
+    square = (rows >= r0) & (rows < r0 + size) & (cols >= c0) & (cols < c0 + size) & on
+    return square.reshape(b, PIXELS).astype(jnp.float32)

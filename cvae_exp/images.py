@@ -1,0 +1,56 @@
+"""What the model draws: reconstructions, samples per class, quadrant completions (as digit stacks).
+
+Each function returns [rows, cols, 784] values in [0, 1] (Bernoulli means or Gaussian means), ready
+for `cvae_exp.logging.tile`. They are pure functions of (params, inputs, key); callers jit them.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from cvae_exp.data.pipeline import NUM_CLASSES, prepare
+from cvae_exp.models.cvae import reparameterize
+
+
+def _mean(out) -> jax.Array:
+    loc, log_var = out
+    return jax.nn.sigmoid(loc) if log_var is None else loc
+
+
+def _predict(model, x, y, key, kind: str) -> jax.Array:
+    """One draw of y's mean: through q for a VAE/CVAE reconstruction, through p otherwise."""
+    if kind == "baseline":
+        return _mean(model(x))
+    if kind == "gsnn" or y is None:
+        return _mean(model.generate(reparameterize(key, model.prior(x)), x))
+    out, _, _ = model(x, y, key)
+    return _mean(out)
+
+
+def reconstructions(graphdef, params, batch, key, *, task) -> jax.Array:
+    """Rows of (input, reconstruction) pairs: [n, 2, 784]."""
+    model = nnx.merge(graphdef, params)
+    x, y, _ = prepare(batch, key, dynamic=False, condition=task.condition, n_given=task.n_given)
+    return jnp.stack([y, _predict(model, x, y, key, task.kind)], axis=1)
+
+
+def class_samples(graphdef, params, key, *, task, cols: int = 10) -> jax.Array:
+    """[10, cols, 784]: row d holds samples for label d (or unconditional samples without labels)."""
+    model = nnx.merge(graphdef, params)
+    labels = jnp.repeat(jnp.arange(NUM_CLASSES), cols)
+    x = jax.nn.one_hot(labels, NUM_CLASSES) if task.condition == "label" else jnp.zeros((len(labels), 0))
+    return _predict(model, x, None, key, task.kind).reshape(NUM_CLASSES, cols, -1)
+
+
+def completions(graphdef, params, batch, key, *, task, samples: int = 6) -> jax.Array:
+    """Quadrant task, one row per input: the condition, `samples` completions, the truth."""
+    model = nnx.merge(graphdef, params)
+    x, y, mask = prepare(batch, key, dynamic=False, condition=task.condition, n_given=task.n_given)
+    keys = jax.random.split(key, samples)
+    draws = jnp.stack([_predict(model, x, None, k, task.kind if task.kind == "baseline" else "gsnn") for k in keys], 1)
+    observed = 1.0 - mask
+    shown = observed[:, None] * y[:, None] + mask[:, None] * draws  # observed pixels kept as given
+    condition = jnp.where(observed > 0, y, 0.25)[:, None]  # unobserved shown grey
+    return jnp.concatenate([condition, shown, y[:, None]], axis=1)

@@ -1,0 +1,62 @@
+"""TensorBoard output through tensorboardX: scalars, image grids and the hparams summary.
+
+Only process 0 writes. On resume the writer purges events at or past the restored step, so a
+curve never doubles back on itself.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import jax
+import numpy as np
+from tensorboardX import SummaryWriter
+
+
+class Writer:
+    """A SummaryWriter under `<run dir>/tb`, or a no-op on other processes / when disabled."""
+
+    def __init__(self, run_dir: Path, *, enabled: bool = True, resume_step: int | None = None):
+        self._w = None
+        if enabled and jax.process_index() == 0:
+            purge = resume_step + 1 if resume_step is not None else None
+            self._w = SummaryWriter(str(run_dir / "tb"), purge_step=purge)
+
+    def scalars(self, metrics: Mapping[str, float], step: int) -> None:
+        if self._w:
+            for tag, value in metrics.items():
+                self._w.add_scalar(tag, float(value), step)
+
+    def image(self, tag: str, grid: np.ndarray, step: int) -> None:
+        """`grid`: a [H, W] array in [0, 1]."""
+        if self._w:
+            self._w.add_image(tag, np.clip(grid, 0.0, 1.0)[None], step, dataformats="CHW")
+
+    def hparams(self, hparams: Mapping[str, object], metrics: Mapping[str, float]) -> None:
+        """The HPARAMS summary (a sub-run); metric names are prefixed `hp/` to differ from scalar tags."""
+        if self._w:
+            clean = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
+            self._w.add_hparams(clean, {f"hp/{k}": float(v) for k, v in metrics.items()}, name="hparams")
+
+    def flush(self) -> None:
+        if self._w:
+            self._w.flush()
+
+    def close(self) -> None:
+        if self._w:
+            self._w.close()
+
+
+def tile(images: np.ndarray, pad: int = 1) -> np.ndarray:
+    """[rows, cols, 784] images in [0, 1] -> one [H, W] grid with a light border between digits."""
+    rows, cols = images.shape[:2]
+    side = int(round(images.shape[-1] ** 0.5))
+    cell = side + pad
+    grid = np.ones((rows * cell + pad, cols * cell + pad), np.float32) * 0.5
+    for r in range(rows):
+        for c in range(cols):
+            grid[pad + r * cell : pad + r * cell + side, pad + c * cell : pad + c * cell + side] = images[
+                r, c
+            ].reshape(side, side)
+    return grid

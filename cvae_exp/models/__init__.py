@@ -1,0 +1,33 @@
+"""Flax NNX modules of the model family, and the one factory that builds them from a config."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from cvae_exp.models.cvae import CVAE, Baseline, reparameterize
+from cvae_exp.models.mlp import MLP
+
+__all__ = ["CVAE", "Baseline", "MLP", "build_model", "reparameterize"]
+
+
+def build_model(model_cfg, x_dim: int, y_dim: int, *, precision: str = "fp32", seed: int = 0):
+    """The network for `model.kind`: a Baseline, or a CVAE with the networks its objective needs."""
+    dtype = jnp.bfloat16 if precision == "bf16" else jnp.float32
+    common = dict(
+        hidden=list(model_cfg.hidden),
+        likelihood=model_cfg.likelihood,
+        min_log_var=model_cfg.min_log_var,
+        dtype=dtype,
+        rngs=nnx.Rngs(seed),
+    )
+    if model_cfg.kind == "baseline":
+        return Baseline(x_dim, y_dim, **common)
+    return CVAE(
+        x_dim,
+        y_dim,
+        latent_dim=model_cfg.latent_dim,
+        prior="standard" if model_cfg.kind == "vae" else model_cfg.prior,
+        recognition=model_cfg.kind != "gsnn",
+        **common,
+    )

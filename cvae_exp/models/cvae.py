@@ -1,0 +1,119 @@
+"""The conditional VAE of Sohn, Lee and Yan (2015) and the deterministic baseline.
+
+Notation follows the paper: x is the condition, y the output, z the latent. A VAE is the same module
+with an empty condition (x_dim = 0) and the fixed prior N(0, I).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from cvae_exp.models.mlp import MLP
+
+Gaussian = tuple[jax.Array, jax.Array]  # (mean, log-variance), diagonal
+Output = tuple[jax.Array, jax.Array | None]  # Bernoulli: (logits, None); Gaussian: (mean, log-variance)
+
+
+def reparameterize(key: jax.Array, dist: Gaussian) -> jax.Array:
+    """z = mean + sigma * eps with eps ~ N(0, I): a sample that gradients flow through."""
+    mean, log_var = dist
+    return mean + jnp.exp(0.5 * log_var) * jax.random.normal(key, mean.shape, mean.dtype)
+
+
+def _split_gaussian(h: jax.Array) -> Gaussian:
+    mean, log_var = jnp.split(h, 2, axis=-1)
+    return mean, log_var
+
+
+class OutputHead(nnx.Module):
+    """Turns a network's last layer into the parameters of p(y | ...).
+
+    Bernoulli: logits. Gaussian: a mean in (0, 1) and a learned per-pixel log-variance with a smooth
+    floor, log_var = logaddexp(raw, min_log_var) > min_log_var, so constant pixels (the border of
+    every MNIST digit) cannot drive the variance to zero and the likelihood to infinity.
+    """
+
+    def __init__(self, likelihood: str, min_log_var: float):
+        self.likelihood = likelihood
+        self.min_log_var = min_log_var
+
+    def width(self, y_dim: int) -> int:
+        return y_dim if self.likelihood == "bernoulli" else 2 * y_dim
+
+    def __call__(self, h: jax.Array) -> Output:
+        if self.likelihood == "bernoulli":
+            return h, None
+        raw_mean, raw_log_var = jnp.split(h, 2, axis=-1)
+        return jax.nn.sigmoid(raw_mean), jnp.logaddexp(raw_log_var, self.min_log_var)
+
+
+class CVAE(nnx.Module):
+    """Recognition q(z | x, y), prior p(z | x) and generation p(y | x, z), each an MLP."""
+
+    def __init__(
+        self,
+        x_dim: int,
+        y_dim: int,
+        *,
+        hidden: list[int],
+        latent_dim: int,
+        prior: str = "learned",
+        likelihood: str = "bernoulli",
+        min_log_var: float = -6.0,
+        recognition: bool = True,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.latent_dim = latent_dim
+        self.head = OutputHead(likelihood, min_log_var)
+        # The GSNN never uses q, so it has no recognition network at all.
+        self.recognition = (
+            MLP([x_dim + y_dim, *hidden, 2 * latent_dim], dtype=dtype, rngs=rngs) if recognition else None
+        )
+        # A learned prior needs something to condition on; with no condition it is N(0, I).
+        self.prior_net = (
+            MLP([x_dim, *hidden, 2 * latent_dim], dtype=dtype, rngs=rngs)
+            if prior == "learned" and x_dim > 0
+            else None
+        )
+        self.generation = MLP([x_dim + latent_dim, *hidden, self.head.width(y_dim)], dtype=dtype, rngs=rngs)
+
+    def encode(self, x: jax.Array, y: jax.Array) -> Gaussian:
+        return _split_gaussian(self.recognition(jnp.concatenate([x, y], axis=-1)))
+
+    def prior(self, x: jax.Array) -> Gaussian:
+        if self.prior_net is None:
+            zeros = jnp.zeros((x.shape[0], self.latent_dim), jnp.float32)
+            return zeros, zeros
+        return _split_gaussian(self.prior_net(x))
+
+    def generate(self, z: jax.Array, x: jax.Array) -> Output:
+        return self.head(self.generation(jnp.concatenate([x, z], axis=-1)))
+
+    def __call__(self, x: jax.Array, y: jax.Array, key: jax.Array) -> tuple[Output, Gaussian, Gaussian]:
+        """One reparameterised pass through q: returns (p(y | x, z) parameters, q, p)."""
+        q = self.encode(x, y)
+        return self.generate(reparameterize(key, q), x), q, self.prior(x)
+
+
+class Baseline(nnx.Module):
+    """The deterministic network y_hat = f(x) of the paper's comparison."""
+
+    def __init__(
+        self,
+        x_dim: int,
+        y_dim: int,
+        *,
+        hidden: list[int],
+        likelihood: str = "bernoulli",
+        min_log_var: float = -6.0,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.head = OutputHead(likelihood, min_log_var)
+        self.net = MLP([x_dim, *hidden, self.head.width(y_dim)], dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> Output:
+        return self.head(self.net(x))

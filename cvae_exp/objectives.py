@@ -1,0 +1,146 @@
+"""Distributions, the closed-form KL, the training objectives and the log-likelihood estimators.
+
+Every function works on a batch and returns per-example values in nats (summed over pixels or
+latent dimensions); the training losses average them. Log-variances are used throughout instead of
+variances: sigma^2 = exp(log_var) keeps the parameters unconstrained and the arithmetic stable.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from cvae_exp.models.cvae import Gaussian, Output, reparameterize
+
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+def kl_diag_gaussians(q: Gaussian, p: Gaussian) -> jax.Array:
+    """KL(q || p) for diagonal Gaussians, in closed form, summed over the last axis.
+
+    KL = 1/2 sum( log s_p^2 - log s_q^2 - 1 + (s_q^2 + (m_q - m_p)^2) / s_p^2 ).
+    With p = N(0, I) this is the VAE's -1/2 sum(1 + log s_q^2 - m_q^2 - s_q^2).
+    """
+    (mq, lq), (mp, lp) = q, p
+    return 0.5 * jnp.sum(lp - lq - 1.0 + (jnp.exp(lq) + jnp.square(mq - mp)) * jnp.exp(-lp), axis=-1)
+
+
+def gaussian_log_prob(value: jax.Array, dist: Gaussian) -> jax.Array:
+    """log N(value; mean, diag(exp(log_var))), summed over the last axis."""
+    mean, log_var = dist
+    return -0.5 * jnp.sum(LOG_2PI + log_var + jnp.square(value - mean) * jnp.exp(-log_var), axis=-1)
+
+
+def log_likelihood(y: jax.Array, out: Output, mask: jax.Array) -> jax.Array:
+    """log p(y | ...) summed over the scored pixels (mask = 1).
+
+    Bernoulli in logits l: y log sigmoid(l) + (1 - y) log sigmoid(-l) = y l - softplus(l); for
+    grayscale y in [0, 1] this is the negative binary cross-entropy. Gaussian: the diagonal density.
+    """
+    loc, log_var = out
+    if log_var is None:
+        per_pixel = y * loc - jax.nn.softplus(loc)
+    else:
+        per_pixel = -0.5 * (LOG_2PI + log_var + jnp.square(y - loc) * jnp.exp(-log_var))
+    return jnp.sum(per_pixel * mask, axis=-1)
+
+
+# ----------------------------------------------------------------------------- training objectives
+# Each returns (per-example loss, per-example metrics); `elbo` is always the NEGATIVE ELBO (or, for
+# models without a recognition network, their own negative log-likelihood term), lower is better.
+
+
+def cvae_terms(model, x, y, mask, key) -> tuple[jax.Array, jax.Array]:
+    """Reconstruction -E_q[log p(y | x, z)] (one sample) and KL(q(z | x, y) || p(z | x))."""
+    out, q, p = model(x, y, key)
+    return -log_likelihood(y, out, mask), kl_diag_gaussians(q, p)
+
+
+def gsnn_nll(model, x, y, mask, key) -> jax.Array:
+    """-log p(y | x, z) with z drawn from the prior p(z | x): the GSNN's one-sample objective."""
+    z = reparameterize(key, model.prior(x))
+    return -log_likelihood(y, model.generate(z, x), mask)
+
+
+def per_example_loss(model, x, y, mask, key, *, kind: str, beta, alpha: float):
+    """The objective of `kind`: (loss, {"elbo", "recon", "kl"}) per example."""
+    if kind == "baseline":
+        nll = -log_likelihood(y, model(x), mask)
+        return nll, {"elbo": nll, "recon": nll, "kl": jnp.zeros_like(nll)}
+    if kind == "gsnn":
+        nll = gsnn_nll(model, x, y, mask, key)
+        return nll, {"elbo": nll, "recon": nll, "kl": jnp.zeros_like(nll)}
+    key_q, key_p = jax.random.split(key)
+    recon, kl = cvae_terms(model, x, y, mask, key_q)
+    loss = recon + beta * kl
+    metrics = {"elbo": recon + kl, "recon": recon, "kl": kl}
+    if kind == "hybrid":
+        nll = gsnn_nll(model, x, y, mask, key_p)
+        loss = alpha * loss + (1.0 - alpha) * nll
+        metrics["gsnn"] = nll
+    return loss, metrics
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def _sample_loglik(model, x, y, mask, z) -> jax.Array:
+    """log p(y | x, z) for a stack of samples z [C, B, L] -> [C, B], through one batched call."""
+    c, b, _ = z.shape
+    xs = jnp.broadcast_to(x, (c, *x.shape)).reshape(c * b, -1)
+    out = model.generate(z.reshape(c * b, -1), xs)
+    out = jax.tree.map(lambda a: a.reshape(c, b, -1), out)
+    return log_likelihood(y, out, mask)
+
+
+def conditional_nll(model, x, y, mask, key, *, samples: int, chunk: int, has_q: bool) -> dict[str, jax.Array]:
+    """Per-example estimates of -log p(y | x) from `samples` draws, `chunk` at a time.
+
+    ncll_is: importance sampling with proposal q(z | x, y),
+             -logmeanexp_s[log p(y | x, z_s) + log p(z_s | x) - log q(z_s | x, y)];
+    ncll_mc: Monte Carlo with z from the prior, -logmeanexp_s log p(y | x, z_s);
+    neg_elbo: the mean reconstruction over the q samples plus the closed-form KL.
+    Running log-sum-exps over chunks keep memory at chunk x batch x pixels whatever `samples` is.
+    """
+    n_chunks = -(-samples // chunk)
+    p = model.prior(x)
+    q = model.encode(x, y) if has_q else None
+    neg_inf = jnp.full(x.shape[:1], -jnp.inf)
+
+    def body(carry, i):
+        lse_is, lse_mc, recon_sum = carry
+        key_i = jax.random.fold_in(key, i)
+        valid = (i * chunk + jnp.arange(chunk) < samples)[:, None]  # the last chunk may be partial
+        eps = jax.random.normal(key_i, (2, chunk, *p[0].shape))
+        z_p = p[0] + jnp.exp(0.5 * p[1]) * eps[0]
+        ll_mc = jnp.where(valid, _sample_loglik(model, x, y, mask, z_p), -jnp.inf)
+        lse_mc = jnp.logaddexp(lse_mc, jax.nn.logsumexp(ll_mc, axis=0))
+        if has_q:
+            z_q = q[0] + jnp.exp(0.5 * q[1]) * eps[1]
+            ll_q = _sample_loglik(model, x, y, mask, z_q)
+            log_w = ll_q + gaussian_log_prob(z_q, p) - gaussian_log_prob(z_q, q)
+            lse_is = jnp.logaddexp(lse_is, jax.nn.logsumexp(jnp.where(valid, log_w, -jnp.inf), axis=0))
+            recon_sum = recon_sum - jnp.sum(jnp.where(valid, ll_q, 0.0), axis=0)
+        return (lse_is, lse_mc, recon_sum), None
+
+    init = (neg_inf, neg_inf, jnp.zeros_like(neg_inf))
+    (lse_is, lse_mc, recon_sum), _ = jax.lax.scan(body, init, jnp.arange(n_chunks))
+    log_s = math.log(samples)
+    result = {"ncll_mc": log_s - lse_mc}
+    if has_q:
+        result["ncll_is"] = log_s - lse_is
+        result["neg_elbo"] = recon_sum / samples + kl_diag_gaussians(q, p)
+    return result
+
+
+def kl_weight(step: jax.Array, beta: float, warmup_steps: int) -> jax.Array:
+    """beta, ramped linearly from 0 over the first `warmup_steps` steps when warm-up is on."""
+    if warmup_steps <= 0:
+        return jnp.asarray(beta, jnp.float32)
+    return beta * jnp.minimum(1.0, step.astype(jnp.float32) / warmup_steps)
+
+
+LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]

@@ -1,0 +1,39 @@
+"""The optimizer factory that `conf/optimizer/*.yaml` instantiates: an optax transformation with an
+optional warm-up + cosine learning-rate schedule and gradient clipping."""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import optax
+
+
+class Optimizer(NamedTuple):
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule  # the learning rate at a step, for logging
+
+
+def make_optimizer(
+    transform: Callable[..., optax.GradientTransformation],
+    lr: float,
+    schedule: str = "constant",
+    warmup_steps: int = 0,
+    clip_norm: float | None = None,
+    total_steps: int = 1,
+) -> Optimizer:
+    """`transform` is a partial optax constructor (e.g. optax.adam) that still needs its learning rate."""
+    if schedule == "cosine":
+        lr_at = optax.warmup_cosine_decay_schedule(
+            init_value=0.0 if warmup_steps else lr,
+            peak_value=lr,
+            warmup_steps=warmup_steps,
+            decay_steps=max(total_steps, warmup_steps + 1),
+        )
+    elif warmup_steps:
+        lr_at = optax.linear_schedule(0.0, lr, warmup_steps)
+    else:
+        lr_at = optax.constant_schedule(lr)
+    tx = transform(learning_rate=lr_at)
+    if clip_norm is not None:
+        tx = optax.chain(optax.clip_by_global_norm(clip_norm), tx)
+    return Optimizer(tx, lr_at)

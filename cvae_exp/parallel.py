@@ -1,0 +1,84 @@
+"""Devices: multi-host start-up, the 1-D data-parallel mesh, and how batches reach the devices.
+
+One `jax.jit` over a mesh replaces pmap: parameters and optimizer state are replicated
+(`P()`), each global batch is split along the "data" axis (`P("data")`), and XLA inserts the
+gradient all-reduce. The same code runs on one CPU, several GPUs, or several hosts.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from cvae_exp.errors import UserError
+
+
+def initialize_distributed(cluster) -> None:
+    """Starts JAX's multi-host runtime when asked to (or under a multi-task SLURM job); else nothing.
+
+    Must run before any other JAX call touches the backend.
+    """
+    explicit = cluster.coordinator_address is not None
+    under_slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    if not (explicit or under_slurm):
+        return
+    if jax.config.jax_platforms in (None, "", "cpu") and not _has_accelerator():
+        # CPU collectives across processes need gloo (the default implementation has none).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if explicit:
+        jax.distributed.initialize(
+            coordinator_address=cluster.coordinator_address,
+            num_processes=cluster.num_processes,
+            process_id=cluster.process_id,
+        )
+    else:
+        jax.distributed.initialize()
+
+
+def _has_accelerator() -> bool:
+    # Asking jax.devices() would start the backend before distributed.initialize; look at the env.
+    return bool(os.environ.get("CUDA_VISIBLE_DEVICES") or os.environ.get("SLURM_GPUS_ON_NODE"))
+
+
+def make_mesh(devices: str | int) -> jax.sharding.Mesh:
+    """A 1-D mesh named "data" over all devices of all processes, or the first N of them."""
+    available = jax.devices()
+    n = len(available) if str(devices) == "all" else int(devices)
+    if n > len(available):
+        raise UserError(f"trainer.devices={n} asks for more devices than the {len(available)} available.")
+    return jax.make_mesh((n,), ("data",), devices=available[:n])
+
+
+def check_batch(key: str, batch_size: int, mesh) -> None:
+    n = mesh.size
+    if batch_size % n:
+        raise UserError(f"{key}={batch_size} does not divide by the {n} devices in use; pick a multiple of {n}.")
+
+
+def replicated(mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def data_sharded(mesh) -> NamedSharding:
+    return NamedSharding(mesh, P("data"))
+
+
+def put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding):
+    """A host batch (the global batch, the same on every process) as arrays split along "data".
+
+    With one process this is an async device_put; with several, each process contributes only
+    the rows that belong to its own devices.
+    """
+    if jax.process_count() == 1:
+        return jax.device_put(batch, sharding)
+    i, n = jax.process_index(), jax.process_count()
+
+    def local(a):
+        rows = len(a) // n
+        return jax.make_array_from_process_local_data(sharding, a[i * rows : (i + 1) * rows])
+
+    return {k: local(v) for k, v in batch.items()}

@@ -1,0 +1,219 @@
+"""One training run, top to bottom: checks → devices → data → model and optimizer → restore → loop
+→ final evaluation. `cvae_exp.train` calls `run_training` after Hydra has composed the config."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from cvae_exp.config import resume_mode, validate
+from cvae_exp.data import sources
+from cvae_exp.errors import UserError
+from cvae_exp.rundir import RunLock, current_run_dir
+
+log = logging.getLogger("cvae_exp")
+logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save step at INFO
+
+
+def run_training(cfg: DictConfig) -> dict:
+    # ---- checks: every config value and the data path, before anything slow happens
+    validate(cfg)
+    sources.check_path(cfg.data.path)
+    run_dir = current_run_dir()
+    with RunLock(run_dir):
+        return _train(cfg, run_dir)
+
+
+def _train(cfg: DictConfig, run_dir: Path) -> dict:
+    from cvae_exp import parallel
+
+    parallel.initialize_distributed(cfg.cluster)  # before any other JAX call
+
+    import jax
+    from flax import nnx
+    from hydra.utils import instantiate
+
+    from cvae_exp import checkpoint, images, trainer
+    from cvae_exp.data.pipeline import PIXELS, BatchSampler, condition_dim, make_splits
+    from cvae_exp.logging import Writer, tile
+    from cvae_exp.models import build_model
+
+    t0 = time.perf_counter()
+    t = cfg.trainer
+    plain = OmegaConf.to_container(cfg, resolve=True)
+
+    # ---- devices
+    mesh = parallel.make_mesh(t.devices)
+    parallel.check_batch("trainer.batch_size", t.batch_size, mesh)
+    state_sharding, batch_sharding = parallel.replicated(mesh), parallel.data_sharded(mesh)
+    eval_batch = -(-t.eval_batch_size // mesh.size) * mesh.size
+    log.info("Devices: %d (%s), processes: %d; run dir: %s", mesh.size, jax.devices()[0].platform,
+             jax.process_count(), run_dir)
+
+    # ---- checkpoints: decide between fresh and resumed before the slow parts
+    manager = checkpoint.make_manager(run_dir, cfg.checkpoint.keep)
+    mode = resume_mode(cfg)
+    if mode == "false" and manager.all_steps():
+        raise UserError(
+            f"{run_dir} already holds checkpoints (newest step {manager.latest_step()}); "
+            "pass resume=true to continue it, or choose another hydra.run.dir."
+        )
+
+    # ---- data
+    raw = sources.load(cfg.data.name, cfg.data.path, cfg.data.hub_id)
+    splits = make_splits(raw, val_size=cfg.data.val_size, split_seed=cfg.data.split_seed, binarize=cfg.data.binarize)
+    sampler = BatchSampler(splits.train, t.batch_size, cfg.seed)
+    condition = "none" if cfg.model.kind == "vae" else cfg.data.condition
+    log.info("Data: %s; train %d, val %d, test %d", raw.source, len(splits.train.images),
+             len(splits.val.images), len(splits.test.images))
+
+    # ---- model and optimizer
+    model = build_model(cfg.model, condition_dim(condition), PIXELS, precision=t.precision, seed=cfg.seed)
+    graphdef, params = nnx.split(model)
+    params = nnx.to_pure_dict(params)
+    opt = instantiate(cfg.optimizer, total_steps=t.max_steps, _convert_="all")
+    state = jax.device_put(trainer.init_state(params, opt.tx, cfg.seed), state_sharding)
+    task = trainer.Task(
+        kind=cfg.model.kind,
+        condition=condition,
+        dynamic=splits.dynamic,
+        n_given=cfg.data.n_given,
+        omission_rate=cfg.data.omission_rate,
+        beta=cfg.model.beta,
+        alpha=cfg.model.alpha,
+        kl_warmup_steps=cfg.model.kl_warmup_steps,
+        nan_policy=t.nan_policy,
+    )
+
+    # ---- restore
+    resumed_from = None
+    if mode in ("true", "auto"):
+        restored = checkpoint.restore_newest(manager, checkpoint.abstract(state))
+        if restored is None and mode == "true":
+            log.warning("resume=true, but %s holds no checkpoint yet: starting fresh.", run_dir / "checkpoints")
+        if restored is not None:
+            resumed_from, state, meta = restored
+            changed = checkpoint.changed_shape_keys(meta.get("config", {}), plain)
+            if changed:
+                raise UserError(
+                    f"The checkpoint at step {resumed_from} was trained with different {', '.join(changed)}; "
+                    "resume it with the same values or start a new run directory."
+                )
+            log.info("Resumed from step %d in %s", resumed_from, manager.directory)
+
+    # ---- steps, writer, loop
+    train_step = trainer.make_train_step(graphdef, opt, task, state_sharding)
+    eval_step = trainer.make_eval_step(graphdef, task, state_sharding)
+    eval_key = jax.random.key(cfg.seed + 7919)
+    writer = Writer(run_dir, enabled=cfg.logger.tensorboard, resume_step=resumed_from)
+    draw = _image_fns(jax, images, graphdef, task, splits.val)
+
+    def on_log(step, metrics):
+        writer.scalars({f"train/{k}": v for k, v in metrics.items()}, step)
+
+    def on_eval(step, state):
+        val = trainer.evaluate(eval_step, state["params"], splits.val, eval_batch, batch_sharding, eval_key)
+        val = {f"val/{k}": v for k, v in val.items()}
+        writer.scalars(val, step)
+        if cfg.logger.images:
+            for tag, stack in draw(state["params"], jax.random.fold_in(eval_key, step)).items():
+                writer.image(tag, tile(stack), step)
+        log.info("step %d: %s", step, ", ".join(f"{k}={v:.3f}" for k, v in val.items()))
+        return val
+
+    def on_checkpoint(step, state, val):
+        if cfg.checkpoint.enabled:
+            checkpoint.save(manager, step, state, {"step": step, "config": plain, **val})
+
+    loop = trainer.Loop(
+        max_steps=t.max_steps,
+        log_every=t.log_every,
+        eval_every=t.eval_every,
+        checkpoint_every=cfg.checkpoint.every,
+        batch_size=t.batch_size,
+        nan_policy=t.nan_policy,
+        progress=t.progress,
+        on_log=on_log,
+        on_eval=on_eval,
+        on_checkpoint=on_checkpoint,
+    )
+    train_start = time.perf_counter()
+    start_step = int(state["step"])
+    try:
+        state, val, stopped = trainer.fit(state, train_step, sampler, batch_sharding, loop)
+    except trainer.NonFinite as err:
+        manager.wait_until_finished()
+        good = [s for s in manager.all_steps() if s < err.step]
+        raise UserError(
+            f"{err} Training stopped; the last good checkpoint is "
+            + (f"step {max(good)} in {manager.directory}." if good else "none (no checkpoint was saved before it).")
+        ) from None
+    finally:
+        manager.wait_until_finished()  # Orbax saves are async: the last one must land before exit
+        writer.flush()
+    steps_run = int(state["step"]) - start_step
+    if stopped:
+        manager.close()
+        writer.close()
+        log.warning("Stopped by a signal at step %d; a checkpoint was saved. Continue with: "
+                    "cvae-train hydra.run.dir=%s resume=true", int(state["step"]), run_dir)
+        return {"step": int(state["step"]), **val, "stopped": True}
+
+    # ---- final evaluation and metrics.json
+    test = trainer.evaluate(eval_step, state["params"], splits.test, eval_batch, batch_sharding, eval_key)
+    metrics = {
+        "step": int(state["step"]),
+        **val,
+        **{f"test/{k}": v for k, v in test.items()},
+        "devices": mesh.size,
+        "processes": jax.process_count(),
+        "examples_per_s": steps_run * t.batch_size / max(time.perf_counter() - train_start, 1e-9),
+        "skipped_steps": int(state["nonfinite"]),
+        "params_sha256": trainer.params_sha256(state["params"]),
+        "wall_s": time.perf_counter() - t0,
+        "data_source": raw.source,
+    }
+    writer.hparams(_flat(plain, ("model", "data", "optimizer", "trainer", "seed")), {
+        k: v for k, v in metrics.items() if k.startswith(("val/", "test/"))
+    })
+    writer.close()
+    manager.close()
+    if jax.process_index() == 0:
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    log.info("Done: %s", json.dumps(metrics))
+    return metrics
+
+
+def _image_fns(jax, images, graphdef, task, val_split):
+    """Jitted drawings for TensorBoard at each evaluation: reconstructions and samples (or completions)."""
+    few = {"image": val_split.images[:8], "label": val_split.labels[:8]}
+    recon = jax.jit(lambda p, k: images.reconstructions(graphdef, p, few, k, task=task))
+    if task.condition == "quadrants":
+        second = ("val/completions", jax.jit(lambda p, k: images.completions(graphdef, p, few, k, task=task)))
+    else:
+        second = ("val/samples", jax.jit(lambda p, k: images.class_samples(graphdef, p, k, task=task)))
+
+    def draw(params, key):
+        out = {"val/reconstructions": recon(params, key).swapaxes(0, 1)} if task.kind not in ("gsnn", "baseline") else {}
+        out[second[0]] = second[1](params, key)
+        return jax.device_get(out)
+
+    return draw
+
+
+def _flat(tree: dict, keys: tuple[str, ...], prefix: str = "") -> dict:
+    """Dotted keys for the hparams summary, for the groups a sweep varies."""
+    out = {}
+    for k, v in tree.items():
+        if prefix == "" and k not in keys:
+            continue
+        name = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, keys, f"{name}."))
+        else:
+            out[name] = v
+    return out

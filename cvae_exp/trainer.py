@@ -1,0 +1,224 @@
+"""The pure steps and the fit loop.
+
+`train_step(state, batch) -> (state, metrics)` and `eval_step(params, batch, key) -> sums` are built
+once per run, share `loss_fn`, and are jitted once with donated state. The state is a plain dict
+(step, params, opt_state, rng, and two counters of non-finite losses) so Orbax saves it as it is.
+The per-step key is `fold_in(rng, step)`: the RNG stream depends only on the step, which makes a
+resumed run draw exactly what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm import tqdm
+
+from cvae_exp.data.pipeline import eval_batches, prepare
+from cvae_exp.objectives import kl_weight, per_example_loss
+from cvae_exp.optim import Optimizer
+from cvae_exp.parallel import put_batch
+
+
+@dataclass(frozen=True)
+class Task:
+    """Everything static about the step (hashable, plain Python: no DictConfig reaches jit)."""
+
+    kind: str
+    condition: str
+    dynamic: bool = False
+    n_given: int = 1
+    omission_rate: float = 0.0
+    beta: float = 1.0
+    alpha: float = 0.5
+    kl_warmup_steps: int = 0
+    nan_policy: str = "stop"
+
+
+def init_state(params: Any, tx: optax.GradientTransformation, seed: int) -> dict:
+    return {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "opt_state": tx.init(params),
+        "rng": jax.random.key_data(jax.random.key(seed)),
+        "nonfinite": jnp.zeros((), jnp.int32),  # steps whose loss was NaN/Inf
+        "first_nonfinite": jnp.full((), -1, jnp.int32),
+    }
+
+
+def loss_fn(params, graphdef, batch, key, step, task: Task, train: bool):
+    """Mean loss over the batch and per-example metrics, for training and evaluation alike."""
+    model = nnx.merge(graphdef, params)
+    key_data, key_model = jax.random.split(key)
+    x, y, mask = prepare(
+        batch,
+        key_data,
+        dynamic=task.dynamic and train,
+        condition=task.condition,
+        n_given=task.n_given,
+        omission_rate=task.omission_rate if train else 0.0,
+    )
+    beta = kl_weight(step, task.beta, task.kl_warmup_steps) if train else 1.0
+    loss, metrics = per_example_loss(model, x, y, mask, key_model, kind=task.kind, beta=beta, alpha=task.alpha)
+    return loss, metrics
+
+
+def make_train_step(graphdef, opt: Optimizer, task: Task, state_sharding) -> Callable:
+    def train_step(state, batch):
+        step = state["step"]
+        key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
+
+        def objective(params):
+            loss, metrics = loss_fn(params, graphdef, batch, key, step, task, train=True)
+            return loss.mean(), jax.tree.map(jnp.mean, metrics)
+
+        (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
+        updates, opt_state = opt.tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        finite = jnp.isfinite(loss)
+        if task.nan_policy == "skip":  # keep the old parameters and moments for a non-finite step
+            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+            params, opt_state = keep(params, state["params"]), keep(opt_state, state["opt_state"])
+        bad = (~finite).astype(jnp.int32)
+        new_state = {
+            "step": step + 1,
+            "params": params,
+            "opt_state": opt_state,
+            "rng": state["rng"],
+            "nonfinite": state["nonfinite"] + bad,
+            "first_nonfinite": jnp.where(
+                (state["first_nonfinite"] < 0) & (bad > 0), step + 1, state["first_nonfinite"]
+            ),
+        }
+        metrics = {**metrics, "loss": loss, "lr": opt.schedule(step)}
+        return new_state, metrics
+
+    return jax.jit(train_step, donate_argnums=0, out_shardings=(state_sharding, state_sharding))
+
+
+def make_eval_step(graphdef, task: Task, out_sharding) -> Callable:
+    def eval_step(params, batch, key):
+        _, metrics = loss_fn(params, graphdef, batch, key, jnp.int32(0), task, train=False)
+        w = batch["weight"]
+        return {k: jnp.sum(v * w) for k, v in metrics.items()} | {"count": jnp.sum(w)}
+
+    return jax.jit(eval_step, out_shardings=out_sharding)
+
+
+def evaluate(eval_step, params, split, batch_size: int, sharding, key) -> dict[str, float]:
+    """Means over a whole split (fixed keys per batch, so a result depends only on the params)."""
+    totals = None
+    for i, batch in enumerate(eval_batches(split, batch_size)):
+        sums = eval_step(params, put_batch(batch, sharding), jax.random.fold_in(key, i))
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    totals = jax.device_get(totals)  # host sync
+    count = totals.pop("count")
+    return {k: float(v / count) for k, v in totals.items()}
+
+
+class StopRequest:
+    """SIGTERM/SIGINT ask the loop to checkpoint and stop after the current step; a second one exits."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. some launchers): no handler
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise SystemExit(128 + signum)
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class NonFinite(Exception):
+    def __init__(self, step: int):
+        super().__init__(f"The loss became NaN or infinite at step {step}.")
+        self.step = step
+
+
+@dataclass
+class Loop:
+    """The cadences and the side effects the fit loop calls; see `fit`."""
+
+    max_steps: int
+    log_every: int
+    eval_every: int
+    checkpoint_every: int
+    batch_size: int
+    nan_policy: str
+    progress: bool
+    on_log: Callable[[int, dict], None]
+    on_eval: Callable[[int, Any], dict]
+    on_checkpoint: Callable[[int, Any, dict], None]
+
+
+def fit(state, train_step, sampler, batch_sharding, loop: Loop):
+    """Runs steps until `max_steps` or a stop request; returns (state, last val metrics, stopped)."""
+    start = int(state["step"])
+    val: dict = {}
+    bar = tqdm(total=loop.max_steps, initial=start, disable=not loop.progress, dynamic_ncols=True, unit="step")
+    window_start, window_steps = time.perf_counter(), 0
+    with StopRequest() as stop:
+        for step in range(start, loop.max_steps):
+            # Host work for the next batch overlaps the device's work on this one (async dispatch).
+            state, metrics = train_step(state, put_batch(sampler.batch(step), batch_sharding))
+            done = step + 1
+            window_steps += 1
+            bar.update(1)
+            last = done == loop.max_steps or stop.requested
+            if done % loop.log_every == 0 or last:
+                host = jax.device_get(metrics)  # host sync: only on log steps
+                _check_finite(state, loop.nan_policy)
+                elapsed = time.perf_counter() - window_start
+                host = {k: float(v) for k, v in host.items()}
+                host["examples_per_s"] = window_steps * loop.batch_size / max(elapsed, 1e-9)
+                host["skipped_steps"] = float(state["nonfinite"])
+                loop.on_log(done, host)
+                bar.set_postfix(loss=f"{host['loss']:.2f}", ex_s=f"{host['examples_per_s']:.0f}")
+                window_start, window_steps = time.perf_counter(), 0
+            if done % loop.eval_every == 0 or last:
+                _check_finite(state, loop.nan_policy)
+                val = loop.on_eval(done, state)
+            if done % loop.checkpoint_every == 0 or last:
+                _check_finite(state, loop.nan_policy)  # never save parameters past a NaN
+                loop.on_checkpoint(done, state, val if done % loop.eval_every == 0 or last else {})
+            if stop.requested:
+                bar.close()
+                return state, val, True
+    bar.close()
+    return state, val, False
+
+
+def _check_finite(state, policy: str) -> None:
+    if policy == "stop" and int(state["nonfinite"]) > 0:  # host sync
+        raise NonFinite(int(state["first_nonfinite"]))
+
+
+def params_sha256(params) -> str:
+    """SHA-256 over the parameters' bytes, leaves in sorted path order: equal hashes, equal models."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]
+    for path, leaf in sorted(leaves, key=lambda item: jax.tree_util.keystr(item[0])):
+        digest.update(jax.tree_util.keystr(path).encode())
+        digest.update(np.ascontiguousarray(leaf).tobytes())
+    return digest.hexdigest()
