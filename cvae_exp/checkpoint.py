@@ -38,7 +38,7 @@ SHAPE_KEYS = (
 )
 
 
-def make_manager(run_dir: Path, keep: int) -> ocp.CheckpointManager:
+def make_manager(run_dir: Path, keep: int, read_only: bool = False) -> ocp.CheckpointManager:
     """The one CheckpointManager of a run, under `<run dir>/checkpoints` (Orbax needs an absolute path)."""
     # max_to_keep together with best_fn would evict the newest checkpoints and break resume;
     # a combined preservation policy keeps the newest `keep` and the best one.
@@ -48,7 +48,7 @@ def make_manager(run_dir: Path, keep: int) -> ocp.CheckpointManager:
             pp.BestN(get_metric_fn=lambda m: -m["val/elbo"], n=1, keep_checkpoints_without_metrics=False),
         ]
     )
-    options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True)
+    options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=not read_only, read_only=read_only)
     return ocp.CheckpointManager(
         (run_dir / "checkpoints").resolve(), item_names=("state", "meta"), options=options
     )
@@ -67,12 +67,31 @@ def abstract(state: Any) -> Any:
 
 
 def restore_newest(manager: ocp.CheckpointManager, target: Any) -> tuple[int, Any, dict] | None:
-    """(step, state, meta) of the newest checkpoint that restores, or None when there is none.
+    """(step, state, meta) of the newest checkpoint that restores, or None when there is none."""
+    return restore_first(manager, target, sorted(manager.all_steps(), reverse=True))
+
+
+def read_meta(manager: ocp.CheckpointManager, step: int) -> dict | None:
+    """The JSON item of one checkpoint, or None when it cannot be read."""
+    try:
+        return dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+    except Exception:  # a damaged checkpoint; restore_first reports it when it matters
+        return None
+
+
+def best_first(manager: ocp.CheckpointManager) -> list[int]:
+    """Steps ordered best val/elbo first; checkpoints without a val/elbo follow, newest first."""
+    steps = sorted(manager.all_steps(), reverse=True)
+    scored = {s: (read_meta(manager, s) or {}).get("val/elbo") for s in steps}
+    return sorted(steps, key=lambda s: (scored[s] is None, scored[s] if scored[s] is not None else -s))
+
+
+def restore_first(manager: ocp.CheckpointManager, target: Any, steps: list[int]) -> tuple[int, Any, dict] | None:
+    """(step, state, meta) of the first of `steps` that restores, or None when `steps` is empty.
 
     A checkpoint that fails (truncated or missing files, a killed writer) is reported by step and
     path and skipped; none is deleted. If checkpoints exist but none restores, that is an error.
     """
-    steps = sorted(manager.all_steps(), reverse=True)
     for step in steps:
         try:
             restored = manager.restore(

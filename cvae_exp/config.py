@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from cvae_exp.errors import UserError
 
@@ -121,10 +121,20 @@ class Config:
     resume: str = "false"  # false | true | auto (resume when the run dir holds a checkpoint)
 
 
+@dataclass
+class EvalApp:
+    """The config of `cvae-eval` and `cvae-sample`: a run directory and how to evaluate it."""
+
+    run_dir: str = MISSING
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = 0
+
+
 def register_configs() -> None:
     """Registers the schemas; the YAML files in conf/ list them first in their defaults."""
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
+    cs.store(name="eval_app_schema", node=EvalApp)
     for group, node in [
         ("model", ModelConfig),
         ("data", DataConfig),
@@ -161,6 +171,13 @@ def _targets(node: Any, path: str = "optimizer") -> list[tuple[str, str]]:
 def resume_mode(cfg: DictConfig) -> str:
     """`resume` as one of false | true | auto (Hydra parses `resume=true` as a bool)."""
     return str(cfg.resume).lower()
+
+
+def validate_eval(cfg: DictConfig) -> None:
+    _at_least("eval.samples", cfg.eval.samples, 1)
+    _at_least("eval.chunk", cfg.eval.chunk, 1)
+    _at_least("eval.batch_size", cfg.eval.batch_size, 1)
+    _choice("eval.split", cfg.eval.split, SPLITS)
 
 
 def validate(cfg: DictConfig) -> None:
@@ -210,8 +227,5 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(f"trainer.devices={t.devices} must be 'all' or a positive number.")
     _at_least("checkpoint.every", cfg.checkpoint.every, 1)
     _at_least("checkpoint.keep", cfg.checkpoint.keep, 1)
-    _at_least("eval.samples", cfg.eval.samples, 1)
-    _at_least("eval.chunk", cfg.eval.chunk, 1)
-    _at_least("eval.batch_size", cfg.eval.batch_size, 1)
-    _choice("eval.split", cfg.eval.split, SPLITS)
+    validate_eval(cfg)
     _choice("resume", resume_mode(cfg), RESUME)

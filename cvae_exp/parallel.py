@@ -50,7 +50,9 @@ def make_mesh(devices: str | int) -> jax.sharding.Mesh:
     n = len(available) if str(devices) == "all" else int(devices)
     if n > len(available):
         raise UserError(f"trainer.devices={n} asks for more devices than the {len(available)} available.")
-    return jax.make_mesh((n,), ("data",), devices=available[:n])
+    # Auto axes: XLA propagates shardings (JAX 0.10's default Explicit axes reject, e.g., a reshape
+    # that merges the sharded batch axis, which the importance-sampling estimator does).
+    return jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=available[:n])
 
 
 def check_batch(key: str, batch_size: int, mesh) -> None:

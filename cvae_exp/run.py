@@ -16,7 +16,6 @@ from cvae_exp.errors import UserError
 from cvae_exp.rundir import RunLock, current_run_dir
 
 log = logging.getLogger("cvae_exp")
-logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save step at INFO
 
 
 def run_training(cfg: DictConfig) -> dict:
@@ -34,7 +33,6 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     parallel.initialize_distributed(cfg.cluster)  # before any other JAX call
 
     import jax
-    from flax import nnx
     from hydra.utils import instantiate
 
     from cvae_exp import checkpoint, images, trainer
@@ -67,27 +65,14 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     raw = sources.load(cfg.data.name, cfg.data.path, cfg.data.hub_id)
     splits = make_splits(raw, val_size=cfg.data.val_size, split_seed=cfg.data.split_seed, binarize=cfg.data.binarize)
     sampler = BatchSampler(splits.train, t.batch_size, cfg.seed)
-    condition = "none" if cfg.model.kind == "vae" else cfg.data.condition
+    task = trainer.build_task(cfg, splits.dynamic)
     log.info("Data: %s; train %d, val %d, test %d", raw.source, len(splits.train.images),
              len(splits.val.images), len(splits.test.images))
 
     # ---- model and optimizer
-    model = build_model(cfg.model, condition_dim(condition), PIXELS, precision=t.precision, seed=cfg.seed)
-    graphdef, params = nnx.split(model)
-    params = nnx.to_pure_dict(params)
+    graphdef, params = build_model(cfg.model, condition_dim(task.condition), PIXELS, precision=t.precision, seed=cfg.seed)
     opt = instantiate(cfg.optimizer, total_steps=t.max_steps, _convert_="all")
     state = jax.device_put(trainer.init_state(params, opt.tx, cfg.seed), state_sharding)
-    task = trainer.Task(
-        kind=cfg.model.kind,
-        condition=condition,
-        dynamic=splits.dynamic,
-        n_given=cfg.data.n_given,
-        omission_rate=cfg.data.omission_rate,
-        beta=cfg.model.beta,
-        alpha=cfg.model.alpha,
-        kl_warmup_steps=cfg.model.kl_warmup_steps,
-        nan_policy=t.nan_policy,
-    )
 
     # ---- restore
     resumed_from = None

@@ -19,6 +19,7 @@ from cvae_exp.config import register_configs
 from cvae_exp.errors import UserError
 
 log = logging.getLogger("cvae_exp")
+logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save and restore at INFO
 # conf/ sits beside the package in the repository (installed editable, as `make` does).
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 register_configs()

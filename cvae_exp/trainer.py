@@ -42,6 +42,21 @@ class Task:
     nan_policy: str = "stop"
 
 
+def build_task(cfg, dynamic: bool) -> Task:
+    """The static step description from a (validated) config."""
+    return Task(
+        kind=cfg.model.kind,
+        condition="none" if cfg.model.kind == "vae" else cfg.data.condition,
+        dynamic=dynamic,
+        n_given=cfg.data.n_given,
+        omission_rate=cfg.data.omission_rate,
+        beta=cfg.model.beta,
+        alpha=cfg.model.alpha,
+        kl_warmup_steps=cfg.model.kl_warmup_steps,
+        nan_policy=cfg.trainer.nan_policy,
+    )
+
+
 def init_state(params: Any, tx: optax.GradientTransformation, seed: int) -> dict:
     return {
         "step": jnp.zeros((), jnp.int32),

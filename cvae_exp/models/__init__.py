@@ -12,7 +12,8 @@ __all__ = ["CVAE", "Baseline", "MLP", "build_model", "reparameterize"]
 
 
 def build_model(model_cfg, x_dim: int, y_dim: int, *, precision: str = "fp32", seed: int = 0):
-    """The network for `model.kind`: a Baseline, or a CVAE with the networks its objective needs."""
+    """(graphdef, params as a plain dict) of the network for `model.kind`: a Baseline, or a CVAE
+    with the networks its objective needs. The steps merge the two back inside jit."""
     dtype = jnp.bfloat16 if precision == "bf16" else jnp.float32
     common = dict(
         hidden=list(model_cfg.hidden),
@@ -22,12 +23,15 @@ def build_model(model_cfg, x_dim: int, y_dim: int, *, precision: str = "fp32", s
         rngs=nnx.Rngs(seed),
     )
     if model_cfg.kind == "baseline":
-        return Baseline(x_dim, y_dim, **common)
-    return CVAE(
-        x_dim,
-        y_dim,
-        latent_dim=model_cfg.latent_dim,
-        prior="standard" if model_cfg.kind == "vae" else model_cfg.prior,
-        recognition=model_cfg.kind != "gsnn",
-        **common,
-    )
+        model = Baseline(x_dim, y_dim, **common)
+    else:
+        model = CVAE(
+            x_dim,
+            y_dim,
+            latent_dim=model_cfg.latent_dim,
+            prior="standard" if model_cfg.kind == "vae" else model_cfg.prior,
+            recognition=model_cfg.kind != "gsnn",
+            **common,
+        )
+    graphdef, state = nnx.split(model)
+    return graphdef, nnx.to_pure_dict(state)
