@@ -1,10 +1,10 @@
-# make train | test | tensorboard | sweep | lint | docs. The first target that needs it creates .venv.
+# make train | test | tensorboard | sweep | bench | table | docs | lint. The first target that needs it creates .venv.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: train test tensorboard sweep lint clean
+.PHONY: install train test tensorboard sweep bench table docs lint clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -21,13 +21,24 @@ test: $(STAMP)
 	$(BIN)/python -m pytest $(ARGS)
 
 tensorboard: $(STAMP)
-	$(BIN)/tensorboard --logdir outputs || $(BIN)/python -m tensorboard.main --logdir outputs
+	$(BIN)/python -c "import tensorboard" 2>/dev/null || $(BIN)/pip install -q tensorboard
+	$(BIN)/tensorboard --logdir outputs
 
 sweep: $(STAMP)
 	$(BIN)/cvae-train sweep=latent_dim $(ARGS)
 
+bench: $(STAMP)
+	$(BIN)/cvae-bench experiment=sohn2015 $(ARGS)
+
+# Sohn et al. (2015) Table 1: 12 models, evaluated on val and test, and the report.
+table: $(STAMP)
+	scripts/sohn2015_table.sh outputs/sohn2015 $(ARGS)
+
+docs: $(STAMP)
+	$(BIN)/python scripts/gen_config_docs.py
+
 lint: $(STAMP)
-	$(BIN)/ruff check cvae_exp tests
+	$(BIN)/ruff check cvae_exp tests scripts
 
 clean:
 	rm -rf $(VENV) .pytest_cache

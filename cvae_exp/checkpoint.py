@@ -79,6 +79,35 @@ def read_meta(manager: ocp.CheckpointManager, step: int) -> dict | None:
         return None
 
 
+def newest_config(manager: ocp.CheckpointManager) -> tuple[int, dict] | None:
+    """(step, config) from the newest checkpoint whose JSON item reads; only JSON is read, so a resume
+    with a changed model is refused in milliseconds rather than failing on mismatched array shapes."""
+    for step in sorted(manager.all_steps(), reverse=True):
+        meta = read_meta(manager, step)
+        if meta is not None:
+            return step, meta.get("config", {})
+    return None
+
+
+def set_aside_newer(manager: ocp.CheckpointManager, step: int) -> None:
+    """Moves the checkpoints newer than the restored `step` (they failed to restore) to
+    `<run dir>/damaged_checkpoints/`, so that the resumed run can save those steps again and the
+    newest-N policy does not count them; nothing is deleted."""
+    directory = Path(manager.directory)
+    newer = [s for s in manager.all_steps() if s > step]
+    for s in newer if jax.process_index() == 0 else []:  # one process moves, all see the result
+        dest = directory.parent / "damaged_checkpoints" / str(s)
+        n = 1
+        while dest.exists():  # the same step damaged again in a later resume
+            dest, n = dest.with_name(f"{s}-{n}"), n + 1
+        dest.parent.mkdir(exist_ok=True)
+        (directory / str(s)).rename(dest)
+        log.warning("Moved the damaged checkpoint at step %d to %s (kept, not deleted).", s, dest)
+    if newer:
+        ocp.multihost.sync_global_processes("set_aside_newer")
+        manager.reload()
+
+
 def best_first(manager: ocp.CheckpointManager) -> list[int]:
     """Steps ordered best val/elbo first; checkpoints without a val/elbo follow, newest first."""
     steps = sorted(manager.all_steps(), reverse=True)

@@ -19,12 +19,13 @@ from cvae_exp.errors import UserError
 MODEL_KINDS = ("cvae", "vae", "gsnn", "hybrid", "baseline")
 PRIORS = ("learned", "standard")
 LIKELIHOODS = ("bernoulli", "gaussian")
-BINARIZE = ("static", "dynamic", "none")
+BINARIZE = ("static", "dynamic", "threshold", "none")
 CONDITIONS = ("label", "none", "quadrants")
 PRECISIONS = ("fp32", "bf16")
 NAN_POLICIES = ("stop", "skip")
 RESUME = ("false", "true", "auto")
 SPLITS = ("val", "test")
+QUADRANT_LAYOUTS = ("left_first", "top_first")
 SAFE_TARGET_PREFIXES = ("cvae_exp.", "optax.", "flax.")
 
 
@@ -46,11 +47,12 @@ class DataConfig:
     name: str = "mnist"  # mnist | fashion_mnist
     path: Optional[str] = None  # local Hub-layout Parquet folder or IDX folder; unset: the Hub
     hub_id: Optional[str] = None  # overrides the Hub dataset id for `name`
-    binarize: str = "dynamic"  # static | dynamic | none
+    binarize: str = "dynamic"  # static | dynamic | threshold | none
     val_size: int = 5000  # carved from the training split with `split_seed`
     split_seed: int = 0
     condition: str = "label"  # label | none | quadrants
-    n_given: int = 1  # quadrants given (quadrant task): 1 top-left, 2 top half, 3 all but bottom-right
+    n_given: int = 1  # quadrants given (quadrant task): 1, 2 or 3, in the order of quadrant_layout
+    quadrant_layout: str = "left_first"  # left_first: bottom-left, +top-left, +top-right | top_first
     omission_rate: float = 0.0  # probability of blanking a random square of the condition
 
 
@@ -101,6 +103,13 @@ class EvalConfig:
 
 
 @dataclass
+class BenchConfig:
+    steps: int = 100  # timed training steps (cvae-bench)
+    warmup: int = 10  # untimed steps first (compilation, caches)
+    reference: bool = True  # also time a bare jitted loop of the same model, for comparison
+
+
+@dataclass
 class ClusterConfig:
     coordinator_address: Optional[str] = None
     num_processes: Optional[int] = None
@@ -117,6 +126,7 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
     seed: int = 0
     resume: str = "false"  # false | true | auto (resume when the run dir holds a checkpoint)
 
@@ -157,7 +167,7 @@ def _at_least(key: str, value: float, low: float) -> None:
 
 
 def _targets(node: Any, path: str = "optimizer") -> list[tuple[str, str]]:
-    """Every `_target_` inside a config node, with where it sits."""
+    """Every `_target_` inside a config node, with where it sits (instantiate also builds those in lists)."""
     found = []
     if isinstance(node, dict):
         for k, v in node.items():
@@ -165,7 +175,31 @@ def _targets(node: Any, path: str = "optimizer") -> list[tuple[str, str]]:
                 found.append((f"{path}._target_", str(v)))
             else:
                 found.extend(_targets(v, f"{path}.{k}"))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            found.extend(_targets(v, f"{path}[{i}]"))
     return found
+
+
+def check_targets(cfg: DictConfig) -> None:
+    """Refuses an optimizer `_target_` that resolves to an object defined outside the safe packages.
+
+    `validate` checks the prefix only, which an attribute chain gets past (`cvae_exp.data.sources.os.system`
+    is os.system); resolving imports the target's package, so this runs after the cheap checks.
+    """
+    from hydra._internal.utils import _locate  # what instantiate resolves with (get_object also logs errors)
+
+    for where, target in _targets(OmegaConf.to_container(cfg.optimizer, resolve=True)):
+        try:
+            obj = _locate(target)
+        except Exception as err:  # ImportError, AttributeError, ...: the target does not exist
+            raise UserError(f"{where}={target} cannot be imported ({type(err).__name__}).") from None
+        home = getattr(obj, "__module__", None) or getattr(obj, "__name__", "")  # a module has only __name__
+        if not f"{home}.".startswith(SAFE_TARGET_PREFIXES):
+            raise UserError(
+                f"{where}={target} is refused: it resolves to an object from {home or 'an unknown module'}, and "
+                f"configs may only build objects from {', '.join(p.rstrip('.') for p in SAFE_TARGET_PREFIXES)}."
+            )
 
 
 def resume_mode(cfg: DictConfig) -> str:
@@ -195,6 +229,7 @@ def validate(cfg: DictConfig) -> None:
     _at_least("model.kl_warmup_steps", m.kl_warmup_steps, 0)
     _choice("data.binarize", d.binarize, BINARIZE)
     _choice("data.condition", d.condition, CONDITIONS)
+    _choice("data.quadrant_layout", d.quadrant_layout, QUADRANT_LAYOUTS)
     if d.condition == "quadrants" and d.n_given not in (1, 2, 3):
         raise UserError(f"data.n_given={d.n_given} must be 1, 2 or 3.")
     if m.kind in ("gsnn", "hybrid", "baseline") and d.condition == "none":

@@ -32,7 +32,7 @@ def _predict(model, x, y, key, kind: str) -> jax.Array:
 def reconstructions(graphdef, params, batch, key, *, task) -> jax.Array:
     """Rows of (input, reconstruction) pairs: [n, 2, 784]."""
     model = nnx.merge(graphdef, params)
-    x, y, _ = prepare(batch, key, dynamic=False, condition=task.condition, n_given=task.n_given)
+    x, y, _ = prepare(batch, key, dynamic=False, condition=task.condition, n_given=task.n_given, layout=task.layout)
     return jnp.stack([y, _predict(model, x, y, key, task.kind)], axis=1)
 
 
@@ -47,7 +47,7 @@ def class_samples(graphdef, params, key, *, task, cols: int = 10) -> jax.Array:
 def completions(graphdef, params, batch, key, *, task, samples: int = 6) -> jax.Array:
     """Quadrant task, one row per input: the condition, `samples` completions, the truth."""
     model = nnx.merge(graphdef, params)
-    x, y, mask = prepare(batch, key, dynamic=False, condition=task.condition, n_given=task.n_given)
+    x, y, mask = prepare(batch, key, dynamic=False, condition=task.condition, n_given=task.n_given, layout=task.layout)
     keys = jax.random.split(key, samples)
     draws = jnp.stack([_predict(model, x, None, k, task.kind if task.kind == "baseline" else "gsnn") for k in keys], 1)
     observed = 1.0 - mask

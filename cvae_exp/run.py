@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from cvae_exp.config import resume_mode, validate
+from cvae_exp.config import check_targets, resume_mode, validate
 from cvae_exp.data import sources
 from cvae_exp.errors import UserError
 from cvae_exp.rundir import RunLock, current_run_dir
@@ -22,6 +23,7 @@ def run_training(cfg: DictConfig) -> dict:
     # ---- checks: every config value and the data path, before anything slow happens
     validate(cfg)
     sources.check_path(cfg.data.path)
+    check_targets(cfg)  # imports optax (and JAX): after the checks that need nothing
     run_dir = current_run_dir()
     with RunLock(run_dir):
         return _train(cfg, run_dir)
@@ -60,6 +62,14 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
             f"{run_dir} already holds checkpoints (newest step {manager.latest_step()}); "
             "pass resume=true to continue it, or choose another hydra.run.dir."
         )
+    if mode in ("true", "auto") and (saved := checkpoint.newest_config(manager)):
+        # Before the data and the model: what the arrays' shapes depend on must not have changed.
+        changed = checkpoint.changed_shape_keys(saved[1], plain)
+        if changed:
+            raise UserError(
+                f"The checkpoint at step {saved[0]} in {manager.directory} was trained with different "
+                f"{', '.join(changed)}; resume it with the same values or start a new run directory."
+            )
 
     # ---- data
     raw = sources.load(cfg.data.name, cfg.data.path, cfg.data.hub_id)
@@ -81,13 +91,8 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
         if restored is None and mode == "true":
             log.warning("resume=true, but %s holds no checkpoint yet: starting fresh.", run_dir / "checkpoints")
         if restored is not None:
-            resumed_from, state, meta = restored
-            changed = checkpoint.changed_shape_keys(meta.get("config", {}), plain)
-            if changed:
-                raise UserError(
-                    f"The checkpoint at step {resumed_from} was trained with different {', '.join(changed)}; "
-                    "resume it with the same values or start a new run directory."
-                )
+            resumed_from, state, _ = restored
+            checkpoint.set_aside_newer(manager, resumed_from)  # damaged ones, so their steps can be saved again
             log.info("Resumed from step %d in %s", resumed_from, manager.directory)
 
     # ---- steps, writer, loop
@@ -144,9 +149,13 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     if stopped:
         manager.close()
         writer.close()
-        log.warning("Stopped by a signal at step %d; a checkpoint was saved. Continue with: "
-                    "cvae-train hydra.run.dir=%s resume=true", int(state["step"]), run_dir)
-        return {"step": int(state["step"]), **val, "stopped": True}
+        step = int(state["step"])
+        saved = f"the checkpoint {manager.directory / str(step)}" if cfg.checkpoint.enabled else "no checkpoint"
+        log.warning("Stopped by %s at step %d with %s written. Continue with: cvae-train hydra.run.dir=%s resume=true",
+                    signal.Signals(stopped).name, step, saved, run_dir)
+        # 128 + signal number, the shell's code for "terminated by a signal": the run did not finish, so
+        # `cvae-train && cvae-eval` or a scheduler's afterok dependency must not treat it as done.
+        raise SystemExit(128 + stopped)
 
     # ---- final evaluation and metrics.json
     test = trainer.evaluate(eval_step, state["params"], splits.test, eval_batch, batch_sharding, eval_key)

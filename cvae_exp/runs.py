@@ -19,6 +19,33 @@ from cvae_exp.models import build_model
 
 
 @dataclass
+class Experiment:
+    """What a config builds before training: data, the static task, the network and its optimizer."""
+
+    source: str
+    splits: Splits
+    task: trainer.Task
+    graphdef: Any
+    params: Any  # freshly initialised, on the host
+    opt: Any  # cvae_exp.optim.Optimizer
+
+    def init_state(self, seed: int) -> dict:
+        return trainer.init_state(self.params, self.opt.tx, seed)
+
+
+def build_experiment(cfg: DictConfig) -> Experiment:
+    """Loads the data and builds the network and optimizer that `cfg` describes (no devices yet)."""
+    raw = sources.load(cfg.data.name, cfg.data.path, cfg.data.hub_id)
+    splits = make_splits(raw, val_size=cfg.data.val_size, split_seed=cfg.data.split_seed, binarize=cfg.data.binarize)
+    task = trainer.build_task(cfg, splits.dynamic)
+    graphdef, params = build_model(
+        cfg.model, condition_dim(task.condition), PIXELS, precision=cfg.trainer.precision, seed=cfg.seed
+    )
+    opt = instantiate(cfg.optimizer, total_steps=cfg.trainer.max_steps, _convert_="all")
+    return Experiment(raw.source, splits, task, graphdef, params, opt)
+
+
+@dataclass
 class TrainedRun:
     cfg: DictConfig
     step: int
@@ -46,16 +73,10 @@ def load_run(run_dir: str | Path, sharding=None) -> TrainedRun:
     if not steps:
         raise UserError(f"run_dir={run_dir} holds no checkpoint.")
 
-    raw = sources.load(cfg.data.name, cfg.data.path, cfg.data.hub_id)
-    splits = make_splits(raw, val_size=cfg.data.val_size, split_seed=cfg.data.split_seed, binarize=cfg.data.binarize)
-    task = trainer.build_task(cfg, splits.dynamic)
-    graphdef, params = build_model(
-        cfg.model, condition_dim(task.condition), PIXELS, precision=cfg.trainer.precision, seed=cfg.seed
-    )
-    opt = instantiate(cfg.optimizer, total_steps=cfg.trainer.max_steps, _convert_="all")
+    exp = build_experiment(cfg)
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.eval_shape(lambda: trainer.init_state(params, opt.tx, cfg.seed))
+    target = jax.eval_shape(lambda: exp.init_state(cfg.seed))
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), target)
     step, state, _ = checkpoint.restore_first(manager, target, steps)
     manager.close()
-    return TrainedRun(cfg, step, graphdef, state["params"], task, splits)
+    return TrainedRun(cfg, step, exp.graphdef, state["params"], exp.task, exp.splits)

@@ -9,6 +9,7 @@ resumed run draw exactly what an uninterrupted one would.
 
 from __future__ import annotations
 
+import logging
 import signal
 import time
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ from cvae_exp.objectives import kl_weight, per_example_loss
 from cvae_exp.optim import Optimizer
 from cvae_exp.parallel import put_batch
 
+log = logging.getLogger("cvae_exp")
+
 
 @dataclass(frozen=True)
 class Task:
@@ -35,6 +38,7 @@ class Task:
     condition: str
     dynamic: bool = False
     n_given: int = 1
+    layout: str = "left_first"
     omission_rate: float = 0.0
     beta: float = 1.0
     alpha: float = 0.5
@@ -49,6 +53,7 @@ def build_task(cfg, dynamic: bool) -> Task:
         condition="none" if cfg.model.kind == "vae" else cfg.data.condition,
         dynamic=dynamic,
         n_given=cfg.data.n_given,
+        layout=cfg.data.quadrant_layout,
         omission_rate=cfg.data.omission_rate,
         beta=cfg.model.beta,
         alpha=cfg.model.alpha,
@@ -78,6 +83,7 @@ def loss_fn(params, graphdef, batch, key, step, task: Task, train: bool):
         dynamic=task.dynamic and train,
         condition=task.condition,
         n_given=task.n_given,
+        layout=task.layout,
         omission_rate=task.omission_rate if train else 0.0,
     )
     beta = kl_weight(step, task.beta, task.kl_warmup_steps) if train else 1.0
@@ -143,6 +149,7 @@ class StopRequest:
 
     def __init__(self):
         self.requested = False
+        self.signum: int | None = None  # the first signal, for the exit code (128 + signum)
         self._previous = {}
 
     def __enter__(self):
@@ -155,8 +162,14 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         if self.requested:
-            raise SystemExit(128 + signum)
-        self.requested = True
+            # "Now" means now: die of the signal as if no handler were installed, without waiting for
+            # a save in flight (a half-written checkpoint is a temporary folder that resume ignores).
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
+            return
+        self.requested, self.signum = True, signum
+        log.warning("Received %s: finishing this step, saving a checkpoint, then stopping "
+                    "(send it again to exit at once).", signal.Signals(signum).name)
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -186,7 +199,8 @@ class Loop:
 
 
 def fit(state, train_step, sampler, batch_sharding, loop: Loop):
-    """Runs steps until `max_steps` or a stop request; returns (state, last val metrics, stopped)."""
+    """Runs steps until `max_steps` or a stop request; returns (state, last val metrics, stopped),
+    where `stopped` is the number of the signal that stopped the run, or None when it finished."""
     start = int(state["step"])
     val: dict = {}
     bar = tqdm(total=loop.max_steps, initial=start, disable=not loop.progress, dynamic_ncols=True, unit="step")
@@ -217,9 +231,9 @@ def fit(state, train_step, sampler, batch_sharding, loop: Loop):
                 loop.on_checkpoint(done, state, val if done % loop.eval_every == 0 or last else {})
             if stop.requested:
                 bar.close()
-                return state, val, True
+                return state, val, stop.signum
     bar.close()
-    return state, val, False
+    return state, val, None
 
 
 def _check_finite(state, policy: str) -> None:

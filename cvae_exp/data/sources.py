@@ -77,12 +77,35 @@ def check_path(path: str | None) -> None:
     if not root.is_dir():
         raise UserError(f"data.path={path} is not a directory; point it at a folder of Parquet or IDX files.")
     idx = _idx_files(root)
-    if all(idx.values()) or any(f.suffix.lower() in _DATA_SUFFIXES for f in root.rglob("*") if f.is_file()):
+    if all(idx.values()):
+        return
+    files = [f for f in root.rglob("*") if f.is_file() and f.suffix.lower() in _DATA_SUFFIXES]
+    if files:
+        _check_parquet(path, [f for f in sorted(files) if f.suffix.lower() == ".parquet"])
         return
     if any(idx.values()):
         missing = ", ".join(IDX_NAMES[k] + "[.gz]" for k, f in idx.items() if f is None)
         raise UserError(f"data.path={path} holds only part of the MNIST IDX files: {missing} is missing.")
     raise UserError(f"data.path={path} holds neither Parquet files (Hub layout) nor the four MNIST IDX files.")
+
+
+def _check_parquet(path: str, files: list[Path]) -> None:
+    """Each Parquet file's columns (from its footer) and first image: a folder of the wrong data is refused
+    before anything is loaded or decoded."""
+    import pyarrow.parquet as pq
+
+    for file in files:
+        if missing := [c for c in ("image", "label") if c not in pq.read_schema(file).names]:
+            raise UserError(f"data.path={path} has no {' or '.join(map(repr, missing))} column in {file.name}.")
+        first = next(pq.ParquetFile(file).iter_batches(batch_size=1, columns=["image"]), None)
+        cell = first.column(0)[0].as_py() if first is not None and first.num_rows else None
+        if isinstance(cell, dict) and cell.get("bytes"):  # the Hub's Image feature: encoded bytes
+            width, height = Image.open(io.BytesIO(cell["bytes"])).size
+            if (width, height) != (_SIDE, _SIDE):
+                raise UserError(
+                    f"data.path={path} holds {width}x{height} images ({file.name}); "
+                    f"this model needs {_SIDE}x{_SIDE} grayscale digits."
+                )
 
 
 def read_idx(file: str | os.PathLike) -> np.ndarray:

@@ -1,0 +1,167 @@
+"""`cvae-bench`: the real training step on the real data path, timed, beside a bare JAX loop.
+
+    cvae-bench experiment=sohn2015 data.path=<mnist> trainer.batch_size=128 bench.steps=150
+
+Prints one JSON object as its last line (and writes bench.json into the run directory):
+examples_per_s, step_ms (median), flops_per_example (XLA's cost analysis of the compiled step),
+peak_flops (a same-dtype matrix product timed here), mfu, and, with bench.reference=true, the bare
+loop's examples_per_s and the ratio between the two. No logging, evaluation or checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+import hydra
+from omegaconf import DictConfig
+
+from cvae_exp.config import validate
+from cvae_exp.train import CONF_DIR, exit_on_user_error
+
+WINDOW = 10  # steps between host syncs while timing; step_ms is the median over windows
+
+
+def _timed(run_steps, steps: int) -> tuple[float, float]:
+    """(total seconds, median seconds per step) over `steps` steps, synced every WINDOW steps."""
+    windows, total = [], 0.0
+    done = 0
+    while done < steps:
+        n = min(WINDOW, steps - done)
+        t0 = time.perf_counter()
+        run_steps(done, n)  # returns after blocking on the last step's output
+        dt = time.perf_counter() - t0
+        windows.append(dt / n)
+        total += dt
+        done += n
+    return total, statistics.median(windows)
+
+
+def peak_flops(dtype_name: str, device) -> float:
+    """FLOP/s of a large square matrix product in `dtype`, the best of a few runs."""
+    import jax
+    import jax.numpy as jnp
+
+    n = 4096 if device.platform != "cpu" else 2048
+    dtype = jnp.bfloat16 if dtype_name == "bf16" else jnp.float32
+    a = jax.device_put(jnp.ones((n, n), dtype), device)
+    mm = jax.jit(lambda a: jnp.dot(a, a, preferred_element_type=jnp.float32))
+    mm(a).block_until_ready()
+    best = float("inf")
+    for _ in range(3 if device.platform == "cpu" else 20):
+        t0 = time.perf_counter()
+        mm(a).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def bare_loop(exp, state, batch, steps: int, warmup: int) -> float:
+    """examples/s of the same model and loss in a plain loop: one jitted step with donated state,
+    one batch already on the device, no data feeding, no metrics, no counters."""
+    import jax
+    import optax
+
+    from cvae_exp.trainer import loss_fn
+
+    graphdef, tx, task = exp.graphdef, exp.opt.tx, exp.task
+
+    def step(params, opt_state, batch, key, i):
+        grads = jax.grad(lambda p: loss_fn(p, graphdef, batch, key, i, task, train=True)[0].mean())(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    step = jax.jit(step, donate_argnums=(0, 1))
+    params, opt_state = jax.tree.map(lambda a: a.copy(), (state["params"], state["opt_state"]))
+    key = jax.random.key(0)
+    for i in range(warmup):
+        params, opt_state = step(params, opt_state, batch, key, i)
+    jax.block_until_ready(params)
+
+    def run_steps(start, n):
+        nonlocal params, opt_state
+        for i in range(start, start + n):
+            params, opt_state = step(params, opt_state, batch, key, i)
+        jax.block_until_ready(params)
+
+    total, _ = _timed(run_steps, steps)
+    return steps * len(batch["image"]) / total
+
+
+def bench(cfg: DictConfig) -> dict:
+    validate(cfg)
+    from cvae_exp import parallel
+
+    parallel.initialize_distributed(cfg.cluster)
+    import jax
+
+    from cvae_exp.data.pipeline import BatchSampler
+    from cvae_exp.rundir import current_run_dir
+    from cvae_exp.runs import build_experiment
+    from cvae_exp.trainer import make_train_step
+
+    t, b = cfg.trainer, cfg.bench
+    mesh = parallel.make_mesh(t.devices)
+    parallel.check_batch("trainer.batch_size", t.batch_size, mesh)
+    replicated, sharded = parallel.replicated(mesh), parallel.data_sharded(mesh)
+    exp = build_experiment(cfg)
+    sampler = BatchSampler(exp.splits.train, t.batch_size, cfg.seed)
+    state = jax.device_put(exp.init_state(cfg.seed), replicated)
+    train_step = make_train_step(exp.graphdef, exp.opt, exp.task, replicated)
+
+    first = parallel.put_batch(sampler.batch(0), sharded)
+    cost = train_step.lower(state, first).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops_per_example = float(cost.get("flops", 0.0)) / t.batch_size
+    reference_state = jax.tree.map(lambda a: a.copy(), state)
+
+    # The real loop: host batches by step number, async device_put, the jitted step with donation.
+    for i in range(b.warmup):
+        state, metrics = train_step(state, parallel.put_batch(sampler.batch(i), sharded))
+    jax.block_until_ready(state)
+
+    def run_steps(start, n):
+        nonlocal state, metrics
+        for i in range(b.warmup + start, b.warmup + start + n):
+            state, metrics = train_step(state, parallel.put_batch(sampler.batch(i), sharded))
+        jax.block_until_ready(metrics)
+
+    total, step_s = _timed(run_steps, b.steps)
+    examples_per_s = b.steps * t.batch_size / total
+    device = jax.devices()[0]
+    peak = peak_flops(t.precision, device) * mesh.size
+    result = {
+        "examples_per_s": examples_per_s,
+        "step_ms": step_s * 1e3,
+        "flops_per_example": flops_per_example,
+        "peak_flops": peak,
+        "mfu": examples_per_s * flops_per_example / peak if peak else None,
+        "device": f"{device.platform}:{device.device_kind}",
+        "devices": mesh.size,
+        "processes": jax.process_count(),
+        "batch_size": t.batch_size,
+        "precision": t.precision,
+        "num_seeds": 1,
+        "steps": b.steps,
+        "model": cfg.model.kind,
+        "hidden": list(cfg.model.hidden),
+        "latent_dim": cfg.model.latent_dim,
+    }
+    if b.reference:
+        ref = bare_loop(exp, reference_state, first, b.steps, b.warmup)
+        result |= {"reference_examples_per_s": ref, "ratio_to_reference": examples_per_s / ref}
+    run_dir = current_run_dir()
+    if jax.process_index() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+@exit_on_user_error
+def main(cfg: DictConfig) -> None:
+    print(json.dumps(bench(cfg)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""`cvae-sample run_dir=<run dir>`: PNG grids of what the run's best checkpoint draws.
+
+    cvae-sample run_dir=outputs/2026-11-26/10-00-00 [sample.cols=10] [sample.walk=9] [seed=0]
+
+Writes into `<run dir>/samples/` (and logs to `<run dir>/tb/` under `samples/<name>` at the checkpoint's step):
+- `class_samples.png`: 10 rows, one per digit, `sample.cols` samples each, when the condition is the
+  label; 10 x `sample.cols` unconditional samples for a VAE (z from the prior, the decoder's mean shown);
+- `completions.png` (quadrant task): one row per input: the condition (unobserved pixels grey),
+  `sample.completions` samples, the truth;
+- `reconstructions.png` (models with a recognition network): inputs on the top row, their
+  reconstructions through q(z | x, y) below;
+- `latent_walk.png` (latent_dim=2): z on a `sample.walk` x `sample.walk` grid over [-2, 2]^2 in the
+  prior's standard coordinates (z = mean + sigma * u), decoded; one panel per digit (2 x 5) for the
+  label condition, one panel otherwise (for the quadrant task: conditioned on the first input digit).
+  Columns run along z1 from -2 to 2, rows along z2 from 2 (top) to -2.
+Every grid has a grey 1-pixel border between digits and is scaled up `sample.scale` times.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import hydra
+import numpy as np
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig
+
+from cvae_exp.errors import UserError
+from cvae_exp.train import CONF_DIR, exit_on_user_error
+
+for _name in ("absl", "jax._src.xla_bridge"):  # read-only checkpoint notices and backend probing, not news here
+    logging.getLogger(_name).setLevel(logging.ERROR)
+PANEL_GAP = 4  # white pixels between the per-digit panels of the latent walk
+
+
+@dataclass
+class SampleOptions:
+    cols: int = 10
+    inputs: int = 10
+    completions: int = 6
+    walk: int = 9
+    scale: int = 2
+    split: str = "val"
+    out: str = "samples"
+    tensorboard: bool = True
+
+
+@dataclass
+class SampleApp:
+    run_dir: str = MISSING
+    seed: int = 0
+    sample: SampleOptions = field(default_factory=SampleOptions)
+
+
+ConfigStore.instance().store(name="sample_app_schema", node=SampleApp)
+
+
+def validate(opts) -> None:
+    for key in ("cols", "inputs", "completions", "walk", "scale"):
+        if getattr(opts, key) < 1:
+            raise UserError(f"sample.{key}={getattr(opts, key)} must be at least 1.")
+    if opts.split not in ("val", "test"):
+        raise UserError(f"sample.split={opts.split} is not one of val, test.")
+
+
+def mosaic(panels: list[np.ndarray], cols: int, gap: int = PANEL_GAP) -> np.ndarray:
+    """Equal-sized [H, W] panels in rows of `cols`, `gap` white pixels around each; one panel is returned as is."""
+    if len(panels) == 1:
+        return panels[0]
+    h, w = panels[0].shape
+    rows = -(-len(panels) // cols)
+    out = np.ones((rows * h + (rows + 1) * gap, cols * w + (cols + 1) * gap), np.float32)
+    for i, panel in enumerate(panels):
+        r, c = divmod(i, cols)
+        out[gap + r * (h + gap) : gap + r * (h + gap) + h, gap + c * (w + gap) : gap + c * (w + gap) + w] = panel
+    return out
+
+
+def save_png(grid: np.ndarray, file: Path, scale: int) -> None:
+    from PIL import Image
+
+    img = Image.fromarray((np.clip(grid, 0.0, 1.0) * 255.0).round().astype(np.uint8))
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
+    img.save(file, optimize=True)
+
+
+def latent_walk(graphdef, params, x, n: int):
+    """[n, n, 784] decoder means over a grid of u in [-2, 2]^2, z = prior mean + sigma * u, for one condition x [1, d]."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    model = nnx.merge(graphdef, params)
+    u = jnp.linspace(-2.0, 2.0, n)
+    z1, z2 = jnp.meshgrid(u, u[::-1], indexing="xy")  # row r, column c -> (u[c], u[n - 1 - r])
+    grid = jnp.stack([z1.ravel(), z2.ravel()], axis=-1)
+    xs = jnp.repeat(x, n * n, axis=0)
+    mean, log_var = model.prior(xs)
+    loc, out_log_var = model.generate(mean + jnp.exp(0.5 * log_var) * grid, xs)
+    means = jax.nn.sigmoid(loc) if out_log_var is None else loc
+    return means.reshape(n, n, -1)
+
+
+def draw(run, opts, seed: int) -> dict[str, np.ndarray]:
+    """{name: [H, W] grid in [0, 1]} for the pictures that fit the run's model and task."""
+    import jax
+    import jax.numpy as jnp
+
+    from cvae_exp import images
+    from cvae_exp.data.pipeline import NUM_CLASSES, prepare
+    from cvae_exp.logging import tile
+
+    task, g, p = run.task, run.graphdef, run.params
+    key = jax.random.key(seed)
+    split = run.splits.val if opts.split == "val" else run.splits.test
+    n = min(opts.inputs, len(split.images))
+    few = {"image": split.images[:n], "label": split.labels[:n]}
+    grids = {}
+    if task.condition == "quadrants":
+        stack = images.completions(g, p, few, jax.random.fold_in(key, 0), task=task, samples=opts.completions)
+        grids["completions"] = tile(np.asarray(stack))
+    else:
+        grids["class_samples"] = tile(np.asarray(images.class_samples(g, p, jax.random.fold_in(key, 1), task=task,
+                                                                      cols=opts.cols)))
+    if task.kind not in ("gsnn", "baseline"):
+        stack = images.reconstructions(g, p, few, jax.random.fold_in(key, 2), task=task)
+        grids["reconstructions"] = tile(np.asarray(stack).swapaxes(0, 1))
+    if task.kind != "baseline" and run.cfg.model.latent_dim == 2:
+        if task.condition == "label":
+            conditions = [jax.nn.one_hot(jnp.array([d]), NUM_CLASSES) for d in range(NUM_CLASSES)]
+        elif task.condition == "quadrants":
+            x, _, _ = prepare({k: v[:1] for k, v in few.items()}, key, dynamic=False, condition="quadrants",
+                              n_given=task.n_given, layout=task.layout)
+            conditions = [x]
+        else:
+            conditions = [jnp.zeros((1, 0), jnp.float32)]
+        panels = [tile(np.asarray(latent_walk(g, p, x, opts.walk))) for x in conditions]
+        grids["latent_walk"] = mosaic(panels, cols=5)
+    return grids
+
+
+def sample_run(run_dir: str, opts, seed: int = 0) -> list[Path]:
+    from cvae_exp.logging import Writer
+    from cvae_exp.runs import load_run
+
+    run = load_run(run_dir)
+    out = Path(run_dir).resolve() / opts.out
+    out.mkdir(parents=True, exist_ok=True)
+    grids = draw(run, opts, seed)
+    writer = Writer(Path(run_dir).resolve(), enabled=opts.tensorboard)  # no resume step: nothing is purged
+    written = []
+    for name, grid in grids.items():
+        file = out / f"{name}.png"
+        save_png(grid, file, opts.scale)
+        writer.image(f"samples/{name}", grid, run.step)
+        written.append(file)
+    writer.close()
+    return written
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="sample")
+@exit_on_user_error
+def main(cfg: DictConfig) -> None:
+    validate(cfg.sample)
+    for file in sample_run(cfg.run_dir, cfg.sample, cfg.seed):
+        print(file)
+
+
+if __name__ == "__main__":
+    main()
