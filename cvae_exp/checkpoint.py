@@ -2,8 +2,10 @@
 
 Resume order: `resume=false` starts fresh (and refuses a run directory that already holds
 checkpoints, so nothing on disk is overwritten); `resume=true` restores the newest checkpoint in
-`<run dir>/checkpoints/` that restores cleanly, skipping (and naming) any that does not;
-`resume=auto` does the same when there is a checkpoint and starts fresh otherwise.
+`<run dir>/checkpoints/` that restores cleanly, skipping (and naming) any that does not, and moves
+the skipped ones to `<run dir>/damaged_checkpoints/` (nothing is deleted); `resume=auto` does the
+same when there is a checkpoint and starts fresh otherwise. A resume whose config changes what the
+arrays' shapes depend on (SHAPE_KEYS) is refused before anything is restored.
 
 Each checkpoint `<step>/` holds two items: `state` (step, params, optimizer state, RNG key data;
 restored onto abstract arrays that carry the target sharding) and `meta` (JSON: the config and the
@@ -13,6 +15,7 @@ metrics at that step). Checkpoints kept: the newest `keep`, plus the best by val
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +41,29 @@ SHAPE_KEYS = (
 )
 
 
+def _quiet_orphaned_reads() -> None:
+    """Drops the "Event loop is closed" errors of TensorStore reads that outlive an Orbax restore.
+
+    When a damaged checkpoint fails to restore, Orbax closes its event loop while other reads are still
+    in flight; each one then reports, as an unraisable exception, a traceback that says nothing about
+    the checkpoint (that is reported once, by step and path). Every other unraisable error passes on.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "quiets_orphaned_reads", False):
+        return
+
+    def hook(unraisable):
+        err = unraisable.exc_value
+        if not (isinstance(err, RuntimeError) and str(err) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.quiets_orphaned_reads = True
+    sys.unraisablehook = hook
+
+
 def make_manager(run_dir: Path, keep: int, read_only: bool = False) -> ocp.CheckpointManager:
     """The one CheckpointManager of a run, under `<run dir>/checkpoints` (Orbax needs an absolute path)."""
+    _quiet_orphaned_reads()
     # max_to_keep together with best_fn would evict the newest checkpoints and break resume;
     # a combined preservation policy keeps the newest `keep` and the best one.
     policy = pp.AnyPreservationPolicy(
@@ -49,9 +73,7 @@ def make_manager(run_dir: Path, keep: int, read_only: bool = False) -> ocp.Check
         ]
     )
     options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=not read_only, read_only=read_only)
-    return ocp.CheckpointManager(
-        (run_dir / "checkpoints").resolve(), item_names=("state", "meta"), options=options
-    )
+    return ocp.CheckpointManager((run_dir / "checkpoints").resolve(), item_names=("state", "meta"), options=options)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:

@@ -33,7 +33,7 @@ SAFE_TARGET_PREFIXES = ("cvae_exp.", "optax.", "flax.")
 class ModelConfig:
     kind: str = "cvae"  # cvae | vae | gsnn | hybrid | baseline
     hidden: list[int] = field(default_factory=lambda: [500, 500])  # every MLP's hidden widths
-    latent_dim: int = 20
+    latent_dim: int = 20  # dimensions of z
     prior: str = "learned"  # learned p(z|x) or the fixed N(0, I)
     likelihood: str = "bernoulli"  # bernoulli | gaussian (learned per-pixel variance)
     min_log_var: float = -6.0  # variance floor of the Gaussian likelihood, as a log-variance
@@ -49,7 +49,7 @@ class DataConfig:
     hub_id: Optional[str] = None  # overrides the Hub dataset id for `name`
     binarize: str = "dynamic"  # static | dynamic | threshold | none
     val_size: int = 5000  # carved from the training split with `split_seed`
-    split_seed: int = 0
+    split_seed: int = 0  # seed of the train/val split and of static binarization
     condition: str = "label"  # label | none | quadrants
     n_given: int = 1  # quadrants given (quadrant task): 1, 2 or 3, in the order of quadrant_layout
     quadrant_layout: str = "left_first"  # left_first: bottom-left, +top-left, +top-right | top_first
@@ -58,23 +58,23 @@ class DataConfig:
 
 @dataclass
 class OptimizerConfig:
-    _target_: str = "cvae_exp.optim.make_optimizer"
+    _target_: str = "cvae_exp.optim.make_optimizer"  # the factory hydra.utils.instantiate calls
     transform: dict[str, Any] = field(
         default_factory=lambda: {"_target_": "optax.adam", "_partial_": True}
-    )
-    lr: float = 1e-3
+    )  # a partial optax constructor (optax.adam, optax.adamw, ...) and its arguments
+    lr: float = 1e-3  # peak learning rate
     schedule: str = "constant"  # constant | cosine (cosine decays to 0 at trainer.max_steps)
-    warmup_steps: int = 0
-    clip_norm: Optional[float] = None
+    warmup_steps: int = 0  # linear warm-up from 0 to lr
+    clip_norm: Optional[float] = None  # clip gradients to this global norm; null: no clipping
 
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 5000
+    max_steps: int = 5000  # optimizer steps in all (a resumed run continues up to it)
     batch_size: int = 128  # global batch, split over devices
-    eval_every: int = 1000
-    eval_batch_size: int = 1000
-    log_every: int = 50
+    eval_every: int = 1000  # steps between validation passes (and image grids)
+    eval_batch_size: int = 1000  # batch of the validation pass, rounded up to a multiple of the devices
+    log_every: int = 50  # steps between train/* scalars (the only host syncs of the loop)
     devices: str = "all"  # all | N
     precision: str = "fp32"  # fp32 | bf16 (bf16 matmul inputs, fp32 params and accumulation)
     nan_policy: str = "stop"  # stop | skip
@@ -83,14 +83,14 @@ class TrainerConfig:
 
 @dataclass
 class CheckpointConfig:
-    every: int = 1000
+    every: int = 1000  # steps between checkpoints (one is also saved at the end)
     keep: int = 3  # newest checkpoints kept, besides the best by val/elbo
-    enabled: bool = True
+    enabled: bool = True  # false: no checkpoints at all (benchmarks, throwaway runs)
 
 
 @dataclass
 class LoggerConfig:
-    tensorboard: bool = True
+    tensorboard: bool = True  # write <run dir>/tb event files
     images: bool = True  # reconstruction and per-class sample grids at each evaluation
 
 
@@ -99,7 +99,7 @@ class EvalConfig:
     samples: int = 100  # importance samples S per example
     split: str = "test"  # val | test
     chunk: int = 100  # samples evaluated at once (memory: batch x chunk x pixels)
-    batch_size: int = 500
+    batch_size: int = 500  # examples evaluated at once
 
 
 @dataclass
@@ -111,9 +111,9 @@ class BenchConfig:
 
 @dataclass
 class ClusterConfig:
-    coordinator_address: Optional[str] = None
-    num_processes: Optional[int] = None
-    process_id: Optional[int] = None
+    coordinator_address: Optional[str] = None  # host:port of process 0; set all three for multi-host
+    num_processes: Optional[int] = None  # processes in the run
+    process_id: Optional[int] = None  # this process, 0..num_processes-1
 
 
 @dataclass
@@ -127,7 +127,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
-    seed: int = 0
+    seed: int = 0  # one root key per run: parameters, data order and every step's randomness
     resume: str = "false"  # false | true | auto (resume when the run dir holds a checkpoint)
 
 
@@ -135,9 +135,9 @@ class Config:
 class EvalApp:
     """The config of `cvae-eval` and `cvae-sample`: a run directory and how to evaluate it."""
 
-    run_dir: str = MISSING
+    run_dir: str = MISSING  # the cvae-train run directory to evaluate
     eval: EvalConfig = field(default_factory=EvalConfig)
-    seed: int = 0
+    seed: int = 0  # key of the importance samples
 
 
 def register_configs() -> None:
@@ -243,6 +243,11 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(f"optimizer.lr={o.lr} must be positive.")
     _choice("optimizer.schedule", o.schedule, ("constant", "cosine"))
     _at_least("optimizer.warmup_steps", o.warmup_steps, 0)
+    if o.schedule == "cosine" and o.warmup_steps >= t.max_steps:
+        raise UserError(
+            f"optimizer.warmup_steps={o.warmup_steps} leaves no steps to decay in: the cosine schedule needs it "
+            f"below trainer.max_steps={t.max_steps}."
+        )
     if o.clip_norm is not None and o.clip_norm <= 0:
         raise UserError(f"optimizer.clip_norm={o.clip_norm} must be positive (or null for no clipping).")
     for where, target in _targets(OmegaConf.to_container(o, resolve=True)):

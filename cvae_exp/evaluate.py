@@ -32,7 +32,9 @@ def make_ncll_step(graphdef, task, samples: int, chunk: int):
 
     def step(params, batch, key):
         model = nnx.merge(graphdef, params)
-        x, y, mask = prepare(batch, key, dynamic=False, condition=task.condition, n_given=task.n_given, layout=task.layout)
+        x, y, mask = prepare(
+            batch, key, dynamic=False, condition=task.condition, n_given=task.n_given, layout=task.layout
+        )
         if task.kind == "baseline":
             per_example = {"ncll_exact": -log_likelihood(y, model(x), mask)}
         else:

@@ -6,8 +6,8 @@ curve never doubles back on itself.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import jax
 import numpy as np
@@ -56,7 +56,7 @@ def tile(images: np.ndarray, pad: int = 1) -> np.ndarray:
     grid = np.ones((rows * cell + pad, cols * cell + pad), np.float32) * 0.5
     for r in range(rows):
         for c in range(cols):
-            grid[pad + r * cell : pad + r * cell + side, pad + c * cell : pad + c * cell + side] = images[
-                r, c
-            ].reshape(side, side)
+            grid[pad + r * cell : pad + r * cell + side, pad + c * cell : pad + c * cell + side] = images[r, c].reshape(
+                side, side
+            )
     return grid

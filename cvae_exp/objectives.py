@@ -8,7 +8,7 @@ variances: sigma^2 = exp(log_var) keeps the parameters unconstrained and the ari
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

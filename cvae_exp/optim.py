@@ -3,7 +3,8 @@ optional warm-up + cosine learning-rate schedule and gradient clipping."""
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import optax
 

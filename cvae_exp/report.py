@@ -114,16 +114,24 @@ def load_job(root: Path, path: Path) -> Job:
 
 def _unfinished(path: Path) -> str:
     """`running` while a live process holds the run's lock, else failed/unfinished (with its last checkpoint)."""
-    from cvae_exp.rundir import _alive
-
     try:
-        pid = int((path / ".lock").read_text().strip() or 0)
+        pid = int((path / ".lock").read_text().strip() or 0)  # cvae_exp.rundir.RunLock: the owner's PID
     except (OSError, ValueError):
         pid = 0
     if pid and _alive(pid):
         return "running"
     steps = [int(p.name) for p in (path / "checkpoints").glob("*") if p.name.isdigit()]
     return "failed/unfinished" + (f" (last checkpoint: step {max(steps)})" if steps else " (no metrics.json)")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
 
 
 def multirun_info(root: Path) -> tuple[list[str], str | None]:
@@ -135,13 +143,14 @@ def multirun_info(root: Path) -> tuple[list[str], str | None]:
     task = list((hydra_cfg.get("overrides") or {}).get("task") or [])
     params = (hydra_cfg.get("sweeper") or {}).get("params") or {}
     keys = [str(k).lstrip("+~") for k in params]
-    try:
-        from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
 
+    try:
         parsed = OverridesParser.create().parse_overrides(task)
-        keys += [o.get_key_element().lstrip("+~") for o in parsed if o.is_sweep()]
-    except Exception:  # an override this Hydra cannot parse: fall back to the jobs' differing values
-        pass
+    except HydraException:  # an override this Hydra cannot parse: the jobs' differing values still tell
+        parsed = []
+    keys += [o.get_key_element().lstrip("+~") for o in parsed if o.is_sweep_override()]
     command = "cvae-train -m " + " ".join(task) if task else None
     return list(dict.fromkeys(keys)), command
 
@@ -202,7 +211,7 @@ def cell(job: Job, column: str):
     if column == "status":
         return job.status
     if column in job.overrides:
-        return job.overrides[column]
+        return typed(job.overrides[column])  # printed as a number: 0.006074996073425695 -> 0.006075
     return job.metrics.get(column, "")
 
 
@@ -219,8 +228,15 @@ def write_csv(file: Path, jobs: list[Job], keys: list[str], metric: str) -> None
         w = csv.writer(f)
         w.writerow(header)
         for job in jobs:
-            w.writerow([job.name, *(job.overrides.get(k, "") for k in keys), job.status,
-                        *(job.metrics.get(m, "") for m in [metric, *metrics]), job.override_string()])
+            w.writerow(
+                [
+                    job.name,
+                    *(job.overrides.get(k, "") for k in keys),
+                    job.status,
+                    *(job.metrics.get(m, "") for m in [metric, *metrics]),
+                    job.override_string(),
+                ]
+            )
 
 
 # ----------------------------------------------------------------------------- the plot
@@ -237,7 +253,7 @@ def plot(file: Path, jobs: list[Job], keys: list[str], metric: str, maximize: bo
     done = [j for j in jobs if j.ok and _finite(j.metrics.get(metric))]
     panels = [k for k in keys if k != "seed"] or keys or ["job"]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels), 3.2), squeeze=False, dpi=90)
-    for ax, key in zip(axes[0], panels):
+    for ax, key in zip(axes[0], panels, strict=False):
         by_value: dict = {}
         for j in done:
             by_value.setdefault(typed(cell(j, key)), []).append(float(j.metrics[metric]))
@@ -251,7 +267,7 @@ def plot(file: Path, jobs: list[Job], keys: list[str], metric: str, maximize: bo
         xs = values if numeric else list(range(len(values)))
         means = [np.mean(by_value[v]) for v in values]
         stds = [np.std(by_value[v], ddof=1) if len(by_value[v]) > 1 else 0.0 for v in values]
-        for x, v in zip(xs, values):
+        for x, v in zip(xs, values, strict=False):
             ax.scatter([x] * len(by_value[v]), by_value[v], s=12, color="0.6", zorder=2)
         ax.errorbar(xs, means, yerr=stds, marker="o", capsize=4, color="C0", zorder=3)
         if numeric and min(values) > 0 and max(values) / min(values) >= 20:
@@ -262,8 +278,10 @@ def plot(file: Path, jobs: list[Job], keys: list[str], metric: str, maximize: bo
         per_value = len(done) / len(values)
         ax.set_xlabel(key)
         ax.set_ylabel(metric + (" (higher is better)" if maximize else " (lower is better)"))
-        ax.set_title(f"{metric} vs {key}" + (f"\nmean ± std over ~{per_value:.0f} jobs each" if per_value > 1 else ""),
-                     fontsize=9)
+        ax.set_title(
+            f"{metric} vs {key}" + (f"\nmean ± std over ~{per_value:.0f} jobs each" if per_value > 1 else ""),
+            fontsize=9,
+        )
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(file)
@@ -300,15 +318,19 @@ def report(sweep_dir: str | Path, metric: str = "val/elbo", maximize: bool = Fal
     lines = [
         f"# Sweep report: {root}",
         "",
-        f"Metric: `{metric}` ({'higher' if maximize else 'lower'} is better). "
-        f"Jobs: {len(jobs)} ({finished} finished, {len(jobs) - finished} running, failed or unfinished). "
-        f"Swept: {', '.join(f'`{k}`' for k in keys) or 'nothing'}.",
+        (
+            f"Metric: `{metric}` ({'higher' if maximize else 'lower'} is better). "
+            f"Jobs: {len(jobs)} ({finished} finished, {len(jobs) - finished} running, failed or unfinished). "
+            f"Swept: {', '.join(f'`{k}`' for k in keys) or 'nothing'}."
+        ),
     ]
     if command:
         lines += ["", f"Command: `{command}`"]
     lines += ["", table, ""]
     if best:
-        best_line = f"Best: job {best.name} ({metric} = {fmt(best.metrics[metric])}); overrides: {best.override_string()}"
+        best_line = (
+            f"Best: job {best.name} ({metric} = {fmt(best.metrics[metric])}); overrides: {best.override_string()}"
+        )
     else:
         best_line = "Best: none (no job has finished with a finite metric)."
     lines += [best_line, "", f"![{metric} against each swept key](report.png)", ""]
@@ -316,15 +338,26 @@ def report(sweep_dir: str | Path, metric: str = "val/elbo", maximize: bool = Fal
     paths["md"].write_text("\n".join(lines))
     write_csv(paths["csv"], jobs, keys, metric)
     plot(paths["png"], jobs, keys, metric, maximize)
-    return {"root": root, "jobs": jobs, "keys": keys, "table": table, "best": best, "best_line": best_line,
-            "paths": paths, "command": command}
+    return {
+        "root": root,
+        "jobs": jobs,
+        "keys": keys,
+        "table": table,
+        "best": best,
+        "best_line": best_line,
+        "paths": paths,
+        "command": command,
+    }
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="cvae-report", description=__doc__.split("\n\n")[0])
     p.add_argument("sweep_dir", help="the multirun directory (hydra.sweep.dir), holding one folder per job")
-    p.add_argument("--metric", default="val/elbo", help="the column to sort by and plot (default: val/elbo; "
-                   "also e.g. test/elbo, eval_test/ncll)")
+    p.add_argument(
+        "--metric",
+        default="val/elbo",
+        help="the column to sort by and plot (default: val/elbo; also e.g. test/elbo, eval_test/ncll)",
+    )
     p.add_argument("--maximize", action="store_true", help="higher is better for --metric")
     p.add_argument("--paper", choices=["sohn2015"], help="also write the paper's table (sohn2015: Table 1)")
     return p.parse_args(argv)

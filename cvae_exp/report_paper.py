@@ -41,6 +41,11 @@ CSV_ROWS = ROWS + [("hybrid (MC)", "hybrid", "mc")]
 CSV_COLUMNS = ["model", "n_given", "split", "estimator", "ncll", "paper", "epochs", "samples", "hardware"]
 SPLITS = ("val", "test")
 GIVEN = (1, 2, 3)
+LAYOUTS = {  # data.quadrant_layout (runs saved before it existed used top_first)
+    "left_first": "left_first (1: bottom-left; 2: left half; 3: all but bottom-right)",
+    "top_first": "top_first (1: top-left; 2: top half; 3: all but bottom-right)",
+    None: "top_first (1: top-left; 2: top half; 3: all but bottom-right; no data.quadrant_layout recorded)",
+}
 STANDARD_TRAIN = {"mnist": 60000, "fashion_mnist": 60000}  # before data.val_size is carved off
 BINARIZATION = {
     "dynamic": "dynamic (train digits redrawn as Bernoulli samples every step; val and test binarized once "
@@ -75,26 +80,32 @@ def _evals(path: Path) -> dict:
     return out
 
 
-def train_size(cfg: dict, metrics: dict) -> int | None:
-    """Training digits: metrics.json's `train_examples` when recorded, else the source's standard size."""
-    if isinstance(metrics.get("train_examples"), int):
-        return metrics["train_examples"]
+def _log(job: Job) -> str:
+    """The job's Hydra log (`<job>/<job name>.log`), where cvae-train records its data sizes and devices."""
+    return "\n".join(f.read_text(errors="replace") for f in sorted(job.path.glob("*.log")))
+
+
+def train_size(cfg: dict, job: Job) -> int | None:
+    """Training digits: metrics.json's `train_examples` if recorded, else the log's, else the source's standard size."""
+    if isinstance(job.metrics.get("train_examples"), int):
+        return job.metrics["train_examples"]
+    logged = re.findall(r"Data: .*; train (\d+), val", _log(job))
+    if logged:
+        return int(logged[-1])
     data = cfg.get("data", {})
-    bundled = re.search(r"\((\d+) train", str(metrics.get("data_source", "")))
+    bundled = re.search(r"\((\d+) train", str(job.metrics.get("data_source", "")))
     total = int(bundled.group(1)) if bundled else STANDARD_TRAIN.get(data.get("name", "mnist"))
     return total - int(data.get("val_size", 0)) if total else None
 
 
 def hardware(job: Job) -> str:
-    """metrics.json's `hardware` when recorded, else the platform from the job's log and this machine's CPU."""
+    """metrics.json's `hardware` if recorded, else the platform from the job's log and this machine's CPU."""
     if isinstance(job.metrics.get("hardware"), str):
         return job.metrics["hardware"]
-    found = None
-    for log in sorted(job.path.glob("*.log")):
-        found = re.search(r"Devices: (\d+) \((\w+)\)", log.read_text(errors="replace")) or found
-    if found and found.group(2) != "cpu":
-        return f"{found.group(1)} x {found.group(2)} device"
-    return f"{os.cpu_count()}-core {platform.machine()} CPU ({found.group(2) if found else 'platform not logged'})"
+    found = re.findall(r"Devices: (\d+) \((\w+)\)", _log(job))
+    if found and found[-1][1] != "cpu":
+        return f"{found[-1][0]} x {found[-1][1]} device"
+    return f"{os.cpu_count()}-core {platform.machine()} CPU ({found[-1][1] if found else 'platform not logged'})"
 
 
 def collect(jobs: list[Job]) -> list[PaperJob]:
@@ -108,7 +119,7 @@ def collect(jobs: list[Job]) -> list[PaperJob]:
         evals = _evals(job.path)
         if data.get("condition") != "quadrants" or not evals:
             continue
-        size, steps = train_size(cfg, job.metrics), job.metrics.get("step")
+        size, steps = train_size(cfg, job), job.metrics.get("step")
         batch = cfg.get("trainer", {}).get("batch_size")
         epochs = steps * batch / size if size and isinstance(steps, int) and batch else None
         out.append(PaperJob(job, cfg, model.get("kind"), int(data.get("n_given", 1)), evals, epochs, hardware(job)))
@@ -164,9 +175,21 @@ def gap_lines(found: dict) -> list[str]:
     for label, kind, est in ROWS:
         if (kind, est) in PAPER_TEST:
             gaps = [_mean(found.get((kind, est, n, "test"))) for n in GIVEN]
-            rows.append([label, *(f"{g - _paper(kind, est, n):+.2f}" if g is not None else "" for g, n in zip(gaps, GIVEN))])
-    lines = ["Gap to the paper on test, ours minus paper in nats (positive: ours is worse):", "",
-             markdown_table(["model", *(f"{n}q" for n in GIVEN)], rows), ""]
+            rows.append(
+                [
+                    label,
+                    *(
+                        f"{g - _paper(kind, est, n):+.2f}" if g is not None else ""
+                        for g, n in zip(gaps, GIVEN, strict=False)
+                    ),
+                ]
+            )
+    lines = [
+        "Gap to the paper on test, ours minus paper in nats (positive: ours is worse):",
+        "",
+        markdown_table(["model", *(f"{n}q" for n in GIVEN)], rows),
+        "",
+    ]
     verdicts = []
     for n in GIVEN:
         cvae, base = _mean(found.get(("cvae", "is", n, "test"))), _mean(found.get(("baseline", "exact", n, "test")))
@@ -182,6 +205,7 @@ def protocol_lines(paper_jobs: list[PaperJob]) -> list[str]:
         return ", ".join(str(v) for v in dict.fromkeys(values)) or "unknown"
 
     data = [pj.cfg.get("data", {}) for pj in paper_jobs]
+    layouts = [LAYOUTS.get(lay, str(lay)) for lay in dict.fromkeys(d.get("quadrant_layout") for d in data)]
     samples = [e.get("samples") for pj in paper_jobs for e in pj.evals.values() if pj.kind != "baseline"]
     examples = {s: distinct(pj.evals[s].get("examples") for pj in paper_jobs if s in pj.evals) for s in SPLITS}
     lines = [
@@ -189,29 +213,65 @@ def protocol_lines(paper_jobs: list[PaperJob]) -> list[str]:
         "",
         f"- Binarization: {'; '.join(BINARIZATION.get(b, b) for b in dict.fromkeys(d.get('binarize') for d in data))}.",
         f"- Importance / Monte Carlo samples per digit S: {distinct(samples)} (the baseline's likelihood is exact).",
-        f"- Splits: val = {distinct(d.get('val_size') for d in data)} digits carved from the training split "
-        f"(data.split_seed={distinct(d.get('split_seed') for d in data)}; {examples['val']} evaluated); "
-        f"test = the test split ({examples['test']} digits).",
-        "- Scored pixels: the unobserved quadrants only (1: top-left given; 2: top half; 3: all but bottom-right).",
-        "- Evaluated checkpoint: the best by val/elbo. Epochs = steps x batch / training digits "
-        "(metrics.json's train_examples when recorded, else the standard 60,000 minus data.val_size).",
+        (
+            f"- Splits: val = {distinct(d.get('val_size') for d in data)} digits carved from the training split "
+            f"(data.split_seed={distinct(d.get('split_seed') for d in data)}; {examples['val']} evaluated); "
+            f"test = the test split ({examples['test']} digits)."
+        ),
+        f"- Scored pixels: the unobserved quadrants only; quadrants given: {'; '.join(layouts)}.",
+        (
+            "- Evaluated checkpoint: the best by val/elbo. Epochs = steps x batch / training digits "
+            "(from metrics.json's train_examples or the training log; else the standard 60,000 minus data.val_size)."
+        ),
         f"- Data: {distinct(pj.job.metrics.get('data_source') for pj in paper_jobs)}.",
         "",
     ]
-    header = ["job", "model", "n_given", "steps", "batch", "epochs", "best step", "train wall s", "eval val s",
-              "eval test s", "S", "hardware"]
+    header = [
+        "job",
+        "model",
+        "n_given",
+        "steps",
+        "batch",
+        "epochs",
+        "best step",
+        "train wall s",
+        "eval val s",
+        "eval test s",
+        "S",
+        "hardware",
+    ]
     rows = []
-    for pj in sorted(paper_jobs, key=lambda p: (p.n_given, [k for _, k, _ in ROWS].index(p.kind) if p.kind in
-                                                  [k for _, k, _ in ROWS] else 9, p.job.name)):
+    for pj in sorted(
+        paper_jobs,
+        key=lambda p: (
+            p.n_given,
+            [k for _, k, _ in ROWS].index(p.kind) if p.kind in [k for _, k, _ in ROWS] else 9,
+            p.job.name,
+        ),
+    ):
         ev = pj.evals
-        rows.append([pj.job.name, pj.kind, pj.n_given, pj.job.metrics.get("step", ""),
-                     pj.cfg.get("trainer", {}).get("batch_size", ""),
-                     round(pj.epochs, 2) if pj.epochs is not None else "",
-                     distinct(e.get("checkpoint_step") for e in ev.values()), pj.job.metrics.get("wall_s", ""),
-                     ev.get("val", {}).get("seconds", ""), ev.get("test", {}).get("seconds", ""),
-                     distinct(e.get("samples") for e in ev.values()), pj.hardware])
-    return lines + ["Per job (wall times in seconds: training incl. its final evaluation; each cvae-eval):", "",
-                    markdown_table(header, rows), ""]
+        rows.append(
+            [
+                pj.job.name,
+                pj.kind,
+                pj.n_given,
+                pj.job.metrics.get("step", ""),
+                pj.cfg.get("trainer", {}).get("batch_size", ""),
+                round(pj.epochs, 2) if pj.epochs is not None else "",
+                distinct(e.get("checkpoint_step") for e in ev.values()),
+                pj.job.metrics.get("wall_s", ""),
+                ev.get("val", {}).get("seconds", ""),
+                ev.get("test", {}).get("seconds", ""),
+                distinct(e.get("samples") for e in ev.values()),
+                pj.hardware,
+            ]
+        )
+    return lines + [
+        "Per job (wall times in seconds: training incl. its final evaluation; each cvae-eval):",
+        "",
+        markdown_table(header, rows),
+        "",
+    ]
 
 
 def csv_rows(found: dict) -> list[list]:
@@ -226,9 +286,19 @@ def csv_rows(found: dict) -> list[list]:
                 pjs = [pj for _, pj in entries]
                 epochs = [pj.epochs for pj in pjs if pj.epochs is not None]
                 samples = dict.fromkeys(str(pj.evals[split].get("samples", "")) for pj in pjs)
-                rows.append([kind, n, split, est, round(_mean(entries), 4) if entries else "",
-                             paper if paper is not None else "", round(statistics.mean(epochs), 2) if epochs else "",
-                             "/".join(samples), "; ".join(dict.fromkeys(pj.hardware for pj in pjs))])
+                rows.append(
+                    [
+                        kind,
+                        n,
+                        split,
+                        est,
+                        round(_mean(entries), 4) if entries else "",
+                        paper if paper is not None else "",
+                        round(statistics.mean(epochs), 2) if epochs else "",
+                        "/".join(samples),
+                        "; ".join(dict.fromkeys(pj.hardware for pj in pjs)),
+                    ]
+                )
     return rows
 
 
@@ -248,13 +318,16 @@ def sohn2015_table(root: Path, jobs: list[Job], command: str | None) -> tuple[st
         f"Sweep: `{root}`" + (f", {skipped} job(s) without a quadrant-task evaluation left out" if skipped else ""),
         "",
         f"Command: `{command}`, then `cvae-eval run_dir=<job> eval.split=val|test` per job, then "
-        f"`cvae-report {root} --paper sohn2015`" if command else
-        f"Report: `cvae-report {root} --paper sohn2015`",
+        f"`cvae-report {root} --paper sohn2015`"
+        if command
+        else f"Report: `cvae-report {root} --paper sohn2015`",
         "",
-        "Nats per digit, summed over the unobserved pixels; lower is better. Columns: quadrants given, on our "
-        "validation and test splits; \"paper\": the test figures of Sohn et al. (2015) Table 1 as recorded in "
-        "DESIGN.md section 5 (the paper's GSNN and hybrid figures are not recorded there and are left blank). "
-        "Estimators: exact (baseline), MC (z from the prior p(z|x)), IS (importance sampling from q(z|x,y)).",
+        (
+            "Nats per digit, summed over the unobserved pixels; lower is better. Columns: quadrants given, on our "
+            'validation and test splits; "paper": the test figures of Sohn et al. (2015) Table 1 as recorded in '
+            "DESIGN.md section 5 (the paper's GSNN and hybrid figures are not recorded there and are left blank). "
+            "Estimators: exact (baseline), MC (z from the prior p(z|x)), IS (importance sampling from q(z|x,y))."
+        ),
         "",
         table,
         "",

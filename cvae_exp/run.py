@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -25,22 +28,30 @@ def run_training(cfg: DictConfig) -> dict:
     sources.check_path(cfg.data.path)
     check_targets(cfg)  # imports optax (and JAX): after the checks that need nothing
     run_dir = current_run_dir()
-    with RunLock(run_dir):
+    # One lock per run: in a multi-process run every process shares the directory; process 0 holds it.
+    with RunLock(run_dir) if _primary_process(cfg) else contextlib.nullcontext():
         return _train(cfg, run_dir)
+
+
+def _primary_process(cfg: DictConfig) -> bool:
+    """Whether this is process 0 of its run, known before JAX's distributed runtime starts."""
+    if cfg.cluster.process_id is not None:
+        return cfg.cluster.process_id == 0
+    return os.environ.get("SLURM_PROCID", "0") == "0"
 
 
 def _train(cfg: DictConfig, run_dir: Path) -> dict:
     from cvae_exp import parallel
 
+    _share_accelerator_between_jobs()
     parallel.initialize_distributed(cfg.cluster)  # before any other JAX call
 
     import jax
-    from hydra.utils import instantiate
 
     from cvae_exp import checkpoint, images, trainer
-    from cvae_exp.data.pipeline import PIXELS, BatchSampler, condition_dim, make_splits
+    from cvae_exp.data.pipeline import BatchSampler
     from cvae_exp.logging import Writer, tile
-    from cvae_exp.models import build_model
+    from cvae_exp.runs import build_experiment
 
     t0 = time.perf_counter()
     t = cfg.trainer
@@ -51,12 +62,20 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     parallel.check_batch("trainer.batch_size", t.batch_size, mesh)
     state_sharding, batch_sharding = parallel.replicated(mesh), parallel.data_sharded(mesh)
     eval_batch = -(-t.eval_batch_size // mesh.size) * mesh.size
-    log.info("Devices: %d (%s), processes: %d; run dir: %s", mesh.size, jax.devices()[0].platform,
-             jax.process_count(), run_dir)
+    log.info(
+        "Devices: %d (%s), processes: %d; run dir: %s",
+        mesh.size,
+        jax.devices()[0].platform,
+        jax.process_count(),
+        run_dir,
+    )
 
     # ---- checkpoints: decide between fresh and resumed before the slow parts
     manager = checkpoint.make_manager(run_dir, cfg.checkpoint.keep)
     mode = resume_mode(cfg)
+    if mode == "false" and "SLURM_JOB_ID" in os.environ:
+        # A preempted SLURM job is resubmitted with the same command: it must pick up its own checkpoints.
+        mode = "auto"
     if mode == "false" and manager.all_steps():
         raise UserError(
             f"{run_dir} already holds checkpoints (newest step {manager.latest_step()}); "
@@ -71,18 +90,18 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
                 f"{', '.join(changed)}; resume it with the same values or start a new run directory."
             )
 
-    # ---- data
-    raw = sources.load(cfg.data.name, cfg.data.path, cfg.data.hub_id)
-    splits = make_splits(raw, val_size=cfg.data.val_size, split_seed=cfg.data.split_seed, binarize=cfg.data.binarize)
+    # ---- data, model and optimizer
+    exp = build_experiment(cfg)
+    splits, task, graphdef, opt = exp.splits, exp.task, exp.graphdef, exp.opt
     sampler = BatchSampler(splits.train, t.batch_size, cfg.seed)
-    task = trainer.build_task(cfg, splits.dynamic)
-    log.info("Data: %s; train %d, val %d, test %d", raw.source, len(splits.train.images),
-             len(splits.val.images), len(splits.test.images))
-
-    # ---- model and optimizer
-    graphdef, params = build_model(cfg.model, condition_dim(task.condition), PIXELS, precision=t.precision, seed=cfg.seed)
-    opt = instantiate(cfg.optimizer, total_steps=t.max_steps, _convert_="all")
-    state = jax.device_put(trainer.init_state(params, opt.tx, cfg.seed), state_sharding)
+    log.info(
+        "Data: %s; train %d, val %d, test %d",
+        exp.source,
+        len(splits.train.images),
+        len(splits.val.images),
+        len(splits.test.images),
+    )
+    state = jax.device_put(exp.init_state(cfg.seed), state_sharding)
 
     # ---- restore
     resumed_from = None
@@ -151,35 +170,77 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
         writer.close()
         step = int(state["step"])
         saved = f"the checkpoint {manager.directory / str(step)}" if cfg.checkpoint.enabled else "no checkpoint"
-        log.warning("Stopped by %s at step %d with %s written. Continue with: cvae-train hydra.run.dir=%s resume=true",
-                    signal.Signals(stopped).name, step, saved, run_dir)
+        log.warning(
+            "Stopped by %s at step %d with %s written. Continue with: cvae-train hydra.run.dir=%s resume=true",
+            signal.Signals(stopped).name,
+            step,
+            saved,
+            run_dir,
+        )
         # 128 + signal number, the shell's code for "terminated by a signal": the run did not finish, so
         # `cvae-train && cvae-eval` or a scheduler's afterok dependency must not treat it as done.
         raise SystemExit(128 + stopped)
 
     # ---- final evaluation and metrics.json
+    if steps_run == 0:  # a finished run resumed once more: report it as it stands
+        val = {
+            f"val/{k}": v
+            for k, v in trainer.evaluate(
+                eval_step, state["params"], splits.val, eval_batch, batch_sharding, eval_key
+            ).items()
+        }
     test = trainer.evaluate(eval_step, state["params"], splits.test, eval_batch, batch_sharding, eval_key)
+    previous = _read_json(run_dir / "metrics.json")
+    train_s = time.perf_counter() - train_start
     metrics = {
         "step": int(state["step"]),
         **val,
         **{f"test/{k}": v for k, v in test.items()},
         "devices": mesh.size,
         "processes": jax.process_count(),
-        "examples_per_s": steps_run * t.batch_size / max(time.perf_counter() - train_start, 1e-9),
+        "examples_per_s": steps_run * t.batch_size / train_s if steps_run else previous.get("examples_per_s"),
         "skipped_steps": int(state["nonfinite"]),
         "params_sha256": trainer.params_sha256(state["params"]),
         "wall_s": time.perf_counter() - t0,
-        "data_source": raw.source,
+        "data_source": exp.source,
+        "train_examples": len(splits.train.images),
+        "hardware": f"{mesh.size} x {jax.devices()[0].device_kind} ({jax.devices()[0].platform}), {os.cpu_count()} CPU cores",
     }
-    writer.hparams(_flat(plain, ("model", "data", "optimizer", "trainer", "seed")), {
-        k: v for k, v in metrics.items() if k.startswith(("val/", "test/"))
-    })
+    # The same metric names in every job, whatever its model kind, so the HPARAMS view compares them all.
+    writer.hparams(
+        _flat(plain, ("model", "data", "optimizer", "trainer", "seed")),
+        {
+            f"{split}/{k}": metrics.get(f"{split}/{k}", math.nan)
+            for split in ("val", "test")
+            for k in ("elbo", "kl", "recon")
+        },
+    )
     writer.close()
     manager.close()
     if jax.process_index() == 0:
-        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        (run_dir / "metrics.json").write_text(json.dumps(_strict(metrics), indent=2) + "\n")
     log.info("Done: %s", json.dumps(metrics))
     return metrics
+
+
+def _share_accelerator_between_jobs() -> None:
+    """Jobs of the joblib launcher run side by side on one machine: none may preallocate the GPU."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized() and "Joblib" in str(HydraConfig.get().launcher.get("_target_", "")):
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        return json.loads(file.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _strict(metrics: dict) -> dict:
+    """NaN and infinities as null: metrics.json stays strict JSON whatever the run went through."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
 
 
 def _image_fns(jax, images, graphdef, task, val_split):
@@ -192,7 +253,9 @@ def _image_fns(jax, images, graphdef, task, val_split):
         second = ("val/samples", jax.jit(lambda p, k: images.class_samples(graphdef, p, k, task=task)))
 
     def draw(params, key):
-        out = {"val/reconstructions": recon(params, key).swapaxes(0, 1)} if task.kind not in ("gsnn", "baseline") else {}
+        out = (
+            {"val/reconstructions": recon(params, key).swapaxes(0, 1)} if task.kind not in ("gsnn", "baseline") else {}
+        )
         out[second[0]] = second[1](params, key)
         return jax.device_get(out)
 

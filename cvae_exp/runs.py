@@ -12,6 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from cvae_exp import checkpoint, trainer
+from cvae_exp.config import Config, check_targets
 from cvae_exp.data import sources
 from cvae_exp.data.pipeline import PIXELS, Splits, condition_dim, make_splits
 from cvae_exp.errors import UserError
@@ -35,6 +36,7 @@ class Experiment:
 
 def build_experiment(cfg: DictConfig) -> Experiment:
     """Loads the data and builds the network and optimizer that `cfg` describes (no devices yet)."""
+    check_targets(cfg)  # a saved config may come from someone else: instantiate only safe targets
     raw = sources.load(cfg.data.name, cfg.data.path, cfg.data.hub_id)
     splits = make_splits(raw, val_size=cfg.data.val_size, split_seed=cfg.data.split_seed, binarize=cfg.data.binarize)
     task = trainer.build_task(cfg, splits.dynamic)
@@ -59,7 +61,8 @@ def run_config(run_dir: Path) -> DictConfig:
     file = run_dir / ".hydra" / "config.yaml"
     if not file.is_file():
         raise UserError(f"run_dir={run_dir} is not a cvae-train run directory: {file} is missing.")
-    return OmegaConf.load(file)
+    # Onto the schema: keys added since the run was made get their defaults, and types are checked.
+    return OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(file))
 
 
 def load_run(run_dir: str | Path, sharding=None) -> TrainedRun:

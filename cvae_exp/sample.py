@@ -4,7 +4,8 @@
 
 Writes into `<run dir>/samples/` (and logs to `<run dir>/tb/` under `samples/<name>` at the checkpoint's step):
 - `class_samples.png`: 10 rows, one per digit, `sample.cols` samples each, when the condition is the
-  label; 10 x `sample.cols` unconditional samples for a VAE (z from the prior, the decoder's mean shown);
+  label; `samples.png`: 10 x `sample.cols` unconditional samples for a VAE (z from the prior; every grid
+  shows the decoder's mean);
 - `completions.png` (quadrant task): one row per input: the condition (unobserved pixels grey),
   `sample.completions` samples, the truth;
 - `reconstructions.png` (models with a recognition network): inputs on the top row, their
@@ -105,7 +106,9 @@ def latent_walk(graphdef, params, x, n: int):
 
 
 def draw(run, opts, seed: int) -> dict[str, np.ndarray]:
-    """{name: [H, W] grid in [0, 1]} for the pictures that fit the run's model and task."""
+    """{name: [H, W] grid in [0, 1]} for the pictures that fit the run's model and task (each jitted once)."""
+    import functools
+
     import jax
     import jax.numpy as jnp
 
@@ -119,25 +122,36 @@ def draw(run, opts, seed: int) -> dict[str, np.ndarray]:
     n = min(opts.inputs, len(split.images))
     few = {"image": split.images[:n], "label": split.labels[:n]}
     grids = {}
+
+    def stack(fn, *args, **static) -> np.ndarray:
+        """[rows, cols, 784] from one of cvae_exp.images' drawings, jitted with its static arguments bound."""
+        return np.asarray(jax.jit(functools.partial(fn, g, task=task, **static))(p, *args))
+
     if task.condition == "quadrants":
-        stack = images.completions(g, p, few, jax.random.fold_in(key, 0), task=task, samples=opts.completions)
-        grids["completions"] = tile(np.asarray(stack))
+        completions = stack(images.completions, few, jax.random.fold_in(key, 0), samples=int(opts.completions))
+        grids["completions"] = tile(completions)
     else:
-        grids["class_samples"] = tile(np.asarray(images.class_samples(g, p, jax.random.fold_in(key, 1), task=task,
-                                                                      cols=opts.cols)))
-    if task.kind not in ("gsnn", "baseline"):
-        stack = images.reconstructions(g, p, few, jax.random.fold_in(key, 2), task=task)
-        grids["reconstructions"] = tile(np.asarray(stack).swapaxes(0, 1))
+        name = "class_samples" if task.condition == "label" else "samples"  # a VAE's are unconditional
+        grids[name] = tile(stack(images.class_samples, jax.random.fold_in(key, 1), cols=int(opts.cols)))
+    if task.kind not in ("gsnn", "baseline"):  # inputs on the top row, reconstructions below
+        grids["reconstructions"] = tile(stack(images.reconstructions, few, jax.random.fold_in(key, 2)).swapaxes(0, 1))
     if task.kind != "baseline" and run.cfg.model.latent_dim == 2:
         if task.condition == "label":
             conditions = [jax.nn.one_hot(jnp.array([d]), NUM_CLASSES) for d in range(NUM_CLASSES)]
         elif task.condition == "quadrants":
-            x, _, _ = prepare({k: v[:1] for k, v in few.items()}, key, dynamic=False, condition="quadrants",
-                              n_given=task.n_given, layout=task.layout)
+            x, _, _ = prepare(
+                {k: v[:1] for k, v in few.items()},
+                key,
+                dynamic=False,
+                condition="quadrants",
+                n_given=task.n_given,
+                layout=task.layout,
+            )
             conditions = [x]
         else:
             conditions = [jnp.zeros((1, 0), jnp.float32)]
-        panels = [tile(np.asarray(latent_walk(g, p, x, opts.walk))) for x in conditions]
+        walk = jax.jit(lambda params, x: latent_walk(g, params, x, int(opts.walk)))  # compiled once for all digits
+        panels = [tile(np.asarray(walk(p, x))) for x in conditions]
         grids["latent_walk"] = mosaic(panels, cols=5)
     return grids
 

@@ -1,8 +1,8 @@
 """`cvae-train`: compose the config, build the run, fit, write metrics.json.
 
-    cvae-train model=cvae optimizer.lr=3e-4 trainer.max_steps=2000 data.path=/data/mnist seed=1
-    cvae-train -m sweep=latent_dim
-    cvae-train hydra.run.dir=<run dir> resume=true
+cvae-train model=cvae optimizer.lr=3e-4 trainer.max_steps=2000 data.path=/data/mnist seed=1
+cvae-train -m sweep=latent_dim
+cvae-train hydra.run.dir=<run dir> resume=true
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from cvae_exp.config import register_configs
 from cvae_exp.errors import UserError

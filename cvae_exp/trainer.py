@@ -12,8 +12,9 @@ from __future__ import annotations
 import logging
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -168,8 +169,10 @@ class StopRequest:
             signal.raise_signal(signum)
             return
         self.requested, self.signum = True, signum
-        log.warning("Received %s: finishing this step, saving a checkpoint, then stopping "
-                    "(send it again to exit at once).", signal.Signals(signum).name)
+        log.warning(
+            "Received %s: finishing this step, saving a checkpoint, then stopping (send it again to exit at once).",
+            signal.Signals(signum).name,
+        )
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -212,7 +215,10 @@ def fit(state, train_step, sampler, batch_sharding, loop: Loop):
             done = step + 1
             window_steps += 1
             bar.update(1)
-            last = done == loop.max_steps or stop.requested
+            # One read of the flag per step: a signal that lands during this step's logging or evaluation
+            # is acted on after the next step, so the stop always goes through the full log/eval/save path.
+            stopping = stop.requested
+            last = done == loop.max_steps or stopping
             if done % loop.log_every == 0 or last:
                 host = jax.device_get(metrics)  # host sync: only on log steps
                 _check_finite(state, loop.nan_policy)
@@ -229,7 +235,7 @@ def fit(state, train_step, sampler, batch_sharding, loop: Loop):
             if done % loop.checkpoint_every == 0 or last:
                 _check_finite(state, loop.nan_policy)  # never save parameters past a NaN
                 loop.on_checkpoint(done, state, val if done % loop.eval_every == 0 or last else {})
-            if stop.requested:
+            if stopping:
                 bar.close()
                 return state, val, stop.signum
     bar.close()

@@ -131,7 +131,14 @@ def condition_dim(condition: str) -> int:
 
 
 def prepare(
-    batch, key, *, dynamic: bool, condition: str, n_given: int = 1, layout: str = "left_first", omission_rate: float = 0.0
+    batch,
+    key,
+    *,
+    dynamic: bool,
+    condition: str,
+    n_given: int = 1,
+    layout: str = "left_first",
+    omission_rate: float = 0.0,
 ):
     """(x, y, mask) from a raw batch, inside jit.
 

@@ -197,9 +197,10 @@ def _cached(cache_dir: str | None, fingerprint: tuple, source: str, decode: Call
 
 def _load_folder(root: Path, where: str, source: str, cache_dir: str | None) -> RawData:
     """A Parquet (Hub layout) folder via datasets, cached by file sizes and mtimes so a hit skips datasets."""
-    import datasets
 
     def decode() -> RawData:
+        import datasets  # only on a cache miss: importing it costs about a second
+
         try:
             dd = datasets.load_dataset(str(root))
         except Exception as e:  # whatever datasets fails on, the folder is not a dataset we can read

@@ -74,9 +74,7 @@ class CVAE(nnx.Module):
         )
         # A learned prior needs something to condition on; with no condition it is N(0, I).
         self.prior_net = (
-            MLP([x_dim, *hidden, 2 * latent_dim], dtype=dtype, rngs=rngs)
-            if prior == "learned" and x_dim > 0
-            else None
+            MLP([x_dim, *hidden, 2 * latent_dim], dtype=dtype, rngs=rngs) if prior == "learned" and x_dim > 0 else None
         )
         self.generation = MLP([x_dim + latent_dim, *hidden, self.head.width(y_dim)], dtype=dtype, rngs=rngs)
 

@@ -1,0 +1,163 @@
+"""Shared fixtures: a tiny MNIST-like dataset in the Hub's Parquet layout, the CLI runner, shrunken overrides.
+
+Nothing here touches the network or the user's caches: the decoded-array cache (`CVAE_EXP_CACHE`) and the
+Hugging Face caches point into pytest's temporary directory, and the Hub is switched off.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO / "conf"
+
+SIDE = 28
+N_TRAIN, N_TEST = 1200, 300
+CLI_TIMEOUT_S = 300
+
+
+def digit_like(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """uint8 [N, 28, 28] images that are easy to learn: a class-dependent blob and stroke, jittered, plus noise.
+
+    Class c puts a 7x7 blob at one of ten positions on a 4x3 grid and a vertical stroke in column 4 + 2c;
+    each image is shifted by up to one pixel and gets faint noise, so the classes differ but no two images
+    are identical.
+    """
+    images = np.zeros((len(labels), SIDE, SIDE), np.float32)
+    for i, c in enumerate(labels):
+        r0, c0 = 2 + 8 * (c // 4), 2 + 6 * (c % 4)
+        dr, dc = rng.integers(-1, 2, size=2)
+        images[i, r0 + dr : r0 + dr + 7, c0 + dc : c0 + dc + 7] = 1.0
+        col = 4 + 2 * int(c) + dc
+        images[i, 3:25, col : col + 2] = np.maximum(images[i, 3:25, col : col + 2], 0.8)
+    images += rng.normal(0.0, 0.05, images.shape).astype(np.float32)
+    return (np.clip(images, 0.0, 1.0) * 255).round().astype(np.uint8)
+
+
+def write_hub_layout(root: Path, n_train: int = N_TRAIN, n_test: int = N_TEST, seed: int = 0) -> Path:
+    """`<root>/mnist/{train,test}-00000-of-00001.parquet` with the features of the Hub's ylecun/mnist."""
+    import datasets
+
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=[str(i) for i in range(10)])}
+    )
+    rng = np.random.default_rng(seed)
+    out = root / "mnist"
+    out.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("test", n_test)):
+        labels = np.arange(n) % 10
+        rng.shuffle(labels)
+        images = digit_like(labels, rng)
+        ds = datasets.Dataset.from_dict({"image": list(images), "label": labels.tolist()}, features=features)
+        ds.to_parquet(str(out / f"{split}-00000-of-00001.parquet"))
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_mnist(tmp_path_factory) -> str:
+    """The folder to pass as `data.path=`: 1,200 train / 300 test synthetic digits in the Hub layout."""
+    return str(write_hub_layout(tmp_path_factory.mktemp("tiny_mnist")))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_caches(tmp_path_factory):
+    """Points every cache this process or its children might write into a temporary folder, and goes offline."""
+    root = tmp_path_factory.mktemp("caches")
+    values = {
+        "CVAE_EXP_CACHE": str(root / "cvae_exp"),
+        "HF_HOME": str(root / "hf"),
+        "HF_DATASETS_CACHE": str(root / "hf" / "datasets"),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+    }
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    yield values
+    for k, v in before.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def cli_env(_private_caches) -> dict[str, str]:
+    """The environment of CLI subprocesses: the private caches, CPU only, no progress bars or Hydra tracebacks."""
+    env = dict(os.environ)
+    env.update(_private_caches)
+    env.update({"JAX_PLATFORMS": "cpu", "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"})
+    env.pop("HYDRA_FULL_ERROR", None)
+    return env
+
+
+def _run(args: list[str], cwd: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "cvae_exp.train", *map(str, args)],
+        cwd=cwd,
+        env=env,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture
+def run_cli(cli_env, tmp_path) -> Callable[..., subprocess.CompletedProcess]:
+    """`run_cli(args, cwd=None, env=None, timeout=...)`: `python -m cvae_exp.train *args` as a subprocess.
+
+    cwd defaults to the test's tmp_path, so Hydra's default `outputs/` never lands in the repository;
+    `env` entries are added to the private-cache environment.
+    """
+
+    def run(args, cwd=None, env=None, timeout: float = CLI_TIMEOUT_S) -> subprocess.CompletedProcess:
+        return _run(list(args), Path(cwd or tmp_path), {**cli_env, **(env or {})}, timeout)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def session_cli(cli_env, tmp_path_factory) -> Callable[..., subprocess.CompletedProcess]:
+    """The same runner for module- or session-scoped fixtures (cwd: a session temporary folder)."""
+    default_cwd = tmp_path_factory.mktemp("cli_cwd")
+
+    def run(args, cwd=None, env=None, timeout: float = CLI_TIMEOUT_S) -> subprocess.CompletedProcess:
+        return _run(list(args), Path(cwd or default_cwd), {**cli_env, **(env or {})}, timeout)
+
+    return run
+
+
+def shrunk(data_path: str, run_dir: Path | str | None = None, *extra: str) -> list[str]:
+    """Overrides that make a real config train in seconds on the tiny dataset; `extra` overrides go last."""
+    args = [
+        f"data.path={data_path}",
+        "data.val_size=200",
+        "model.hidden=[64]",
+        "model.latent_dim=4",
+        "trainer.batch_size=32",
+        "trainer.eval_batch_size=100",
+        "trainer.progress=false",
+        "trainer.log_every=10",
+        "trainer.eval_every=30",
+        "checkpoint.every=30",
+    ]
+    if run_dir is not None:
+        args.append(f"hydra.run.dir={run_dir}")
+    return args + list(extra)
+
+
+@pytest.fixture(scope="session")
+def small_overrides(tiny_mnist) -> Callable[..., list[str]]:
+    """`small_overrides(run_dir=None, *extra)`: the shrunken override list on the tiny dataset."""
+
+    def make(run_dir=None, *extra: str) -> list[str]:
+        return shrunk(tiny_mnist, run_dir, *extra)
+
+    return make

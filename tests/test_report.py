@@ -1,0 +1,308 @@
+"""`cvae-report`: a real 2 x 2 multirun through the CLI, its table, files and hparams summaries; failed and
+running jobs; bad input; and `--paper sohn2015` on a synthetic sweep dir with known numbers."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import tbevents
+import yaml
+from PIL import Image
+from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData
+
+from cvae_exp import report, report_paper
+
+SWEPT = ["model.latent_dim", "seed"]
+
+
+def run_report(args, env) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "cvae_exp.report", *map(str, args)],
+        env=env,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def table_rows(text: str) -> tuple[list[str], list[list[str]]]:
+    """The first Markdown table in `text`: (header, rows)."""
+    lines = [ln for ln in text.splitlines() if ln.startswith("|")]
+    split = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines]
+    return split[0], [r for r in split[2:] if not r[0].startswith("---")]
+
+
+def first_table(text: str) -> tuple[list[str], list[list[str]]]:
+    block, started = [], False
+    for ln in text.splitlines():
+        if ln.startswith("|"):
+            block.append(ln)
+            started = True
+        elif started:
+            break
+    return table_rows("\n".join(block))
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, session_cli, small_overrides) -> Path:
+    """A real multirun: the latent_dim sweep config narrowed to 2 x 2 jobs on the tiny dataset, 30 steps each."""
+    out = tmp_path_factory.mktemp("sweep") / "multirun"
+    base = [o for o in small_overrides() if not o.startswith("model.latent_dim=")]
+    proc = session_cli(
+        [
+            "sweep=latent_dim",
+            "model.latent_dim=2,4",
+            "seed=0,1",
+            *base,
+            "trainer.max_steps=30",
+            "logger.images=false",
+            f"hydra.sweep.dir={out}",
+        ]
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["0", "1", "2", "3"]
+    return out
+
+
+def val_elbo(job: Path) -> float:
+    return json.loads((job / "metrics.json").read_text())["val/elbo"]
+
+
+def test_report_of_a_2x2_sweep(sweep, cli_env):
+    proc = run_report([sweep], cli_env)
+    assert proc.returncode == 0, proc.stderr
+    header, rows = first_table(proc.stdout)
+    assert header[:4] == ["job", *SWEPT, "val/elbo"]
+    assert len(rows) == 4
+    # Sorted by val/elbo, lower first; each row's swept values and metric are its own job's.
+    jobs = [r[0] for r in rows]
+    assert jobs == sorted(jobs, key=lambda j: val_elbo(sweep / j))
+    for row in rows:
+        job = sweep / row[0]
+        given = dict(o.split("=", 1) for o in yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()))
+        assert row[1:3] == [given["model.latent_dim"], given["seed"]]
+        assert float(row[3]) == pytest.approx(val_elbo(job), abs=0.01)
+        assert row[-1] == "ok"
+    assert {(r[1], r[2]) for r in rows} == {("2", "0"), ("2", "1"), ("4", "0"), ("4", "1")}
+    best = rows[0][0]
+    assert f"Best: job {best} " in proc.stdout and "model.latent_dim=" in proc.stdout.split("Best:")[1]
+
+    md = (sweep / "report.md").read_text()
+    assert first_table(md) == (header, rows)
+    assert "cvae-train -m " in md and "model.latent_dim=2,4" in md  # the command, from multirun.yaml
+    with open(sweep / "report.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [r["job"] for r in table] == jobs
+    for r in table:
+        assert float(r["val/elbo"]) == pytest.approx(val_elbo(sweep / r["job"]))
+        assert r["model.latent_dim"] in ("2", "4") and r["seed"] in ("0", "1") and r["status"] == "ok"
+    with Image.open(sweep / "report.png") as img:
+        assert img.format == "PNG" and img.width > 200 and img.height > 150
+
+
+def test_failed_and_running_jobs_are_listed_not_fatal(sweep, cli_env, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(sweep, copy, ignore=shutil.ignore_patterns("tb", "report.*"))
+    (copy / "1" / "metrics.json").unlink()
+    (copy / "2" / "metrics.json").unlink()
+    (copy / "2" / ".lock").write_text(str(os.getpid()))  # a live process holds job 2
+    proc = run_report([copy], cli_env)
+    assert proc.returncode == 0, proc.stderr
+    _, rows = first_table(proc.stdout)
+    assert len(rows) == 4
+    status = {r[0]: r[-1] for r in rows}
+    assert status["0"] == status["3"] == "ok"
+    assert status["1"].startswith("failed/unfinished") and "step 30" in status["1"]  # its last checkpoint
+    assert status["2"] == "running"
+    assert [r[0] for r in rows][2:] == ["1", "2"]  # unfinished jobs sort last
+    assert "2 running, failed or unfinished" in (copy / "report.md").read_text()
+    best = min(("0", "3"), key=lambda j: val_elbo(copy / j))
+    assert f"Best: job {best} " in proc.stdout
+
+
+def test_hparams_summary_in_every_job_with_the_same_keys(sweep):
+    key_sets, metric_sets = [], []
+    for job in sorted(p for p in sweep.iterdir() if p.is_dir()):
+        start, metrics = None, None
+        for file in (job / "tb").rglob(tbevents.EVENT_GLOB):
+            for event in tbevents.read_events(file):
+                for value in event.summary.value:
+                    if value.metadata.plugin_data.plugin_name != "hparams":
+                        continue
+                    data = HParamsPluginData()
+                    data.ParseFromString(value.metadata.plugin_data.content)
+                    if data.HasField("session_start_info"):
+                        start = data.session_start_info.hparams
+                    if data.HasField("experiment"):
+                        metrics = {m.name.tag for m in data.experiment.metric_infos}
+        assert start is not None and metrics, f"no hparams summary under {job / 'tb'}"
+        given = dict(o.split("=", 1) for o in yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()))
+        assert start["model.latent_dim"].number_value == int(given["model.latent_dim"])
+        assert start["seed"].number_value == int(given["seed"])
+        key_sets.append(set(start))
+        metric_sets.append(metrics)
+        scalar_tags = set(tbevents.load(job / "tb").scalars)
+        assert "hp/val/elbo" in metrics and not metrics & scalar_tags  # metric names never collide with tags
+    assert all(k == key_sets[0] for k in key_sets) and all(m == metric_sets[0] for m in metric_sets)
+
+
+def test_bad_input_is_one_sentence_and_exit_2(tmp_path, cli_env, sweep):
+    for args, named in [
+        ([tmp_path / "nowhere"], "nowhere"),
+        ([tmp_path], str(tmp_path)),  # exists, holds no job
+        ([sweep, "--metric", "val/nope"], "val/nope"),
+    ]:
+        proc = run_report(args, cli_env)
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and named in lines[0] and "Traceback" not in proc.stderr
+
+
+# ----------------------------------------------------------------------------- --paper sohn2015
+
+KINDS = ["baseline", "cvae", "gsnn", "hybrid"]
+STEPS, BATCH, VAL_SIZE, S = 1100, 100, 5000, 50
+
+
+def known(kind: str, n: int, split: str, est: str) -> float:
+    """The synthetic ncll of a cell: distinct in every digit position, so a misplaced cell shows."""
+    return (
+        100 * KINDS.index(kind) + 10 * n + (5 if split == "test" else 0) + {"exact": 0.11, "mc": 0.22, "is": 0.33}[est]
+    )
+
+
+def write_job(root: Path, num: int, kind: str, n: int, seed: int = 0, shift: float = 0.0, evals: bool = True):
+    job = root / str(num)
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text(
+        yaml.safe_dump([f"model={kind}", f"data.n_given={n}", f"seed={seed}"])
+    )
+    cfg = {
+        "model": {"kind": kind},
+        "seed": seed,
+        "trainer": {"batch_size": BATCH, "max_steps": STEPS},
+        "data": {
+            "name": "mnist",
+            "condition": "quadrants",
+            "n_given": n,
+            "binarize": "dynamic",
+            "val_size": VAL_SIZE,
+            "split_seed": 0,
+        },
+    }
+    (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    metrics = {
+        "step": STEPS,
+        "val/elbo": known(kind, n, "val", "mc"),
+        "wall_s": 12.5,
+        "data_source": "hub:ylecun/mnist",
+    }
+    (job / "metrics.json").write_text(json.dumps(metrics))
+    log = "[x][cvae_exp][INFO] - Devices: 1 (cpu), processes: 1; run dir: x\n"
+    if n == 3:  # the training log's data sizes win over the standard 60,000 - val_size
+        log += "[x][cvae_exp][INFO] - Data: hub:ylecun/mnist; train 27500, val 5000, test 10000\n"
+    (job / "train.log").write_text(log)
+    if not evals:
+        return
+    ests = {"baseline": ["exact"], "gsnn": ["mc"]}.get(kind, ["mc", "is"])
+    for split in ("val", "test"):
+        data = {f"ncll_{e}": known(kind, n, split, e) + shift for e in ests}
+        data |= {
+            "split": split,
+            "samples": 0 if kind == "baseline" else S,
+            "seconds": 3.0,
+            "checkpoint_step": 1000,
+            "examples": 5000 if split == "val" else 10000,
+            "model": kind,
+        }
+        (job / f"eval_{split}.json").write_text(json.dumps(data))
+
+
+@pytest.fixture
+def paper_sweep(tmp_path) -> Path:
+    root = tmp_path / "sohn"
+    num = 0
+    for n in (1, 2, 3):
+        for kind in KINDS:
+            write_job(root, num, kind, n)
+            num += 1
+    write_job(root, num, "cvae", 1, seed=1, shift=2.0)  # a second seed: the cell averages
+    write_job(root, num + 1, "cvae", 2, seed=2, evals=False)  # not evaluated: left out of the paper table
+    return root
+
+
+def test_paper_table_puts_known_numbers_in_their_cells(paper_sweep, capsys):
+    report.run([str(paper_sweep), "--paper", "sohn2015"])
+    md = (paper_sweep / "sohn2015_table1.md").read_text()
+    header, rows = first_table(md)
+    assert header == [
+        "model",
+        "val 1q",
+        "val 2q",
+        "val 3q",
+        "test 1q",
+        "paper 1q",
+        "test 2q",
+        "paper 2q",
+        "test 3q",
+        "paper 3q",
+    ]
+    assert [r[0] for r in rows] == ["NN baseline", "CVAE (MC)", "CVAE (IS)", "GSNN (MC)", "hybrid (IS)"]
+    cell = {r[0]: dict(zip(header, r, strict=False)) for r in rows}
+    for label, kind, est in report_paper.ROWS:
+        for n in (1, 2, 3):
+            for split in ("val", "test"):
+                value = known(kind, n, split, est)
+                if kind == "cvae" and n == 1:  # seeds 0 and 1, the second 2 nats higher
+                    assert cell[label][f"{split} {n}q"] == f"{value + 1:.2f} ± 1.41 (n=2)"
+                else:
+                    assert cell[label][f"{split} {n}q"] == f"{value:.2f}", (label, n, split)
+    assert [cell["NN baseline"][f"paper {n}q"] for n in (1, 2, 3)] == ["99.75", "62.18", "25.99"]
+    assert [cell["CVAE (MC)"][f"paper {n}q"] for n in (1, 2, 3)] == ["68.39", "45.34", "20.96"]
+    assert [cell["CVAE (IS)"][f"paper {n}q"] for n in (1, 2, 3)] == ["63.91", "44.73", "20.95"]
+    assert all(cell[m][f"paper {n}q"] == "" for m in ("GSNN (MC)", "hybrid (IS)") for n in (1, 2, 3))
+    for words in ("Binarization: dynamic", "S: 50", "val = 5000 digits", "Epochs", "train wall s"):
+        assert words in md
+    assert "1 job(s) without a quadrant-task evaluation left out" in md
+    assert "CVAE (IS)" in capsys.readouterr().out
+
+    with open(paper_sweep / "sohn2015_table1.csv") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == [
+            "model",
+            "n_given",
+            "split",
+            "estimator",
+            "ncll",
+            "paper",
+            "epochs",
+            "samples",
+            "hardware",
+        ]
+        table = {(r["model"], r["n_given"], r["split"], r["estimator"]): r for r in reader}
+    row = table[("cvae", "2", "test", "is")]
+    assert float(row["ncll"]) == pytest.approx(known("cvae", 2, "test", "is"))
+    assert float(row["paper"]) == 44.73 and row["samples"] == str(S)
+    assert float(row["epochs"]) == pytest.approx(round(STEPS * BATCH / (60000 - VAL_SIZE), 2))
+    assert float(table[("cvae", "3", "val", "mc")]["epochs"]) == pytest.approx(STEPS * BATCH / 27500)
+    assert row["hardware"].endswith("CPU (cpu)")
+    assert table[("baseline", "3", "test", "exact")]["paper"] == "25.99"
+    assert table[("baseline", "3", "test", "exact")]["samples"] == "0"
+    assert table[("gsnn", "1", "val", "mc")]["paper"] == ""
+    assert float(table[("hybrid", "1", "test", "mc")]["ncll"]) == pytest.approx(known("hybrid", 1, "test", "mc"))
+    assert len(table) == 6 * 3 * 2  # every estimator row x 3 quadrant settings x 2 splits
+
+
+def test_paper_table_without_evaluations_is_a_clear_error(tmp_path, cli_env):
+    write_job(tmp_path / "s", 0, "cvae", 1, evals=False)
+    proc = run_report([tmp_path / "s", "--paper", "sohn2015"], cli_env)
+    assert proc.returncode == 2 and "cvae-eval" in proc.stderr and "Traceback" not in proc.stderr
+    assert (tmp_path / "s" / "report.md").is_file()  # the plain report is still written
