@@ -5,7 +5,8 @@
 Prints one JSON object as its last line (and writes bench.json into the run directory):
 examples_per_s, step_ms (median), flops_per_example (XLA's cost analysis of the compiled step),
 peak_flops (a same-dtype matrix product timed here), mfu, and, with bench.reference=true, the bare
-loop's examples_per_s and the ratio between the two. No logging, evaluation or checkpoints.
+loop's examples_per_s and the ratio between the two (timed in alternating windows, medians).
+No logging, evaluation or checkpoints.
 """
 
 from __future__ import annotations
@@ -23,19 +24,20 @@ from cvae_exp.train import CONF_DIR, exit_on_user_error
 WINDOW = 10  # steps between host syncs while timing; step_ms is the median over windows
 
 
-def _timed(run_steps, steps: int) -> tuple[float, float]:
-    """(total seconds, median seconds per step) over `steps` steps, synced every WINDOW steps."""
-    windows, total = [], 0.0
-    done = 0
-    while done < steps:
-        n = min(WINDOW, steps - done)
-        t0 = time.perf_counter()
-        run_steps(done, n)  # returns after blocking on the last step's output
-        dt = time.perf_counter() - t0
-        windows.append(dt / n)
-        total += dt
-        done += n
-    return total, statistics.median(windows)
+def timed_windows(runners: dict, steps: int) -> dict[str, list[float]]:
+    """Seconds per step of each runner, window by window, the runners taking turns.
+
+    `runners[name](n)` runs n steps and blocks on the result. Alternating windows expose every runner
+    to the same machine conditions (frequency changes, other processes), so their ratio is fair.
+    """
+    per_step = {name: [] for name in runners}
+    for start in range(0, steps, WINDOW):
+        n = min(WINDOW, steps - start)
+        for name, run in runners.items():
+            t0 = time.perf_counter()
+            run(n)
+            per_step[name].append((time.perf_counter() - t0) / n)
+    return per_step
 
 
 def peak_flops(dtype_name: str, device) -> float:
@@ -56,9 +58,9 @@ def peak_flops(dtype_name: str, device) -> float:
     return 2 * n**3 / best
 
 
-def bare_loop(exp, state, batch, steps: int, warmup: int) -> float:
-    """examples/s of the same model and loss in a plain loop: one jitted step with donated state,
-    one batch already on the device, no data feeding, no metrics, no counters."""
+def bare_loop(exp, state, batch, warmup: int):
+    """A runner for the same model and loss in a plain loop: one jitted step with donated state, one
+    batch already on the device, no data feeding, no metrics, no counters."""
     import jax
     import optax
 
@@ -72,20 +74,19 @@ def bare_loop(exp, state, batch, steps: int, warmup: int) -> float:
         return optax.apply_updates(params, updates), opt_state
 
     step = jax.jit(step, donate_argnums=(0, 1))
-    params, opt_state = jax.tree.map(lambda a: a.copy(), (state["params"], state["opt_state"]))
+    params, opt_state = state["params"], state["opt_state"]
     key = jax.random.key(0)
-    for i in range(warmup):
-        params, opt_state = step(params, opt_state, batch, key, i)
-    jax.block_until_ready(params)
+    count = 0
 
-    def run_steps(start, n):
-        nonlocal params, opt_state
-        for i in range(start, start + n):
-            params, opt_state = step(params, opt_state, batch, key, i)
+    def run(n):
+        nonlocal params, opt_state, count
+        for _ in range(n):
+            params, opt_state = step(params, opt_state, batch, key, count)
+            count += 1
         jax.block_until_ready(params)
 
-    total, _ = _timed(run_steps, steps)
-    return steps * len(batch["image"]) / total
+    run(warmup)
+    return run
 
 
 def bench(cfg: DictConfig) -> dict:
@@ -113,21 +114,26 @@ def bench(cfg: DictConfig) -> dict:
     cost = train_step.lower(state, first).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flops_per_example = float(cost.get("flops", 0.0)) / t.batch_size
-    reference_state = jax.tree.map(lambda a: a.copy(), state)
+    reference_state = jax.tree.map(lambda a: a.copy(), state)  # the real loop donates its own
 
     # The real loop: host batches by step number, async device_put, the jitted step with donation.
-    for i in range(b.warmup):
-        state, metrics = train_step(state, parallel.put_batch(sampler.batch(i), sharded))
-    jax.block_until_ready(state)
+    count = 0
 
-    def run_steps(start, n):
-        nonlocal state, metrics
-        for i in range(b.warmup + start, b.warmup + start + n):
-            state, metrics = train_step(state, parallel.put_batch(sampler.batch(i), sharded))
+    def framework(n):
+        nonlocal state, metrics, count
+        for _ in range(n):
+            state, metrics = train_step(state, parallel.put_batch(sampler.batch(count), sharded))
+            count += 1
         jax.block_until_ready(metrics)
 
-    total, step_s = _timed(run_steps, b.steps)
-    examples_per_s = b.steps * t.batch_size / total
+    metrics = None
+    framework(b.warmup)
+    runners = {"framework": framework}
+    if b.reference:
+        runners["reference"] = bare_loop(exp, reference_state, first, b.warmup)
+    per_step = timed_windows(runners, b.steps)
+    step_s = statistics.median(per_step["framework"])
+    examples_per_s = t.batch_size / step_s
     device = jax.devices()[0]
     peak = peak_flops(t.precision, device) * mesh.size
     result = {
@@ -148,7 +154,7 @@ def bench(cfg: DictConfig) -> dict:
         "latent_dim": cfg.model.latent_dim,
     }
     if b.reference:
-        ref = bare_loop(exp, reference_state, first, b.steps, b.warmup)
+        ref = t.batch_size / statistics.median(per_step["reference"])
         result |= {"reference_examples_per_s": ref, "ratio_to_reference": examples_per_s / ref}
     run_dir = current_run_dir()
     if jax.process_index() == 0:

@@ -17,8 +17,16 @@ class MLP(nnx.Module):
     def __init__(self, sizes: list[int], *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.depth = len(sizes) - 1
         for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=False)):
-            # dtype is the matmul input type (bf16 for mixed precision); parameters stay fp32.
-            layer = nnx.Linear(fan_in, fan_out, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+            # dtype is the matmul input type (bf16 for mixed precision); parameters, accumulation
+            # and everything between the matmuls stay fp32.
+            layer = nnx.Linear(
+                fan_in,
+                fan_out,
+                dtype=dtype,
+                param_dtype=jnp.float32,
+                preferred_element_type=jnp.float32,  # accumulate (and continue) in fp32
+                rngs=rngs,
+            )
             setattr(self, f"dense{i}", layer)
 
     def __call__(self, h: jax.Array) -> jax.Array:

@@ -1,0 +1,53 @@
+"""`cvae-bench`: one JSON object as the last stdout line, with the keys tools rely on, and bench.json."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+KEYS = {
+    "examples_per_s",
+    "step_ms",
+    "flops_per_example",
+    "peak_flops",
+    "mfu",
+    "device",
+    "devices",
+    "batch_size",
+    "precision",
+    "num_seeds",
+    "reference_examples_per_s",
+    "ratio_to_reference",
+}
+
+
+def test_bench_prints_and_writes_its_measurements(small_overrides, cli_env, tmp_path):
+    args = small_overrides(tmp_path / "b", "bench.steps=20", "bench.warmup=2")
+    out = subprocess.run(
+        [sys.executable, "-m", "cvae_exp.bench", *args],
+        cwd=tmp_path,
+        env=cli_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert KEYS <= result.keys()
+    assert result["batch_size"] == 32 and result["devices"] == 1 and result["precision"] == "fp32"
+    assert result["examples_per_s"] > 0 and result["reference_examples_per_s"] > 0
+    # XLA's count for one example: forward and backward through MLPs of this size is at least 3 x 2 x params.
+    hidden, latent, pixels = 64, 4, 784
+    dense_flops = 2 * (pixels * hidden + hidden * 2 * latent)  # one pass through a 1-hidden-layer MLP, roughly
+    assert result["flops_per_example"] > 3 * dense_flops
+    assert 0 < result["mfu"] < 1
+    assert json.loads((tmp_path / "b" / "bench.json").read_text()) == result
+
+
+def test_bench_refuses_bad_input_before_work(small_overrides, cli_env, tmp_path):
+    args = small_overrides(tmp_path / "b", "optimizer.lr=-1")
+    out = subprocess.run(
+        [sys.executable, "-m", "cvae_exp.bench", *args], cwd=tmp_path, env=cli_env, capture_output=True, text=True
+    )
+    assert out.returncode == 2 and "optimizer.lr=-1" in out.stderr and "Traceback" not in out.stderr
