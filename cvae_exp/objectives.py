@@ -8,7 +8,6 @@ variances: sigma^2 = exp(log_var) keeps the parameters unconstrained and the ari
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -141,6 +140,3 @@ def kl_weight(step: jax.Array, beta: float, warmup_steps: int) -> jax.Array:
     if warmup_steps <= 0:
         return jnp.asarray(beta, jnp.float32)
     return beta * jnp.minimum(1.0, step.astype(jnp.float32) / warmup_steps)
-
-
-LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]

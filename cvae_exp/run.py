@@ -48,7 +48,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
 
     import jax
 
-    from cvae_exp import checkpoint, images, trainer
+    from cvae_exp import checkpoint, trainer
     from cvae_exp.data.pipeline import BatchSampler
     from cvae_exp.logging import Writer, tile
     from cvae_exp.runs import build_experiment
@@ -119,7 +119,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     eval_step = trainer.make_eval_step(graphdef, task, state_sharding)
     eval_key = jax.random.key(cfg.seed + 7919)
     writer = Writer(run_dir, enabled=cfg.logger.tensorboard, resume_step=resumed_from)
-    draw = _image_fns(jax, images, graphdef, task, splits.val)
+    draw = _image_fns(graphdef, task, splits.val)
 
     def on_log(step, metrics):
         writer.scalars({f"train/{k}": v for k, v in metrics.items()}, step)
@@ -243,8 +243,12 @@ def _strict(metrics: dict) -> dict:
     return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
 
 
-def _image_fns(jax, images, graphdef, task, val_split):
+def _image_fns(graphdef, task, val_split):
     """Jitted drawings for TensorBoard at each evaluation: reconstructions and samples (or completions)."""
+    import jax
+
+    from cvae_exp import images
+
     few = {"image": val_split.images[:8], "label": val_split.labels[:8]}
     recon = jax.jit(lambda p, k: images.reconstructions(graphdef, p, few, k, task=task))
     if task.condition == "quadrants":

@@ -9,6 +9,7 @@ resumed run draw exactly what an uninterrupted one would.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import signal
 import time
@@ -249,8 +250,6 @@ def _check_finite(state, policy: str) -> None:
 
 def params_sha256(params) -> str:
     """SHA-256 over the parameters' bytes, leaves in sorted path order: equal hashes, equal models."""
-    import hashlib
-
     digest = hashlib.sha256()
     leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]
     for path, leaf in sorted(leaves, key=lambda item: jax.tree_util.keystr(item[0])):
