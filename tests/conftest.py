@@ -97,9 +97,10 @@ def cli_env(_private_caches) -> dict[str, str]:
     return env
 
 
-def _run(args: list[str], cwd: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+def run_module(module: str, args, *, env: dict[str, str], cwd, timeout: float = CLI_TIMEOUT_S):
+    """`python -m <module> *args` as a subprocess: how users run every entry point."""
     return subprocess.run(
-        [sys.executable, "-m", "cvae_exp.train", *map(str, args)],
+        [sys.executable, "-m", module, *map(str, args)],
         cwd=cwd,
         env=env,
         check=False,
@@ -107,6 +108,10 @@ def _run(args: list[str], cwd: Path, env: dict[str, str], timeout: float) -> sub
         text=True,
         timeout=timeout,
     )
+
+
+def _run(args: list[str], cwd: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    return run_module("cvae_exp.train", args, env=env, cwd=cwd, timeout=timeout)
 
 
 @pytest.fixture

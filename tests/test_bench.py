@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+
+from conftest import run_module
 
 KEYS = {
     "examples_per_s",
@@ -24,14 +24,7 @@ KEYS = {
 
 def test_bench_prints_and_writes_its_measurements(small_overrides, cli_env, tmp_path):
     args = small_overrides(tmp_path / "b", "bench.steps=20", "bench.warmup=2")
-    out = subprocess.run(
-        [sys.executable, "-m", "cvae_exp.bench", *args],
-        cwd=tmp_path,
-        env=cli_env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    out = run_module("cvae_exp.bench", args, env=cli_env, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert KEYS <= result.keys()
@@ -47,7 +40,5 @@ def test_bench_prints_and_writes_its_measurements(small_overrides, cli_env, tmp_
 
 def test_bench_refuses_bad_input_before_work(small_overrides, cli_env, tmp_path):
     args = small_overrides(tmp_path / "b", "optimizer.lr=-1")
-    out = subprocess.run(
-        [sys.executable, "-m", "cvae_exp.bench", *args], cwd=tmp_path, env=cli_env, capture_output=True, text=True
-    )
+    out = run_module("cvae_exp.bench", args, env=cli_env, cwd=tmp_path)
     assert out.returncode == 2 and "optimizer.lr=-1" in out.stderr and "Traceback" not in out.stderr

@@ -4,22 +4,15 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pytest
+from conftest import run_module
 
 STEPS = ["trainer.max_steps=30", "trainer.eval_every=15", "checkpoint.every=15"]
 
 
 def run_eval(run_dir, cli_env, cwd, *overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "cvae_exp.evaluate", f"run_dir={run_dir}", *overrides],
-        cwd=cwd,
-        env=cli_env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_module("cvae_exp.evaluate", [f"run_dir={run_dir}", *overrides], env=cli_env, cwd=cwd)
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,12 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import tbevents
 import yaml
+from conftest import run_module
 from PIL import Image
 from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData
 
@@ -23,14 +23,7 @@ SWEPT = ["model.latent_dim", "seed"]
 
 
 def run_report(args, env) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "cvae_exp.report", *map(str, args)],
-        env=env,
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_module("cvae_exp.report", args, env=env, cwd=None, timeout=120)
 
 
 def table_rows(text: str) -> tuple[list[str], list[list[str]]]:

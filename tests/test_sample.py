@@ -4,12 +4,12 @@ and the same grids in the run's TensorBoard events at the checkpoint's step."""
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tbevents
+from conftest import run_module
 from PIL import Image
 
 from cvae_exp.sample import PANEL_GAP
@@ -28,15 +28,7 @@ def scaled(size: tuple[int, int], scale: int) -> tuple[int, int]:
 
 
 def run_sample(args, env, cwd) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "cvae_exp.sample", *map(str, args)],
-        env=env,
-        cwd=cwd,
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_module("cvae_exp.sample", args, env=env, cwd=cwd)
 
 
 @pytest.fixture(scope="module")
