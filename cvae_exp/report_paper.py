@@ -223,7 +223,7 @@ def protocol_lines(paper_jobs: list[PaperJob]) -> list[str]:
             "- Evaluated checkpoint: the best by val/elbo. Epochs = steps x batch / training digits "
             "(from metrics.json's train_examples or the training log; else the standard 60,000 minus data.val_size)."
         ),
-        f"- Data: {distinct(pj.job.metrics.get('data_source') for pj in paper_jobs)}.",
+        f"- Data: {distinct(_relative_source(pj.job.metrics.get('data_source')) for pj in paper_jobs)}.",
         "",
     ]
     header = [
@@ -302,8 +302,15 @@ def csv_rows(found: dict) -> list[list]:
     return rows
 
 
+def _relative_source(source: str | None) -> str | None:
+    """`parquet:/abs/folder` as `parquet:<folder relative to here>`: reports name no machine's paths."""
+    kind, _, path = (source or "").partition(":")
+    return f"{kind}:{os.path.relpath(path)}" if path.startswith("/") else source
+
+
 def sohn2015_table(root: Path, jobs: list[Job], command: str | None) -> tuple[str, list[Path]]:
     paper_jobs = collect(jobs)
+    shown = os.path.relpath(root)  # as the user would type it from here
     if not paper_jobs:
         raise UserError(
             f"--paper sohn2015: no job in {root} is a quadrant-task run with eval_val.json or eval_test.json; "
@@ -315,12 +322,12 @@ def sohn2015_table(root: Path, jobs: list[Job], command: str | None) -> tuple[st
     md = [
         "# Sohn et al. (2015) Table 1: negative conditional log-likelihood on MNIST",
         "",
-        f"Sweep: `{root}`" + (f", {skipped} job(s) without a quadrant-task evaluation left out" if skipped else ""),
+        f"Sweep: `{shown}`" + (f", {skipped} job(s) without a quadrant-task evaluation left out" if skipped else ""),
         "",
         f"Command: `{command}`, then `cvae-eval run_dir=<job> eval.split=val|test` per job, then "
-        f"`cvae-report {root} --paper sohn2015`"
+        f"`cvae-report {shown} --paper sohn2015`"
         if command
-        else f"Report: `cvae-report {root} --paper sohn2015`",
+        else f"Report: `cvae-report {shown} --paper sohn2015`",
         "",
         (
             "Nats per digit, summed over the unobserved pixels; lower is better. Columns: quadrants given, on our "
