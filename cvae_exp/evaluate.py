@@ -52,26 +52,21 @@ def evaluate_run(run_dir: str, samples: int, split: str, chunk: int, batch_size:
     import jax
 
     from cvae_exp import parallel
-    from cvae_exp.data.pipeline import eval_batches
     from cvae_exp.runs import load_run
+    from cvae_exp.trainer import evaluate
 
     mesh = parallel.make_mesh("all")
     run = load_run(run_dir, sharding=parallel.replicated(mesh))
     batch_size = -(-batch_size // mesh.size) * mesh.size
     data = run.splits.test if split == "test" else run.splits.val
     step = make_ncll_step(run.graphdef, run.task, samples, chunk)
-    key = jax.random.key(seed)
     start = time.perf_counter()
-    totals = None
-    for i, batch in enumerate(eval_batches(data, batch_size)):
-        sums = step(run.params, parallel.put_batch(batch, parallel.data_sharded(mesh)), jax.random.fold_in(key, i))
-        totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
-    totals = {k: float(v) for k, v in jax.device_get(totals).items()}  # host sync
+    # The same batched loop as the validation pass: per-example means over the split (a host sync).
+    result = evaluate(step, run.params, data, batch_size, parallel.data_sharded(mesh), jax.random.key(seed))
     seconds = time.perf_counter() - start
-    count, pixels = totals.pop("count"), totals.pop("pixels")
-    result = {k: v / count for k, v in totals.items()}
+    pixels = result.pop("pixels")  # scored pixels per example
     result["ncll"] = result.get("ncll_is", result.get("ncll_exact", result.get("ncll_mc")))
-    result |= {f"{k}_per_pixel": totals_k / pixels for k, totals_k in totals.items()}
+    result |= {f"{k}_per_pixel": v / pixels for k, v in result.items()}
     result |= {
         "model": run.cfg.model.kind,
         "condition": run.task.condition,
@@ -79,8 +74,8 @@ def evaluate_run(run_dir: str, samples: int, split: str, chunk: int, batch_size:
         "checkpoint_step": run.step,
         "split": split,
         "samples": samples if run.task.kind != "baseline" else 0,
-        "examples": int(count),
-        "scored_pixels_per_example": pixels / count,
+        "examples": len(data.images),
+        "scored_pixels_per_example": pixels,
         "seconds": seconds,
         "devices": mesh.size,
     }

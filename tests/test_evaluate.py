@@ -45,7 +45,7 @@ def test_cvae_eval_writes_importance_sampled_cll(quadrant_runs, cli_env, tmp_pat
     assert written["ncll"] == written["ncll_is"]
     # One quadrant given: the other three (588 pixels) are scored, and per-pixel values divide by them.
     assert written["scored_pixels_per_example"] == 588
-    for key in ("ncll_is", "ncll_mc", "neg_elbo"):
+    for key in ("ncll", "ncll_is", "ncll_mc", "neg_elbo"):
         assert written[f"{key}_per_pixel"] == pytest.approx(written[key] / 588, rel=1e-5)
 
 
