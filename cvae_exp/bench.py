@@ -5,7 +5,8 @@
 Prints one JSON object as its last line (and writes bench.json into the run directory):
 examples_per_s, step_ms (median), flops_per_example (XLA's cost analysis of the compiled step),
 peak_flops (a same-dtype matrix product timed here), mfu, and, with bench.reference=true, the bare
-loop's examples_per_s and the ratio between the two (timed in alternating windows, medians).
+loop's examples_per_s and the ratio between the two (timed in alternating windows, medians); with
+trainer.precision=bf16 also the same loop in fp32 (fp32_examples_per_s, speedup_over_fp32).
 No logging, evaluation or checkpoints.
 """
 
@@ -58,9 +59,10 @@ def peak_flops(dtype_name: str, device) -> float:
     return 2 * n**3 / best
 
 
-def bare_loop(exp, state, batch, warmup: int):
+def bare_loop(exp, state, batch, warmup: int, seeds: int = 1):
     """A runner for the same model and loss in a plain loop: one jitted step with donated state, one
-    batch already on the device, no data feeding, no metrics, no counters."""
+    batch already on the device, no data feeding, no metrics, no counters (vmapped over the seed axis
+    when `seeds` > 1, as the framework's step is)."""
     import jax
     import optax
 
@@ -73,6 +75,8 @@ def bare_loop(exp, state, batch, warmup: int):
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
+    if seeds > 1:
+        step = jax.vmap(step, in_axes=(0, 0, 0, None, None))
     step = jax.jit(step, donate_argnums=(0, 1))
     params, opt_state = state["params"], state["opt_state"]
     key = jax.random.key(0)
@@ -89,6 +93,38 @@ def bare_loop(exp, state, batch, warmup: int):
     return run
 
 
+def framework_loop(exp, cfg: DictConfig, mesh, warmup: int):
+    """The real loop as a runner: host batches by step number, async device_put, the jitted step with
+    donation. Returns (runner, flops per example from XLA, the first batch, a copy of the first state)."""
+    import jax
+
+    from cvae_exp import parallel
+    from cvae_exp.data.pipeline import make_sampler
+    from cvae_exp.trainer import make_train_step
+
+    t, k = cfg.trainer, cfg.trainer.num_seeds
+    replicated, sharded = parallel.replicated(mesh), parallel.data_sharded(mesh, k)
+    sampler = make_sampler(exp.splits.train, t.batch_size, cfg.seed, k)
+    state = jax.device_put(exp.initial_state(list(range(cfg.seed, cfg.seed + k))), replicated)
+    train_step = make_train_step(exp.graphdef, exp.opt, exp.task, replicated, k)
+    first = parallel.put_batch(sampler.batch(0), sharded)
+    cost = train_step.lower(state, first).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops_per_example = float(cost.get("flops", 0.0)) / (t.batch_size * k)
+    initial = jax.tree.map(lambda a: a.copy(), state)  # the loop donates its own
+    count, metrics = 0, None
+
+    def run(n):
+        nonlocal state, metrics, count
+        for _ in range(n):
+            state, metrics = train_step(state, parallel.put_batch(sampler.batch(count), sharded))
+            count += 1
+        jax.block_until_ready(metrics)
+
+    run(warmup)
+    return run, flops_per_example, first, initial
+
+
 def bench(cfg: DictConfig) -> dict:
     validate(cfg)
     from cvae_exp import parallel
@@ -96,66 +132,50 @@ def bench(cfg: DictConfig) -> dict:
     parallel.initialize_distributed(cfg.cluster)
     import jax
 
-    from cvae_exp.data.pipeline import BatchSampler
     from cvae_exp.rundir import current_run_dir
     from cvae_exp.runs import build_experiment
-    from cvae_exp.trainer import make_train_step
 
     t, b = cfg.trainer, cfg.bench
     mesh = parallel.make_mesh(t.devices)
     parallel.check_batch("trainer.batch_size", t.batch_size, mesh)
-    replicated, sharded = parallel.replicated(mesh), parallel.data_sharded(mesh)
+    k = t.num_seeds
     exp = build_experiment(cfg)
-    sampler = BatchSampler(exp.splits.train, t.batch_size, cfg.seed)
-    state = jax.device_put(exp.init_state(cfg.seed), replicated)
-    train_step = make_train_step(exp.graphdef, exp.opt, exp.task, replicated)
-
-    first = parallel.put_batch(sampler.batch(0), sharded)
-    cost = train_step.lower(state, first).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops_per_example = float(cost.get("flops", 0.0)) / t.batch_size
-    reference_state = jax.tree.map(lambda a: a.copy(), state)  # the real loop donates its own
-
-    # The real loop: host batches by step number, async device_put, the jitted step with donation.
-    count = 0
-
-    def framework(n):
-        nonlocal state, metrics, count
-        for _ in range(n):
-            state, metrics = train_step(state, parallel.put_batch(sampler.batch(count), sharded))
-            count += 1
-        jax.block_until_ready(metrics)
-
-    metrics = None
-    framework(b.warmup)
+    framework, flops_per_example, first, initial = framework_loop(exp, cfg, mesh, b.warmup)
     runners = {"framework": framework}
     if b.reference:
-        runners["reference"] = bare_loop(exp, reference_state, first, b.warmup)
+        runners["reference"] = bare_loop(exp, initial, first, b.warmup, k)
+        if t.precision == "bf16":  # the same loop in fp32, timed in the same alternating windows
+            fp32_cfg = cfg.copy()
+            fp32_cfg.trainer.precision = "fp32"
+            runners["fp32"] = framework_loop(build_experiment(fp32_cfg), fp32_cfg, mesh, b.warmup)[0]
     per_step = timed_windows(runners, b.steps)
+    examples_per_s = {name: t.batch_size * k / statistics.median(times) for name, times in per_step.items()}
     step_s = statistics.median(per_step["framework"])
-    examples_per_s = t.batch_size / step_s
     device = jax.devices()[0]
     peak = peak_flops(t.precision, device) * mesh.size
     result = {
-        "examples_per_s": examples_per_s,
+        "examples_per_s": examples_per_s["framework"],  # all seeds together
         "step_ms": step_s * 1e3,
         "flops_per_example": flops_per_example,
         "peak_flops": peak,
-        "mfu": examples_per_s * flops_per_example / peak if peak else None,
+        "mfu": examples_per_s["framework"] * flops_per_example / peak if peak else None,
         "device": f"{device.platform}:{device.device_kind}",
         "devices": mesh.size,
         "processes": jax.process_count(),
         "batch_size": t.batch_size,
         "precision": t.precision,
-        "num_seeds": 1,
+        "num_seeds": k,
         "steps": b.steps,
         "model": cfg.model.kind,
         "hidden": list(cfg.model.hidden),
         "latent_dim": cfg.model.latent_dim,
     }
     if b.reference:
-        ref = t.batch_size / statistics.median(per_step["reference"])
-        result |= {"reference_examples_per_s": ref, "ratio_to_reference": examples_per_s / ref}
+        ref = examples_per_s["reference"]
+        result |= {"reference_examples_per_s": ref, "ratio_to_reference": examples_per_s["framework"] / ref}
+    if "fp32" in examples_per_s:
+        fp32 = examples_per_s["fp32"]
+        result |= {"fp32_examples_per_s": fp32, "speedup_over_fp32": examples_per_s["framework"] / fp32}
     run_dir = current_run_dir()
     if jax.process_index() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)

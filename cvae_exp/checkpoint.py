@@ -38,6 +38,9 @@ SHAPE_KEYS = (
     "data.condition",
     "optimizer.transform",
     "optimizer.clip_norm",
+    "trainer.num_seeds",
+    "model.baseline_run",
+    "model.baseline_hidden",
 )
 
 

@@ -48,7 +48,9 @@ def make_ncll_step(graphdef, task, samples: int, chunk: int):
     return jax.jit(step)
 
 
-def evaluate_run(run_dir: str, samples: int, split: str, chunk: int, batch_size: int, seed: int = 0) -> dict:
+def evaluate_run(
+    run_dir: str, samples: int, split: str, chunk: int, batch_size: int, seed: int = 0, seed_index: int = 0
+) -> dict:
     import jax
 
     from cvae_exp import parallel
@@ -56,7 +58,7 @@ def evaluate_run(run_dir: str, samples: int, split: str, chunk: int, batch_size:
     from cvae_exp.trainer import evaluate
 
     mesh = parallel.make_mesh("all")
-    run = load_run(run_dir, sharding=parallel.replicated(mesh))
+    run = load_run(run_dir, sharding=parallel.replicated(mesh), seed_index=seed_index)
     batch_size = -(-batch_size // mesh.size) * mesh.size
     data = run.splits.test if split == "test" else run.splits.val
     step = make_ncll_step(run.graphdef, run.task, samples, chunk)
@@ -72,6 +74,7 @@ def evaluate_run(run_dir: str, samples: int, split: str, chunk: int, batch_size:
         "condition": run.task.condition,
         "n_given": run.cfg.data.n_given if run.task.condition == "quadrants" else None,
         "checkpoint_step": run.step,
+        "seed": run.cfg.seed + seed_index,  # the model's training seed
         "split": split,
         "samples": samples if run.task.kind != "baseline" else 0,
         "examples": len(data.images),
@@ -87,7 +90,7 @@ def evaluate_run(run_dir: str, samples: int, split: str, chunk: int, batch_size:
 def main(cfg: DictConfig) -> None:
     validate_eval(cfg)
     e = cfg.eval
-    result = evaluate_run(cfg.run_dir, e.samples, e.split, e.chunk, e.batch_size, cfg.seed)
+    result = evaluate_run(cfg.run_dir, e.samples, e.split, e.chunk, e.batch_size, cfg.seed, e.seed_index)
     # eval.json is the latest evaluation; eval_<split>.json keeps one per split for the reports.
     for name in ("eval.json", f"eval_{e.split}.json"):
         (Path(cfg.run_dir) / name).write_text(json.dumps(result, indent=2) + "\n")

@@ -15,13 +15,14 @@ from tensorboardX import SummaryWriter
 
 
 class Writer:
-    """A SummaryWriter under `<run dir>/tb`, or a no-op on other processes / when disabled."""
+    """A SummaryWriter under `<run dir>/tb` (or `<run dir>/tb/<name>`, one TensorBoard run per seed of
+    a K-seed run), or a no-op on other processes / when disabled."""
 
-    def __init__(self, run_dir: Path, *, enabled: bool = True, resume_step: int | None = None):
+    def __init__(self, run_dir: Path, *, enabled: bool = True, resume_step: int | None = None, name: str = ""):
         self._w = None
         if enabled and jax.process_index() == 0:
             purge = resume_step + 1 if resume_step is not None else None
-            self._w = SummaryWriter(str(run_dir / "tb"), purge_step=purge)
+            self._w = SummaryWriter(str(run_dir / "tb" / name if name else run_dir / "tb"), purge_step=purge)
 
     def scalars(self, metrics: Mapping[str, float], step: int) -> None:
         if self._w:

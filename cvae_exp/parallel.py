@@ -65,8 +65,9 @@ def replicated(mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def data_sharded(mesh) -> NamedSharding:
-    return NamedSharding(mesh, P("data"))
+def data_sharded(mesh, seeds: int = 1) -> NamedSharding:
+    """Batches split along "data"; K-seed batches [K, B, ...] are split along B, every seed on every device."""
+    return NamedSharding(mesh, P(None, "data") if seeds > 1 else P("data"))
 
 
 def put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding):
@@ -78,9 +79,11 @@ def put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding):
     if jax.process_count() == 1:
         return jax.device_put(batch, sharding)
     i, n = jax.process_index(), jax.process_count()
+    axis = list(sharding.spec).index("data")  # 0, or 1 for K-seed batches
 
     def local(a):
-        rows = len(a) // n
-        return jax.make_array_from_process_local_data(sharding, a[i * rows : (i + 1) * rows])
+        rows = a.shape[axis] // n
+        mine = np.take(a, np.arange(i * rows, (i + 1) * rows), axis=axis)
+        return jax.make_array_from_process_local_data(sharding, mine)
 
     return {k: local(v) for k, v in batch.items()}

@@ -49,18 +49,21 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     import jax
 
     from cvae_exp import checkpoint, trainer
-    from cvae_exp.data.pipeline import BatchSampler
+    from cvae_exp.data.pipeline import make_sampler
     from cvae_exp.logging import Writer, tile
     from cvae_exp.runs import build_experiment
 
     t0 = time.perf_counter()
     t = cfg.trainer
+    k = t.num_seeds
+    seeds = list(range(cfg.seed, cfg.seed + k))  # one model per seed, vmapped when k > 1
     plain = OmegaConf.to_container(cfg, resolve=True)
 
     # ---- devices
     mesh = parallel.make_mesh(t.devices)
     parallel.check_batch("trainer.batch_size", t.batch_size, mesh)
-    state_sharding, batch_sharding = parallel.replicated(mesh), parallel.data_sharded(mesh)
+    state_sharding, batch_sharding = parallel.replicated(mesh), parallel.data_sharded(mesh, k)
+    eval_sharding = parallel.data_sharded(mesh)  # every seed is evaluated on the same batch
     eval_batch = -(-t.eval_batch_size // mesh.size) * mesh.size
     log.info(
         "Devices: %d (%s), processes: %d; run dir: %s",
@@ -93,7 +96,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     # ---- data, model and optimizer
     exp = build_experiment(cfg)
     splits, task, graphdef, opt = exp.splits, exp.task, exp.graphdef, exp.opt
-    sampler = BatchSampler(splits.train, t.batch_size, cfg.seed)
+    sampler = make_sampler(splits.train, t.batch_size, cfg.seed, k)
     log.info(
         "Data: %s; train %d, val %d, test %d",
         exp.source,
@@ -101,7 +104,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
         len(splits.val.images),
         len(splits.test.images),
     )
-    state = jax.device_put(exp.init_state(cfg.seed), state_sharding)
+    state = jax.device_put(exp.initial_state(seeds), state_sharding)
 
     # ---- restore
     resumed_from = None
@@ -115,27 +118,40 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
             log.info("Resumed from step %d in %s", resumed_from, manager.directory)
 
     # ---- steps, writer, loop
-    train_step = trainer.make_train_step(graphdef, opt, task, state_sharding)
-    eval_step = trainer.make_eval_step(graphdef, task, state_sharding)
-    eval_key = jax.random.key(cfg.seed + 7919)
-    writer = Writer(run_dir, enabled=cfg.logger.tensorboard, resume_step=resumed_from)
+    train_step = trainer.make_train_step(graphdef, opt, task, state_sharding, k)
+    eval_step = trainer.make_eval_step(graphdef, task, state_sharding, k)
+    eval_key = trainer.eval_keys(cfg.seed, k)
+    # One TensorBoard run per seed: <run dir>/tb, or <run dir>/tb/seed_<s> for each of k > 1 seeds.
+    writers = [
+        Writer(run_dir, enabled=cfg.logger.tensorboard, resume_step=resumed_from, name=f"seed_{s}" if k > 1 else "")
+        for s in seeds
+    ]
     draw = _image_fns(graphdef, task, splits.val)
 
+    def evaluate(params, split):
+        return trainer.evaluate(eval_step, params, split, eval_batch, eval_sharding, eval_key)
+
     def on_log(step, metrics):
-        writer.scalars({f"train/{k}": v for k, v in metrics.items()}, step)
+        for i, writer in enumerate(writers):
+            seed_metrics = _seed_values(metrics, i)
+            seed_metrics["examples_per_s"] = metrics["examples_per_s"] / k  # this seed's share
+            writer.scalars({f"train/{name}": v for name, v in seed_metrics.items()}, step)
 
     def on_eval(step, state):
-        val = trainer.evaluate(eval_step, state["params"], splits.val, eval_batch, batch_sharding, eval_key)
-        val = {f"val/{k}": v for k, v in val.items()}
-        writer.scalars(val, step)
-        if cfg.logger.images:
-            for tag, stack in draw(state["params"], jax.random.fold_in(eval_key, step)).items():
-                writer.image(tag, tile(stack), step)
-        log.info("step %d: %s", step, ", ".join(f"{k}={v:.3f}" for k, v in val.items()))
-        return val
+        val = {f"val/{name}": v for name, v in evaluate(state["params"], splits.val).items()}
+        for i, writer in enumerate(writers):
+            writer.scalars(_seed_values(val, i), step)
+            if cfg.logger.images:
+                params = state["params"] if k == 1 else trainer.member(state["params"], i)
+                key = eval_key if k == 1 else eval_key[i]
+                for tag, grid in draw(params, jax.random.fold_in(key, step)).items():
+                    writer.image(tag, tile(grid), step)
+        summary = _summary(val)
+        log.info("step %d: %s", step, ", ".join(f"{name}={summary[name]:.3f}" for name in val))
+        return summary
 
     def on_checkpoint(step, state, val):
-        if cfg.checkpoint.enabled:
+        if cfg.checkpoint.enabled:  # with k seeds, "best" ranks by the mean val/elbo over the seeds
             checkpoint.save(manager, step, state, {"step": step, "config": plain, **val})
 
     loop = trainer.Loop(
@@ -146,12 +162,13 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
         batch_size=t.batch_size,
         nan_policy=t.nan_policy,
         progress=t.progress,
+        seeds=k,
         on_log=on_log,
         on_eval=on_eval,
         on_checkpoint=on_checkpoint,
     )
     train_start = time.perf_counter()
-    start_step = int(state["step"])
+    start_step = trainer.current_step(state)
     try:
         state, val, stopped = trainer.fit(state, train_step, sampler, batch_sharding, loop)
     except trainer.NonFinite as err:
@@ -163,12 +180,14 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
         ) from None
     finally:
         manager.wait_until_finished()  # Orbax saves are async: the last one must land before exit
-        writer.flush()
-    steps_run = int(state["step"]) - start_step
+        for writer in writers:
+            writer.flush()
+    steps_run = trainer.current_step(state) - start_step
     if stopped:
         manager.close()
-        writer.close()
-        step = int(state["step"])
+        for writer in writers:
+            writer.close()
+        step = trainer.current_step(state)
         saved = f"the checkpoint {manager.directory / str(step)}" if cfg.checkpoint.enabled else "no checkpoint"
         log.warning(
             "Stopped by %s at step %d with %s written. Continue with: cvae-train hydra.run.dir=%s resume=true",
@@ -183,44 +202,86 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
 
     # ---- final evaluation and metrics.json
     if steps_run == 0:  # a finished run resumed once more: report it as it stands
-        val = {
-            f"val/{k}": v
-            for k, v in trainer.evaluate(
-                eval_step, state["params"], splits.val, eval_batch, batch_sharding, eval_key
-            ).items()
-        }
-    test = trainer.evaluate(eval_step, state["params"], splits.test, eval_batch, batch_sharding, eval_key)
+        val = _summary({f"val/{name}": v for name, v in evaluate(state["params"], splits.val).items()})
+    test = {f"test/{name}": v for name, v in evaluate(state["params"], splits.test).items()}
     previous = _read_json(run_dir / "metrics.json")
     train_s = time.perf_counter() - train_start
+    per_seed = _per_seed_results(state, val, test, seeds)
     metrics = {
-        "step": int(state["step"]),
-        **val,
-        **{f"test/{k}": v for k, v in test.items()},
+        "step": trainer.current_step(state),
+        **{name: v for name, v in val.items() if name != "per_seed"},
+        **_summary(test, per_seed=False),
         "devices": mesh.size,
         "processes": jax.process_count(),
-        "examples_per_s": steps_run * t.batch_size / train_s if steps_run else previous.get("examples_per_s"),
-        "skipped_steps": int(state["nonfinite"]),
-        "params_sha256": trainer.params_sha256(state["params"]),
+        # all seeds together
+        "examples_per_s": steps_run * t.batch_size * k / train_s if steps_run else previous.get("examples_per_s"),
+        "skipped_steps": sum(r["skipped_steps"] for r in per_seed),
+        "params_sha256": per_seed[0]["params_sha256"],
         "wall_s": time.perf_counter() - t0,
         "data_source": exp.source,
         "train_examples": len(splits.train.images),
         "hardware": f"{mesh.size} x {jax.devices()[0].device_kind} ({jax.devices()[0].platform}), {os.cpu_count()} CPU cores",
     }
+    if k > 1:  # top-level values are means over the seeds; each seed's own values here
+        metrics |= {"num_seeds": k, "seeds": per_seed}
     # The same metric names in every job, whatever its model kind, so the HPARAMS view compares them all.
-    writer.hparams(
-        _flat(plain, ("model", "data", "optimizer", "trainer", "seed")),
-        {
-            f"{split}/{k}": metrics.get(f"{split}/{k}", math.nan)
-            for split in ("val", "test")
-            for k in ("elbo", "kl", "recon")
-        },
-    )
-    writer.close()
+    hparams = _flat(plain, ("model", "data", "optimizer", "trainer", "seed"))
+    for writer, result in zip(writers, per_seed, strict=True):
+        writer.hparams(
+            hparams | {"seed": result["seed"]},
+            {
+                f"{split}/{name}": result.get(f"{split}/{name}", math.nan)
+                for split in ("val", "test")
+                for name in ("elbo", "kl", "recon")
+            },
+        )
+        writer.close()
     manager.close()
     if jax.process_index() == 0:
         (run_dir / "metrics.json").write_text(json.dumps(_strict(metrics), indent=2) + "\n")
     log.info("Done: %s", json.dumps(metrics))
     return metrics
+
+
+def _seed_values(metrics: dict, i: int) -> dict:
+    """Seed i's values from metrics that are floats (one seed) or per-seed arrays."""
+    import numpy as np
+
+    return {name: float(np.asarray(v)[i]) if np.ndim(v) else float(v) for name, v in metrics.items()}
+
+
+def _summary(metrics: dict, per_seed: bool = True) -> dict:
+    """Floats: a single run's values, or the mean over the seeds (plus each seed's under "per_seed")."""
+    import numpy as np
+
+    out = {name: float(np.mean(v)) for name, v in metrics.items()}
+    if per_seed and any(np.ndim(v) for v in metrics.values()):
+        out["per_seed"] = {name: [float(x) for x in v] for name, v in metrics.items()}
+    return out
+
+
+def _per_seed_results(state, val: dict, test: dict, seeds: list[int]) -> list[dict]:
+    """Each seed's final values, parameters' hash and skipped steps, for metrics.json."""
+    import jax
+    import numpy as np
+
+    from cvae_exp import trainer
+
+    val = val.get("per_seed", val)
+    skipped = np.asarray(jax.device_get(state["nonfinite"])).reshape(-1)
+    results = []
+    for i, seed in enumerate(seeds):
+        params = state["params"] if len(seeds) == 1 else trainer.member(state["params"], i)
+        results.append(
+            {
+                "seed": seed,
+                **_seed_values({name: np.asarray(v) for name, v in val.items()}, i),
+                **_seed_values(test, i),
+                "skipped_steps": int(skipped[i]),
+                "params_sha256": trainer.params_sha256(params),
+            }
+        )
+    return results
 
 
 def _share_accelerator_between_jobs() -> None:

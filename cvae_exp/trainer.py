@@ -64,6 +64,16 @@ def build_task(cfg, dynamic: bool) -> Task:
     )
 
 
+def stack(trees: list) -> Any:
+    """K pytrees of the same structure as one with a leading axis of size K (the vmapped seeds)."""
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
+
+
+def member(tree: Any, i: int) -> Any:
+    """Seed i's slice of a stacked pytree."""
+    return jax.tree.map(lambda a: a[i], tree)
+
+
 def init_state(params: Any, tx: optax.GradientTransformation, seed: int) -> dict:
     return {
         "step": jnp.zeros((), jnp.int32),
@@ -93,7 +103,10 @@ def loss_fn(params, graphdef, batch, key, step, task: Task, train: bool):
     return loss, metrics
 
 
-def make_train_step(graphdef, opt: Optimizer, task: Task, state_sharding) -> Callable:
+def make_train_step(graphdef, opt: Optimizer, task: Task, state_sharding, seeds: int = 1) -> Callable:
+    """The jitted step. With `seeds` > 1 the state and the batch carry a leading seed axis and the
+    step is `jax.vmap`ped over it: K independent models in one program."""
+
     def train_step(state, batch):
         step = state["step"]
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
@@ -123,27 +136,50 @@ def make_train_step(graphdef, opt: Optimizer, task: Task, state_sharding) -> Cal
         metrics = {**metrics, "loss": loss, "lr": opt.schedule(step)}
         return new_state, metrics
 
-    return jax.jit(train_step, donate_argnums=0, out_shardings=(state_sharding, state_sharding))
+    step_fn = jax.vmap(train_step) if seeds > 1 else train_step
+    return jax.jit(step_fn, donate_argnums=0, out_shardings=(state_sharding, state_sharding))
 
 
-def make_eval_step(graphdef, task: Task, out_sharding) -> Callable:
+def make_eval_step(graphdef, task: Task, out_sharding, seeds: int = 1) -> Callable:
+    """(params, batch, key) -> weighted sums; with `seeds` > 1, params and key carry the seed axis and
+    every seed sees the same batch."""
+
     def eval_step(params, batch, key):
         _, metrics = loss_fn(params, graphdef, batch, key, jnp.int32(0), task, train=False)
         w = batch["weight"]
         return {k: jnp.sum(v * w) for k, v in metrics.items()} | {"count": jnp.sum(w)}
 
-    return jax.jit(eval_step, out_shardings=out_sharding)
+    step_fn = jax.vmap(eval_step, in_axes=(0, None, 0)) if seeds > 1 else eval_step
+    return jax.jit(step_fn, out_shardings=out_sharding)
 
 
-def evaluate(eval_step, params, split, batch_size: int, sharding, key) -> dict[str, float]:
-    """Means over a whole split (fixed keys per batch, so a result depends only on the params)."""
+def eval_keys(seed: int, seeds: int = 1) -> jax.Array:
+    """The validation key of a run with root `seed`, or the K keys of seeds seed..seed+K-1."""
+    keys = [jax.random.key(s + 7919) for s in range(seed, seed + seeds)]
+    return keys[0] if seeds == 1 else jnp.stack(keys)
+
+
+def fold_in(key: jax.Array, i: int) -> jax.Array:
+    """`jax.random.fold_in` for one key or a stack of keys (one per seed)."""
+    return jax.random.fold_in(key, i) if key.ndim == 0 else jax.vmap(jax.random.fold_in, (0, None))(key, i)
+
+
+def evaluate(eval_step, params, split, batch_size: int, sharding, key) -> dict[str, Any]:
+    """Means over a whole split (fixed keys per batch, so a result depends only on the params): floats,
+    or arrays of K values when `params` and `key` carry a seed axis."""
     totals = None
     for i, batch in enumerate(eval_batches(split, batch_size)):
-        sums = eval_step(params, put_batch(batch, sharding), jax.random.fold_in(key, i))
+        sums = eval_step(params, put_batch(batch, sharding), fold_in(key, i))
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = jax.device_get(totals)  # host sync
     count = totals.pop("count")
-    return {k: float(v / count) for k, v in totals.items()}
+    return {k: _py(v / count) for k, v in totals.items()}
+
+
+def _py(v) -> Any:
+    """A 0-d array as a float; a per-seed vector as a float64 numpy array."""
+    v = np.asarray(v, np.float64)
+    return float(v) if v.ndim == 0 else v
 
 
 class StopRequest:
@@ -194,18 +230,19 @@ class Loop:
     log_every: int
     eval_every: int
     checkpoint_every: int
-    batch_size: int
+    batch_size: int  # per seed
     nan_policy: str
     progress: bool
     on_log: Callable[[int, dict], None]
     on_eval: Callable[[int, Any], dict]
     on_checkpoint: Callable[[int, Any, dict], None]
+    seeds: int = 1  # models trained together (vmapped); metrics carry a seed axis when > 1
 
 
 def fit(state, train_step, sampler, batch_sharding, loop: Loop):
     """Runs steps until `max_steps` or a stop request; returns (state, last val metrics, stopped),
     where `stopped` is the number of the signal that stopped the run, or None when it finished."""
-    start = int(state["step"])
+    start = current_step(state)
     val: dict = {}
     bar = tqdm(total=loop.max_steps, initial=start, disable=not loop.progress, dynamic_ncols=True, unit="step")
     window_start, window_steps = time.perf_counter(), 0
@@ -224,11 +261,12 @@ def fit(state, train_step, sampler, batch_sharding, loop: Loop):
                 host = jax.device_get(metrics)  # host sync: only on log steps
                 _check_finite(state, loop.nan_policy)
                 elapsed = time.perf_counter() - window_start
-                host = {k: float(v) for k, v in host.items()}
-                host["examples_per_s"] = window_steps * loop.batch_size / max(elapsed, 1e-9)
-                host["skipped_steps"] = float(state["nonfinite"])
+                host = {k: _py(v) for k, v in host.items()}
+                # all seeds together; per seed it is this divided by loop.seeds
+                host["examples_per_s"] = window_steps * loop.batch_size * loop.seeds / max(elapsed, 1e-9)
+                host["skipped_steps"] = _py(jax.device_get(state["nonfinite"]))
                 loop.on_log(done, host)
-                bar.set_postfix(loss=f"{host['loss']:.2f}", ex_s=f"{host['examples_per_s']:.0f}")
+                bar.set_postfix(loss=f"{np.mean(host['loss']):.2f}", ex_s=f"{host['examples_per_s']:.0f}")
                 window_start, window_steps = time.perf_counter(), 0
             if done % loop.eval_every == 0 or last:
                 _check_finite(state, loop.nan_policy)
@@ -243,9 +281,16 @@ def fit(state, train_step, sampler, batch_sharding, loop: Loop):
     return state, val, None
 
 
+def current_step(state) -> int:
+    """The step of a state, with or without a seed axis (every seed is at the same step)."""
+    return int(np.asarray(jax.device_get(state["step"])).reshape(-1)[0])
+
+
 def _check_finite(state, policy: str) -> None:
-    if policy == "stop" and int(state["nonfinite"]) > 0:  # host sync
-        raise NonFinite(int(state["first_nonfinite"]))
+    """With several seeds, the first seed to go non-finite stops them all (policy stop)."""
+    if policy == "stop" and np.any(np.asarray(state["nonfinite"]) > 0):  # host sync
+        first = np.asarray(state["first_nonfinite"])
+        raise NonFinite(int(first[first >= 0].min()))
 
 
 def params_sha256(params) -> str:

@@ -92,6 +92,25 @@ class BatchSampler:
         return {"image": self.split.images[idx], "label": self.split.labels[idx]}
 
 
+class SeedSampler:
+    """The batches of K runs with seeds seed..seed+K-1, stacked on a leading axis: seed s draws exactly
+    what a single run with seed s would."""
+
+    def __init__(self, split: Split, batch_size: int, seed: int, seeds: int):
+        self.samplers = [BatchSampler(split, batch_size, s) for s in range(seed, seed + seeds)]
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        batches = [s.batch(step) for s in self.samplers]
+        return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+
+
+def make_sampler(split: Split, batch_size: int, seed: int, seeds: int = 1):
+    """One run's batches, or the stacked batches of `seeds` vmapped runs."""
+    if seeds == 1:
+        return BatchSampler(split, batch_size, seed)
+    return SeedSampler(split, batch_size, seed, seeds)
+
+
 def eval_batches(split: Split, batch_size: int):
     """Fixed-size batches covering the split; the last one padded, with weights 0 on the padding."""
     n = len(split.images)
