@@ -9,6 +9,7 @@ data is loaded or any function compiled.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -40,6 +41,8 @@ class ModelConfig:
     alpha: float = 0.5  # hybrid: alpha * L_CVAE + (1 - alpha) * L_GSNN
     beta: float = 1.0  # weight of the KL term
     kl_warmup_steps: int = 0  # KL weight ramps linearly from 0 to beta over these steps
+    baseline_run: Optional[str] = None  # a finished model=baseline run (same task): its y_hat feeds p(z|x), p(y|x,z)
+    baseline_hidden: Optional[list[int]] = None  # that baseline's hidden widths (its model.hidden); null: model.hidden
 
 
 @dataclass
@@ -79,6 +82,7 @@ class TrainerConfig:
     precision: str = "fp32"  # fp32 | bf16 (bf16 matmul inputs, fp32 params and accumulation)
     nan_policy: str = "stop"  # stop | skip
     progress: bool = True  # tqdm progress bar
+    num_seeds: int = 1  # K > 1: K models with seeds seed..seed+K-1 trained together by jax.vmap
 
 
 @dataclass
@@ -100,6 +104,7 @@ class EvalConfig:
     split: str = "test"  # val | test
     chunk: int = 100  # samples evaluated at once (memory: batch x chunk x pixels)
     batch_size: int = 500  # examples evaluated at once
+    seed_index: int = 0  # runs with trainer.num_seeds=K: which of the K models (seed + seed_index)
 
 
 @dataclass
@@ -202,6 +207,58 @@ def check_targets(cfg: DictConfig) -> None:
             )
 
 
+def check_baseline_run(cfg: DictConfig) -> None:
+    """Refuses a `model.baseline_run` that cannot start this model's baseline network, naming the key.
+
+    It must be a finished `model=baseline` run of the same quadrant task, with a checkpoint, and the model a
+    cvae, gsnn or hybrid with a learned prior. Reads only the run's saved config and lists its checkpoint
+    folder, so it is as cheap as the other checks; the parameters are read when training starts.
+    """
+    m, d = cfg.model, cfg.data
+    if m.baseline_run is None:
+        return
+    key = f"model.baseline_run={m.baseline_run}"
+    if m.kind not in ("cvae", "gsnn", "hybrid") or m.prior != "learned":
+        raise UserError(
+            f"{key} feeds a baseline's prediction to the learned prior network of a cvae, gsnn or hybrid, "
+            f"but model.kind={m.kind} with model.prior={m.prior} has none."
+        )
+    if d.condition != "quadrants":
+        raise UserError(f"{key} needs data.condition=quadrants (the baseline completes images), not {d.condition}.")
+    run = Path(m.baseline_run).expanduser()
+    if not run.is_dir():
+        raise UserError(f"{key} does not exist: train the model=baseline run first, or fix the path.")
+    file = run / ".hydra" / "config.yaml"
+    if not file.is_file():
+        raise UserError(f"{key} is not a cvae-train run directory: {file} is missing.")
+    try:
+        saved = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(file))
+    except Exception as err:  # YAML or schema errors: the file is not a config this version reads
+        raise UserError(f"{key} has an unreadable config {file} ({type(err).__name__}).") from None
+    if saved.model.kind != "baseline":
+        raise UserError(f"{key} is a model.kind={saved.model.kind} run; it must be a model=baseline run.")
+    for name in ("name", "condition", "n_given", "quadrant_layout"):
+        if saved.data[name] != d[name]:
+            raise UserError(
+                f"{key} was trained with data.{name}={saved.data[name]}, but this run has data.{name}={d[name]}: "
+                "the baseline must solve the same task."
+            )
+    if saved.model.likelihood != m.likelihood:
+        raise UserError(
+            f"{key} was trained with model.likelihood={saved.model.likelihood}, but this run has "
+            f"model.likelihood={m.likelihood}."
+        )
+    hidden = list(m.baseline_hidden or m.hidden)
+    if list(saved.model.hidden) != hidden:
+        raise UserError(
+            f"{key} has model.hidden={list(saved.model.hidden)}, but this model's baseline network would have "
+            f"{hidden}: set model.baseline_hidden={list(saved.model.hidden)}."
+        )
+    folder = run / "checkpoints"
+    if not (folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir())):
+        raise UserError(f"{key} holds no checkpoint in {folder}: let the baseline run save one first.")
+
+
 def resume_mode(cfg: DictConfig) -> str:
     """`resume` as one of false | true | auto (Hydra parses `resume=true` as a bool)."""
     return str(cfg.resume).lower()
@@ -211,6 +268,7 @@ def validate_eval(cfg: DictConfig) -> None:
     _at_least("eval.samples", cfg.eval.samples, 1)
     _at_least("eval.chunk", cfg.eval.chunk, 1)
     _at_least("eval.batch_size", cfg.eval.batch_size, 1)
+    _at_least("eval.seed_index", cfg.eval.seed_index, 0)
     _choice("eval.split", cfg.eval.split, SPLITS)
 
 
@@ -236,6 +294,9 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(f"model.kind={m.kind} predicts y from a condition, but data.condition=none.")
     if m.kind in ("gsnn", "hybrid") and m.prior != "learned":
         raise UserError(f"model.kind={m.kind} trains through the prior network and needs model.prior=learned.")
+    for i, width in enumerate(m.baseline_hidden or []):
+        _at_least(f"model.baseline_hidden[{i}]", width, 1)
+    check_baseline_run(cfg)
     if not 0.0 <= d.omission_rate <= 1.0:
         raise UserError(f"data.omission_rate={d.omission_rate} must lie in [0, 1].")
     _at_least("data.val_size", d.val_size, 1)
@@ -263,6 +324,7 @@ def validate(cfg: DictConfig) -> None:
     _at_least("trainer.log_every", t.log_every, 1)
     _choice("trainer.precision", t.precision, PRECISIONS)
     _choice("trainer.nan_policy", t.nan_policy, NAN_POLICIES)
+    _at_least("trainer.num_seeds", t.num_seeds, 1)
     if t.devices != "all" and not (str(t.devices).isdigit() and int(t.devices) >= 1):
         raise UserError(f"trainer.devices={t.devices} must be 'all' or a positive number.")
     _at_least("checkpoint.every", cfg.checkpoint.every, 1)

@@ -60,8 +60,9 @@ def cvae_terms(model, x, y, mask, key) -> tuple[jax.Array, jax.Array]:
 
 def gsnn_nll(model, x, y, mask, key) -> jax.Array:
     """-log p(y | x, z) with z drawn from the prior p(z | x): the GSNN's one-sample objective."""
-    z = reparameterize(key, model.prior(x))
-    return -log_likelihood(y, model.generate(z, x), mask)
+    h = model.context(x)  # x (and the baseline's y_hat), computed once for both networks
+    z = reparameterize(key, model.prior_given(h))
+    return -log_likelihood(y, model.generate_given(z, h), mask)
 
 
 def per_example_loss(model, x, y, mask, key, *, kind: str, beta, alpha: float):
@@ -87,12 +88,12 @@ def per_example_loss(model, x, y, mask, key, *, kind: str, beta, alpha: float):
 
 
 def _sample_loglik(model, x, y, mask, z) -> jax.Array:
-    """log p(y | x, z) for a stack of samples z [C, B, L] -> [C, B], through one batched call."""
-    c, b, _ = z.shape
-    xs = jnp.broadcast_to(x, (c, *x.shape)).reshape(c * b, -1)
-    out = model.generate(z.reshape(c * b, -1), xs)
-    out = jax.tree.map(lambda a: a.reshape(c, b, -1), out)
-    return log_likelihood(y, out, mask)
+    """log p(y | x, z) for a stack of samples z [C, B, L] -> [C, B], through one batched call.
+
+    `generate` takes z with leading sample axes and x without them, so what it derives from x alone (the
+    baseline's prediction, `model.baseline_run`) is computed once per chunk, not once per sample.
+    """
+    return log_likelihood(y, model.generate(z, x), mask)
 
 
 def conditional_nll(model, x, y, mask, key, *, samples: int, chunk: int, has_q: bool) -> dict[str, jax.Array]:

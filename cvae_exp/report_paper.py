@@ -319,15 +319,24 @@ def sohn2015_table(root: Path, jobs: list[Job], command: str | None) -> tuple[st
     found = cells(paper_jobs)
     table = main_table(found)
     skipped = len(jobs) - len(paper_jobs)
+    # scripts/sohn2015_table.sh records its own command line: its two training sweeps share the sweep dir,
+    # so multirun.yaml holds only the second one.
+    script = root / "command.txt"
+    if script.is_file():
+        command_line = f"Command: `{script.read_text().strip()}` (trains, evaluates and reports)"
+    elif command:
+        command_line = (
+            f"Command: `{command}`, then `cvae-eval run_dir=<job> eval.split=val|test` per job, then "
+            f"`cvae-report {shown} --paper sohn2015`"
+        )
+    else:
+        command_line = f"Report: `cvae-report {shown} --paper sohn2015`"
     md = [
         "# Sohn et al. (2015) Table 1: negative conditional log-likelihood on MNIST",
         "",
         f"Sweep: `{shown}`" + (f", {skipped} job(s) without a quadrant-task evaluation left out" if skipped else ""),
         "",
-        f"Command: `{command}`, then `cvae-eval run_dir=<job> eval.split=val|test` per job, then "
-        f"`cvae-report {shown} --paper sohn2015`"
-        if command
-        else f"Report: `cvae-report {shown} --paper sohn2015`",
+        command_line,
         "",
         (
             "Nats per digit, summed over the unobserved pixels; lower is better. Columns: quadrants given, on our "

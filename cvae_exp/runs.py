@@ -3,11 +3,14 @@ and the parameters of its best checkpoint."""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -29,9 +32,26 @@ class Experiment:
     graphdef: Any
     params: Any  # freshly initialised, on the host
     opt: Any  # cvae_exp.optim.Optimizer
+    build_params: Callable[[int], Any]  # seed -> freshly initialised params (those of a run with that seed)
+    baseline_run: str | None = None  # model.baseline_run: the run whose best params start the baseline submodule
 
-    def init_state(self, seed: int) -> dict:
-        return trainer.init_state(self.params, self.opt.tx, seed)
+    def init_state(self, seed: int, pretrained: bool = True) -> dict:
+        """The state training starts from; `pretrained=False`: without reading model.baseline_run (the
+        same shapes, for a restore target, so an aided run loads without its baseline run)."""
+        params = with_pretrained_baseline(self.params, self.baseline_run) if pretrained else self.params
+        return trainer.init_state(params, self.opt.tx, seed)
+
+    def init_state_for(self, seed: int) -> dict:
+        """The initial state of a run with `seed` (its own parameters), for the vmapped seeds."""
+        params = with_pretrained_baseline(self.build_params(seed), self.baseline_run)
+        return trainer.init_state(params, self.opt.tx, seed)
+
+    def initial_state(self, seeds: list[int]) -> dict:
+        """One run's fresh state, or the stacked states of vmapped seeds (trainer.num_seeds > 1):
+        seed s starts exactly as a single run with `seed=s` would (its own parameters and root key)."""
+        if len(seeds) == 1:
+            return self.init_state(seeds[0])
+        return trainer.stack([self.init_state_for(s) for s in seeds])
 
 
 def build_experiment(cfg: DictConfig) -> Experiment:
@@ -40,11 +60,43 @@ def build_experiment(cfg: DictConfig) -> Experiment:
     raw = sources.load(cfg.data.name, cfg.data.path, cfg.data.hub_id)
     splits = make_splits(raw, val_size=cfg.data.val_size, split_seed=cfg.data.split_seed, binarize=cfg.data.binarize)
     task = trainer.build_task(cfg, splits.dynamic)
-    graphdef, params = build_model(
-        cfg.model, condition_dim(task.condition), PIXELS, precision=cfg.trainer.precision, seed=cfg.seed
-    )
+
+    def build_params(seed: int):
+        return build_model(cfg.model, condition_dim(task.condition), PIXELS, precision=cfg.trainer.precision, seed=seed)
+
+    graphdef, params = build_params(cfg.seed)
     opt = instantiate(cfg.optimizer, total_steps=cfg.trainer.max_steps, _convert_="all")
-    return Experiment(raw.source, splits, task, graphdef, params, opt)
+    return Experiment(
+        raw.source, splits, task, graphdef, params, opt, lambda seed: build_params(seed)[1], cfg.model.baseline_run
+    )
+
+
+def with_pretrained_baseline(params: dict, baseline_run: str | None) -> dict:
+    """`params` with the baseline submodule's replaced by the best checkpoint of `baseline_run` (none: as is).
+
+    Sohn et al. (2015) build the CVAE on the pre-trained baseline network and then train everything
+    together: the baseline starts from that run's parameters and is fine-tuned with the rest.
+    """
+    if not baseline_run:
+        return params
+    loaded = _best_params(str(Path(baseline_run).expanduser().resolve()))
+    fresh = params["baseline"]
+    shapes = [
+        (jax.tree_util.keystr(k), getattr(a, "shape", None)) for k, a in jax.tree_util.tree_leaves_with_path(fresh)
+    ]
+    found = [(jax.tree_util.keystr(k), a.shape) for k, a in jax.tree_util.tree_leaves_with_path(loaded)]
+    if shapes != found:
+        raise UserError(
+            f"model.baseline_run={baseline_run} holds a network of shapes {found}, but this model's baseline has "
+            f"{shapes}: set model.baseline_hidden to that run's model.hidden."
+        )
+    return {**params, "baseline": jax.tree.map(lambda new, old: jnp.asarray(new, old.dtype), loaded, fresh)}
+
+
+@functools.lru_cache(maxsize=4)
+def _best_params(run_dir: str) -> Any:
+    """A finished run's best params, on the host (read once per process, however many seeds start from it)."""
+    return jax.device_get(load_run(run_dir).params)
 
 
 @dataclass
@@ -65,8 +117,9 @@ def run_config(run_dir: Path) -> DictConfig:
     return OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(file))
 
 
-def load_run(run_dir: str | Path, sharding=None) -> TrainedRun:
-    """The run's best checkpoint by val/elbo (the newest where none has a val/elbo)."""
+def load_run(run_dir: str | Path, sharding=None, seed_index: int = 0) -> TrainedRun:
+    """The run's best checkpoint by val/elbo (the newest where none has a val/elbo); of a run that
+    trained K seeds together (trainer.num_seeds=K), the model of seed `seed` + `seed_index`."""
     run_dir = Path(run_dir).resolve()
     cfg = run_config(run_dir)
     if not (run_dir / "checkpoints").is_dir():
@@ -75,11 +128,27 @@ def load_run(run_dir: str | Path, sharding=None) -> TrainedRun:
     steps = checkpoint.best_first(manager)
     if not steps:
         raise UserError(f"run_dir={run_dir} holds no checkpoint.")
+    # The config the weights were trained with, as the checkpoint recorded it: Hydra rewrites
+    # .hydra/config.yaml at every launch in the directory, even one that is then refused.
+    saved = next(
+        (m["config"] for m in map(lambda s: checkpoint.read_meta(manager, s), steps) if m and m.get("config")), None
+    )
+    if saved is not None:
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), saved)
+
+    k = cfg.trainer.num_seeds
+    if not 0 <= seed_index < k:
+        raise UserError(
+            f"eval.seed_index={seed_index} is out of range: run_dir={run_dir} trained {k} seed(s), "
+            f"so it must lie in 0..{k - 1}."
+        )
 
     exp = build_experiment(cfg)
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.eval_shape(lambda: exp.init_state(cfg.seed))
-    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), target)
+    target = jax.eval_shape(lambda: exp.init_state(cfg.seed, pretrained=False))
+    lead = (k,) if k > 1 else ()  # the seed axis of a vmapped run
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(lead + a.shape, a.dtype, sharding=sharding), target)
     step, state, _ = checkpoint.restore_first(manager, target, steps)
     manager.close()
-    return TrainedRun(cfg, step, exp.graphdef, state["params"], exp.task, exp.splits)
+    params = trainer.member(state["params"], seed_index) if k > 1 else state["params"]
+    return TrainedRun(cfg, step, exp.graphdef, params, exp.task, exp.splits)

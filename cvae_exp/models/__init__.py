@@ -13,7 +13,8 @@ __all__ = ["CVAE", "Baseline", "MLP", "build_model", "reparameterize"]
 
 def build_model(model_cfg, x_dim: int, y_dim: int, *, precision: str = "fp32", seed: int = 0):
     """(graphdef, params as a plain dict) of the network for `model.kind`: a Baseline, or a CVAE
-    with the networks its objective needs. The steps merge the two back inside jit."""
+    with the networks its objective needs (and a baseline submodule when `model.baseline_run` is set).
+    The steps merge the two back inside jit."""
     dtype = jnp.bfloat16 if precision == "bf16" else jnp.float32
     common = dict(
         hidden=list(model_cfg.hidden),
@@ -31,6 +32,9 @@ def build_model(model_cfg, x_dim: int, y_dim: int, *, precision: str = "fp32", s
             latent_dim=model_cfg.latent_dim,
             prior="standard" if model_cfg.kind == "vae" else model_cfg.prior,
             recognition=model_cfg.kind != "gsnn",
+            # model.baseline_run: the baseline network inside the CVAE (its parameters come from that run's
+            # checkpoint later, in cvae_exp.runs; only the architecture is decided here, from this config alone).
+            baseline_hidden=list(model_cfg.baseline_hidden or model_cfg.hidden) if model_cfg.baseline_run else None,
             **common,
         )
     graphdef, state = nnx.split(model)

@@ -1,7 +1,8 @@
 """The conditional VAE of Sohn, Lee and Yan (2015) and the deterministic baseline.
 
 Notation follows the paper: x is the condition, y the output, z the latent. A VAE is the same module
-with an empty condition (x_dim = 0) and the fixed prior N(0, I).
+with an empty condition (x_dim = 0) and the fixed prior N(0, I). A CVAE built with `baseline_hidden`
+holds a `Baseline` whose prediction feeds its prior and generation networks (`model.baseline_run`).
 """
 
 from __future__ import annotations
@@ -63,37 +64,77 @@ class CVAE(nnx.Module):
         likelihood: str = "bernoulli",
         min_log_var: float = -6.0,
         recognition: bool = True,
+        baseline_hidden: list[int] | None = None,
         dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
         self.latent_dim = latent_dim
         self.head = OutputHead(likelihood, min_log_var)
+        # With `baseline_hidden`, the prior and generation networks also see the baseline's prediction y_hat.
+        h_dim = x_dim + (y_dim if baseline_hidden is not None else 0)
         # The GSNN never uses q, so it has no recognition network at all.
         self.recognition = (
             MLP([x_dim + y_dim, *hidden, 2 * latent_dim], dtype=dtype, rngs=rngs) if recognition else None
         )
         # A learned prior needs something to condition on; with no condition it is N(0, I).
         self.prior_net = (
-            MLP([x_dim, *hidden, 2 * latent_dim], dtype=dtype, rngs=rngs) if prior == "learned" and x_dim > 0 else None
+            MLP([h_dim, *hidden, 2 * latent_dim], dtype=dtype, rngs=rngs) if prior == "learned" and x_dim > 0 else None
         )
-        self.generation = MLP([x_dim + latent_dim, *hidden, self.head.width(y_dim)], dtype=dtype, rngs=rngs)
+        self.generation = MLP([h_dim + latent_dim, *hidden, self.head.width(y_dim)], dtype=dtype, rngs=rngs)
+        self.baseline = (
+            Baseline(
+                x_dim,
+                y_dim,
+                hidden=baseline_hidden,
+                likelihood=likelihood,
+                min_log_var=min_log_var,
+                dtype=dtype,
+                rngs=rngs,
+            )
+            if baseline_hidden is not None
+            else None
+        )
+
+    def context(self, x: jax.Array) -> jax.Array:
+        """What the prior and generation networks condition on: x, and the baseline's y_hat when there is one.
+
+        Sohn et al. (2015) build the CVAE on top of the deterministic baseline: its prediction y_hat (the
+        "initial guess") is an input of the prior network p(z | x, y_hat) and the generation network
+        p(y | x, y_hat, z). y_hat is the baseline's mean: sigmoid(logits) for Bernoulli pixels.
+        """
+        if self.baseline is None:
+            return x
+        loc, _ = self.baseline(x)
+        y_hat = jax.nn.sigmoid(loc) if self.head.likelihood == "bernoulli" else loc
+        return jnp.concatenate([x, y_hat.astype(x.dtype)], axis=-1)
 
     def encode(self, x: jax.Array, y: jax.Array) -> Gaussian:
         return _split_gaussian(self.recognition(jnp.concatenate([x, y], axis=-1)))
 
     def prior(self, x: jax.Array) -> Gaussian:
-        if self.prior_net is None:
-            zeros = jnp.zeros((x.shape[0], self.latent_dim), jnp.float32)
-            return zeros, zeros
-        return _split_gaussian(self.prior_net(x))
+        return self.prior_given(self.context(x))
 
     def generate(self, z: jax.Array, x: jax.Array) -> Output:
-        return self.head(self.generation(jnp.concatenate([x, z], axis=-1)))
+        """p(y | x, z) for z [B, L], or z [S, B, L]: S samples for each of the B conditions."""
+        return self.generate_given(z, self.context(x))
+
+    def prior_given(self, h: jax.Array) -> Gaussian:
+        """p(z | x) from h = context(x) (compute h once when several calls share x)."""
+        if self.prior_net is None:
+            zeros = jnp.zeros((h.shape[0], self.latent_dim), jnp.float32)
+            return zeros, zeros
+        return _split_gaussian(self.prior_net(h))
+
+    def generate_given(self, z: jax.Array, h: jax.Array) -> Output:
+        """p(y | x, z) from h = context(x) [B, H]; z [..., B, L] may carry leading sample axes."""
+        h = jnp.broadcast_to(h, (*z.shape[:-1], h.shape[-1]))
+        return self.head(self.generation(jnp.concatenate([h, z], axis=-1)))
 
     def __call__(self, x: jax.Array, y: jax.Array, key: jax.Array) -> tuple[Output, Gaussian, Gaussian]:
         """One reparameterised pass through q: returns (p(y | x, z) parameters, q, p)."""
+        h = self.context(x)
         q = self.encode(x, y)
-        return self.generate(reparameterize(key, q), x), q, self.prior(x)
+        return self.generate_given(reparameterize(key, q), h), q, self.prior_given(h)
 
 
 class Baseline(nnx.Module):
