@@ -59,6 +59,41 @@ def peak_flops(dtype_name: str, device) -> float:
     return 2 * n**3 / best
 
 
+def step_flops(step, *args) -> float:
+    """FLOPs of one call: XLA's cost analysis of the lowered (not yet compiled) module, where every backend
+    counts the matmuls (a GPU's compiled module hides them in library calls); where a backend gives none,
+    the matrix products of the jaxpr (2 x M x N x K each), which dominate this model's count."""
+    import jax
+
+    lowered = step.lower(*args)
+    cost = lowered.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    if cost and cost.get("flops"):
+        return float(cost["flops"])
+    return _dot_flops(jax.make_jaxpr(step)(*args).jaxpr)
+
+
+def _dot_flops(jaxpr) -> float:
+    import math
+
+    from jax.extend.core import ClosedJaxpr, Jaxpr
+
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (lhs_contract, _), (lhs_batch, _) = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            out = eqn.outvars[0].aval.shape
+            total += 2.0 * math.prod(out) * math.prod(lhs[d] for d in lhs_contract)
+        for value in eqn.params.values():  # nested jaxprs: jit, custom_vjp, vmap'd bodies, ...
+            for sub in value if isinstance(value, (list, tuple)) else [value]:
+                if isinstance(sub, ClosedJaxpr):
+                    total += _dot_flops(sub.jaxpr)
+                elif isinstance(sub, Jaxpr):
+                    total += _dot_flops(sub)
+    return total
+
+
 def bare_loop(exp, state, batch, warmup: int, seeds: int = 1):
     """A runner for the same model and loss in a plain loop: one jitted step with donated state, one
     batch already on the device, no data feeding, no metrics, no counters (vmapped over the seed axis
@@ -94,30 +129,30 @@ def bare_loop(exp, state, batch, warmup: int, seeds: int = 1):
 
 
 def framework_loop(exp, cfg: DictConfig, mesh, warmup: int):
-    """The real loop as a runner: host batches by step number, async device_put, the jitted step with
-    donation. Returns (runner, flops per example from XLA, the first batch, a copy of the first state)."""
+    """The real loop as a runner: the run's feed (the split on the device, or host batches by step
+    number), the jitted step with donation. Returns (runner, flops per example from XLA, the first
+    batch on the device, a copy of the first state)."""
     import jax
 
     from cvae_exp import parallel
     from cvae_exp.data.pipeline import make_sampler
-    from cvae_exp.trainer import make_train_step
+    from cvae_exp.trainer import make_feed, make_train_step
 
     t, k = cfg.trainer, cfg.trainer.num_seeds
+    seeds = list(range(cfg.seed, cfg.seed + k))
     replicated, sharded = parallel.replicated(mesh), parallel.data_sharded(mesh, k)
-    sampler = make_sampler(exp.splits.train, t.batch_size, cfg.seed, k)
-    state = jax.device_put(exp.initial_state(list(range(cfg.seed, cfg.seed + k))), replicated)
-    train_step = make_train_step(exp.graphdef, exp.opt, exp.task, replicated, k)
-    first = parallel.put_batch(sampler.batch(0), sharded)
-    cost = train_step.lower(state, first).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops_per_example = float(cost.get("flops", 0.0)) / (t.batch_size * k)
+    feed = make_feed(exp.splits.train, t.batch_size, seeds, replicated, sharded, t.data_on_device)
+    state = jax.device_put(exp.initial_state(seeds), replicated)
+    train_step = make_train_step(exp.graphdef, exp.opt, exp.task, replicated, k, feed)
+    first = parallel.put_batch(make_sampler(exp.splits.train, t.batch_size, cfg.seed, k).batch(0), sharded)
+    flops_per_example = step_flops(train_step, state, feed(0)) / (t.batch_size * k)
     initial = jax.tree.map(lambda a: a.copy(), state)  # the loop donates its own
     count, metrics = 0, None
 
     def run(n):
         nonlocal state, metrics, count
         for _ in range(n):
-            state, metrics = train_step(state, parallel.put_batch(sampler.batch(count), sharded))
+            state, metrics = train_step(state, feed(count))
             count += 1
         jax.block_until_ready(metrics)
 

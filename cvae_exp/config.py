@@ -83,6 +83,7 @@ class TrainerConfig:
     nan_policy: str = "stop"  # stop | skip
     progress: bool = True  # tqdm progress bar
     num_seeds: int = 1  # K > 1: K models with seeds seed..seed+K-1 trained together by jax.vmap
+    data_on_device: bool = True  # training split held on the devices, batches cut inside the step (one process)
 
 
 @dataclass

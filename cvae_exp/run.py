@@ -49,7 +49,6 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     import jax
 
     from cvae_exp import checkpoint, trainer
-    from cvae_exp.data.pipeline import make_sampler
     from cvae_exp.logging import Writer, tile
     from cvae_exp.runs import build_experiment
 
@@ -96,7 +95,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     # ---- data, model and optimizer
     exp = build_experiment(cfg)
     splits, task, graphdef, opt = exp.splits, exp.task, exp.graphdef, exp.opt
-    sampler = make_sampler(splits.train, t.batch_size, cfg.seed, k)
+    feed = trainer.make_feed(splits.train, t.batch_size, seeds, state_sharding, batch_sharding, t.data_on_device)
     log.info(
         "Data: %s; train %d, val %d, test %d",
         exp.source,
@@ -118,7 +117,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
             log.info("Resumed from step %d in %s", resumed_from, manager.directory)
 
     # ---- steps, writer, loop
-    train_step = trainer.make_train_step(graphdef, opt, task, state_sharding, k)
+    train_step = trainer.make_train_step(graphdef, opt, task, state_sharding, k, feed)
     eval_step = trainer.make_eval_step(graphdef, task, state_sharding, k)
     eval_key = trainer.eval_keys(cfg.seed, k)
     # One TensorBoard run per seed: <run dir>/tb, or <run dir>/tb/seed_<s> for each of k > 1 seeds.
@@ -170,7 +169,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     train_start = time.perf_counter()
     start_step = trainer.current_step(state)
     try:
-        state, val, stopped = trainer.fit(state, train_step, sampler, batch_sharding, loop)
+        state, val, stopped = trainer.fit(state, train_step, feed, loop)
     except trainer.NonFinite as err:
         manager.wait_until_finished()
         good = [s for s in manager.all_steps() if s < err.step]

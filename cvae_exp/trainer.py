@@ -24,7 +24,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from cvae_exp.data.pipeline import eval_batches, prepare
+from cvae_exp.data.pipeline import BatchSampler, Split, eval_batches, make_sampler, prepare
 from cvae_exp.objectives import kl_weight, per_example_loss
 from cvae_exp.optim import Optimizer
 from cvae_exp.parallel import put_batch
@@ -103,9 +103,62 @@ def loss_fn(params, graphdef, batch, key, step, task: Task, train: bool):
     return loss, metrics
 
 
-def make_train_step(graphdef, opt: Optimizer, task: Task, state_sharding, seeds: int = 1) -> Callable:
-    """The jitted step. With `seeds` > 1 the state and the batch carry a leading seed axis and the
-    step is `jax.vmap`ped over it: K independent models in one program."""
+class HostFeed:
+    """Batches cut on the host by step number and sent to the devices every step (multi-process runs,
+    or trainer.data_on_device=false)."""
+
+    on_device = False
+
+    def __init__(self, split: Split, batch_size: int, seeds: list[int], batch_sharding):
+        self.sampler = make_sampler(split, batch_size, seeds[0], len(seeds))
+        self.batch_sharding = batch_sharding
+
+    def __call__(self, step: int):
+        return put_batch(self.sampler.batch(step), self.batch_sharding)
+
+
+class DeviceFeed:
+    """The training split held on the devices: each epoch's order goes up once, and the jitted step cuts
+    its own batch from it by step number, so a step costs the host nothing but its dispatch. The batches
+    are exactly those of `BatchSampler` (the same orders, the same slices), hence the same results."""
+
+    on_device = True
+
+    def __init__(self, split: Split, batch_size: int, seeds: list[int], replicated, batch_sharding):
+        self.samplers = [BatchSampler(split, batch_size, s) for s in seeds]
+        self.batch_size, self.steps_per_epoch = batch_size, self.samplers[0].steps_per_epoch
+        self.replicated, self.batch_sharding = replicated, batch_sharding
+        self.data = jax.device_put({"image": split.images, "label": split.labels}, replicated)
+        self._epoch, self._arrays = -1, None
+
+    def __call__(self, step: int) -> dict:
+        epoch = step // self.steps_per_epoch
+        if epoch != self._epoch:  # once per epoch: the new order(s), [N] or [K, N]
+            orders = np.stack([s.order(epoch) for s in self.samplers]).astype(np.int32)
+            order = orders[0] if len(self.samplers) == 1 else orders
+            self._epoch, self._arrays = epoch, {**self.data, "order": jax.device_put(order, self.replicated)}
+        return self._arrays
+
+    def cut(self, arrays: dict, step: jax.Array) -> dict:
+        """Inside jit: this step's batch, [B, ...] (or [K, B, ...] with K orders), split along "data"."""
+        step = step.reshape(-1)[0]  # every seed is at the same step
+        start = (step % self.steps_per_epoch) * self.batch_size
+        idx = jax.lax.dynamic_slice_in_dim(arrays["order"], start, self.batch_size, axis=-1)
+        batch = {"image": jnp.take(arrays["image"], idx, axis=0), "label": jnp.take(arrays["label"], idx, axis=0)}
+        return jax.lax.with_sharding_constraint(batch, self.batch_sharding)
+
+
+def make_feed(split: Split, batch_size: int, seeds: list[int], replicated, batch_sharding, on_device: bool):
+    """The training batches of a run: `feed(step)` is the second argument of its train step."""
+    if on_device and jax.process_count() == 1:
+        return DeviceFeed(split, batch_size, seeds, replicated, batch_sharding)
+    return HostFeed(split, batch_size, seeds, batch_sharding)
+
+
+def make_train_step(graphdef, opt: Optimizer, task: Task, state_sharding, seeds: int = 1, feed=None) -> Callable:
+    """The jitted step `(state, feed(step)) -> (state, metrics)`. With `seeds` > 1 the state and the batch
+    carry a leading seed axis and the step is `jax.vmap`ped over it: K independent models in one program.
+    With a DeviceFeed the step takes the on-device split and cuts its batch itself; otherwise a batch."""
 
     def train_step(state, batch):
         step = state["step"]
@@ -137,6 +190,12 @@ def make_train_step(graphdef, opt: Optimizer, task: Task, state_sharding, seeds:
         return new_state, metrics
 
     step_fn = jax.vmap(train_step) if seeds > 1 else train_step
+    if feed is not None and feed.on_device:
+        on_batch = step_fn
+
+        def step_fn(state, arrays):
+            return on_batch(state, feed.cut(arrays, state["step"]))
+
     return jax.jit(step_fn, donate_argnums=0, out_shardings=(state_sharding, state_sharding))
 
 
@@ -239,7 +298,7 @@ class Loop:
     seeds: int = 1  # models trained together (vmapped); metrics carry a seed axis when > 1
 
 
-def fit(state, train_step, sampler, batch_sharding, loop: Loop):
+def fit(state, train_step, feed: Callable[[int], Any], loop: Loop):
     """Runs steps until `max_steps` or a stop request; returns (state, last val metrics, stopped),
     where `stopped` is the number of the signal that stopped the run, or None when it finished."""
     start = current_step(state)
@@ -248,8 +307,8 @@ def fit(state, train_step, sampler, batch_sharding, loop: Loop):
     window_start, window_steps = time.perf_counter(), 0
     with StopRequest() as stop:
         for step in range(start, loop.max_steps):
-            # Host work for the next batch overlaps the device's work on this one (async dispatch).
-            state, metrics = train_step(state, put_batch(sampler.batch(step), batch_sharding))
+            # Host work for the next step overlaps the device's work on this one (async dispatch).
+            state, metrics = train_step(state, feed(step))
             done = step + 1
             window_steps += 1
             bar.update(1)

@@ -4,7 +4,8 @@
 # 0. (WHEELS=<folder>) installs the wheels the machine's image lacks into /tmp/site, and makes
 #    console-script shims in /tmp/bin (the image has JAX, flax, optax and orbax);
 # 1. cvae-bench, experiment=sohn2015: batch 128 / 1024 x fp32 / bf16 x 1 / 8 vmapped seeds, each beside
-#    the bare JAX loop (and, for bf16, the fp32 loop) in alternating windows -> <out>/bench.jsonl;
+#    the bare JAX loop (and, for bf16, the fp32 loop) in alternating windows -> <out>/bench.jsonl; then
+#    one real 5,000-step cvae-train run (its examples_per_s includes evaluations and checkpoints);
 # 2. Sohn et al. Table 1 (scripts/sohn2015_table.sh: baselines, then the aided cvae / gsnn / hybrid,
 #    JOBS=9 processes sharing the GPU), S = 100, with as many steps per model as fit TRAIN_S seconds at
 #    the step time stage 1 measured (a multiple of 2,000, at most 24,000; STEPS=<n> fixes it);
@@ -40,14 +41,18 @@ if [ -n "${WHEELS:-}" ]; then
   log "setup: $(python3 -c 'import jax, flax, optax, orbax.checkpoint, hydra, tensorboardX; print(jax.__version__, jax.devices())' 2>&1 | tail -1)"
 fi
 
-log "stage 1: cvae-bench"
-timeout "${BENCH_S:-110}" "$bin/cvae-bench" -m experiment=sohn2015 "data.path=$data" bench.steps=200 bench.warmup=20 \
+stages=${STAGES:-1234}  # e.g. STAGES=1: the benchmarks only
+[[ $stages == *1* ]] && log "stage 1: cvae-bench" && timeout "${BENCH_S:-110}" "$bin/cvae-bench" -m experiment=sohn2015 "data.path=$data" bench.steps=200 bench.warmup=20 \
   trainer.batch_size=128,1024 trainer.precision=fp32,bf16 trainer.num_seeds=1,8 \
-  hydra.sweeper.params.data.n_given=1 hydra.sweeper.params.model=cvae \
+  'hydra.sweeper.params={data.n_given:1,model:cvae}' \
   hydra.sweep.dir="$work/bench" 'hydra.sweep.subdir=b${trainer.batch_size}_${trainer.precision}_k${trainer.num_seeds}' "$@" \
   2>"$work/bench.stderr" | grep '^{' >>"$out/bench.jsonl"
-pack
 log "stage 1 done: $(wc -l <"$out/bench.jsonl") bench results"
+# A real run beside it: logging, evaluations every 1,000 steps and async checkpoints included.
+[[ $stages == *1* ]] && timeout 90 "$bin/cvae-train" experiment=sohn2015 "data.path=$data" trainer.max_steps=5000 \
+  trainer.progress=false hydra.run.dir="$work/real_run" "$@" >/dev/null 2>"$work/real_run.stderr" &&
+  log "real run: $(python3 -c "import json; m = json.load(open('$work/real_run/metrics.json')); print({k: m[k] for k in ('examples_per_s', 'wall_s', 'val/elbo', 'hardware')})")"
+pack
 
 # Per step of the 12 models together: baseline ~0.4, gsnn ~0.7, cvae 1, hybrid ~1.3 CVAE steps, x 3 tasks,
 # divided by ~1.5 for the parallel jobs, plus ~40 s of start-up and compilation; the CVAE step from stage 1.
@@ -58,6 +63,7 @@ ms = next((r["step_ms"] for r in rows if r["batch_size"] == 128 and r["precision
 steps = (float(sys.argv[2]) - 40) / (10.2 * ms / 1e3 / 1.5)
 print(int(max(2000, min(24000, steps // 2000 * 2000))))
 '
+[[ $stages == *2* ]] || exit 0
 steps=${STEPS:-$(python3 -c "$pick_steps" "$out/bench.jsonl" "${TRAIN_S:-200}" 2>/dev/null || echo 10000)}
 log "stage 2: Sohn et al. table, $steps steps per model"
 JOBS=${JOBS:-9} BIN=$bin timeout "${TABLE_S:-330}" scripts/sohn2015_table.sh "$work/sohn2015" "data.path=$data" \

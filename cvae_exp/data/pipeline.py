@@ -80,11 +80,14 @@ class BatchSampler:
         self.steps_per_epoch = len(split.images) // batch_size
         self._epoch, self._order = -1, None
 
+    def order(self, epoch: int) -> np.ndarray:
+        """The shuffled indices of one epoch; step s uses order(s // steps_per_epoch) in slices of batch_size."""
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.split.images))
+
     def indices(self, step: int) -> np.ndarray:
         epoch, pos = divmod(step, self.steps_per_epoch)
         if epoch != self._epoch:
-            self._epoch = epoch
-            self._order = np.random.default_rng([self.seed, epoch]).permutation(len(self.split.images))
+            self._epoch, self._order = epoch, self.order(epoch)
         return self._order[pos * self.batch_size : (pos + 1) * self.batch_size]
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
