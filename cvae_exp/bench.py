@@ -3,7 +3,7 @@
     cvae-bench experiment=sohn2015 data.path=<mnist> trainer.batch_size=128 bench.steps=150
 
 Prints one JSON object as its last line (and writes bench.json into the run directory):
-examples_per_s, step_ms (median), flops_per_example (XLA's cost analysis of the compiled step),
+examples_per_s (all seeds together), step_ms (median), flops_per_example (see `step_flops`),
 peak_flops (a same-dtype matrix product timed here), mfu, and, with bench.reference=true, the bare
 loop's examples_per_s and the ratio between the two (timed in alternating windows, medians); with
 trainer.precision=bf16 also the same loop in fp32 (fp32_examples_per_s, speedup_over_fp32).

@@ -49,6 +49,7 @@ stages=${STAGES:-1234}  # e.g. STAGES=1: the benchmarks only
   2>"$work/bench.stderr" | grep '^{' >>"$out/bench.jsonl"
 log "stage 1 done: $(wc -l <"$out/bench.jsonl") bench results"
 # A real run beside it: logging, evaluations every 1,000 steps and async checkpoints included.
+rm -rf "$work/real_run"
 [[ $stages == *1* ]] && timeout 90 "$bin/cvae-train" experiment=sohn2015 "data.path=$data" trainer.max_steps=5000 \
   trainer.progress=false hydra.run.dir="$work/real_run" "$@" >/dev/null 2>"$work/real_run.stderr" &&
   log "real run: $(python3 -c "import json; m = json.load(open('$work/real_run/metrics.json')); print({k: m[k] for k in ('examples_per_s', 'wall_s', 'val/elbo', 'hardware')})")"
