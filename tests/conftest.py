@@ -139,6 +139,20 @@ def session_cli(cli_env, tmp_path_factory) -> Callable[..., subprocess.Completed
     return run
 
 
+def compose_config(overrides=(), *, hydra_config: bool = False):
+    """The config `cvae-train` would compose from `overrides` (with Hydra's own node when asked), with no
+    global Hydra state left behind."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose("config", overrides=list(overrides), return_hydra_config=hydra_config)
+    finally:
+        GlobalHydra.instance().clear()
+
+
 def shrunk(data_path: str, run_dir: Path | str | None = None, *extra: str) -> list[str]:
     """Overrides that make a real config train in seconds on the tiny dataset; `extra` overrides go last."""
     args = [

@@ -15,9 +15,8 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import CONF_DIR, run_module
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
+from conftest import compose_config as compose_cfg
+from conftest import run_module
 from omegaconf import OmegaConf
 
 import cvae_exp.train  # noqa: F401  (registers the schemas in Hydra's ConfigStore)
@@ -39,15 +38,6 @@ def runs(tmp_path_factory, session_cli, small_overrides) -> dict[str, Path]:
     done = session_cli(small_overrides(cvae, "model=cvae", f"model.baseline_run={baseline}", *QUADRANTS, *STEPS))
     assert done.returncode == 0, done.stderr[-3000:]
     return {"baseline": baseline, "cvae": cvae, "root": root}
-
-
-def compose_cfg(overrides):
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return compose("config", overrides=list(overrides))
-    finally:
-        GlobalHydra.instance().clear()
 
 
 def test_prior_and_generation_inputs_grow_by_the_output_size():

@@ -11,8 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
+from conftest import compose_config as make_cfg
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import IntervalSweep
 from hydra.errors import HydraException
@@ -32,15 +31,6 @@ GROUP_FIELD = {"model": "kind", "data": "name"}  # the field that says which opt
 def options(group: str) -> list[str]:
     """The option names of a config group, from the YAML files in conf/<group>/ (new files are picked up)."""
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
-
-
-def make_cfg(overrides=(), *, hydra_config: bool = False):
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return compose("config", overrides=list(overrides), return_hydra_config=hydra_config)
-    finally:
-        GlobalHydra.instance().clear()
 
 
 def sweep_points(params, cfg) -> list[list[str]]:

@@ -16,23 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
+from conftest import compose_config as make_cfg
 
 import cvae_exp.run
 from cvae_exp.train import exit_on_user_error, train
 
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
-
-
-def make_cfg(overrides):
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return compose("config", overrides=list(overrides))
-    finally:
-        GlobalHydra.instance().clear()
 
 
 def write_parquet(root: Path, side: int = 28, label_column: str = "label") -> Path:
