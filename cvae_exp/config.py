@@ -8,6 +8,7 @@ data is loaded or any function compiled.
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -16,6 +17,17 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from cvae_exp.errors import UserError
+
+
+def log_dir(run_dir: str) -> str:
+    """Where `cvae-eval` and `cvae-sample` keep their Hydra log: the run directory when it exists, else a
+    temporary folder, so that a mistyped run_dir is refused without being created (the `${cvae_log_dir:}`
+    resolver of conf/eval.yaml and conf/sample.yaml)."""
+    path = Path(str(run_dir)).expanduser()
+    return str(path) if path.is_dir() else str(Path(tempfile.gettempdir()) / "cvae_exp_refused_runs")
+
+
+OmegaConf.register_new_resolver("cvae_log_dir", log_dir, replace=True)
 
 MODEL_KINDS = ("cvae", "vae", "gsnn", "hybrid", "baseline")
 PRIORS = ("learned", "standard")

@@ -64,5 +64,6 @@ def test_baseline_eval_is_exact_and_deterministic(quadrant_runs, cli_env, tmp_pa
 def test_eval_refuses_a_folder_that_is_not_a_run(cli_env, tmp_path):
     out = run_eval(tmp_path / "nothing", cli_env, tmp_path)
     assert out.returncode == 2 and "run_dir=" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "nothing").exists(), "a mistyped run_dir is refused, not created"
     out = run_eval(tmp_path, cli_env, tmp_path, "eval.samples=0")
     assert out.returncode == 2 and "eval.samples=0" in out.stderr

@@ -115,3 +115,4 @@ def test_not_a_run_dir_is_one_sentence_and_exit_2(tmp_path, cli_env):
     assert "Traceback" not in proc.stderr and str(tmp_path) in lines[-1] and lines[-1].startswith("error:")
     proc = run_sample([f"run_dir={tmp_path / 'x'}", "sample.walk=0"], cli_env, tmp_path)
     assert proc.returncode == 2 and "sample.walk=0" in proc.stderr
+    assert not (tmp_path / "x").exists(), "a mistyped run_dir is refused, not created"
