@@ -46,6 +46,7 @@ class Task:
     alpha: float = 0.5
     kl_warmup_steps: int = 0
     nan_policy: str = "stop"
+    precision: str = "fp32"
 
 
 def build_task(cfg, dynamic: bool) -> Task:
@@ -61,6 +62,7 @@ def build_task(cfg, dynamic: bool) -> Task:
         alpha=cfg.model.alpha,
         kl_warmup_steps=cfg.model.kl_warmup_steps,
         nan_policy=cfg.trainer.nan_policy,
+        precision=cfg.trainer.precision,
     )
 
 
@@ -196,7 +198,11 @@ def make_train_step(graphdef, opt: Optimizer, task: Task, state_sharding, seeds:
         def step_fn(state, arrays):
             return on_batch(state, feed.cut(arrays, state["step"]))
 
-    return jax.jit(step_fn, donate_argnums=0, out_shardings=(state_sharding, state_sharding))
+    # The old state's buffers are donated to the new one, except for bf16 on a CPU: there XLA's
+    # in-place update made the bf16 step ~15% slower (46 vs 40 ms at the paper's size, measured with the
+    # same step donated and not), while fp32 steps time the same either way.
+    donate = () if task.precision == "bf16" and jax.default_backend() == "cpu" else (0,)
+    return jax.jit(step_fn, donate_argnums=donate, out_shardings=(state_sharding, state_sharding))
 
 
 def make_eval_step(graphdef, task: Task, out_sharding, seeds: int = 1) -> Callable:
