@@ -104,14 +104,19 @@ def read_meta(manager: ocp.CheckpointManager, step: int) -> dict | None:
         return None
 
 
-def newest_config(manager: ocp.CheckpointManager) -> tuple[int, dict] | None:
-    """(step, config) from the newest checkpoint whose JSON item reads; only JSON is read, so a resume
-    with a changed model is refused in milliseconds rather than failing on mismatched array shapes."""
-    for step in sorted(manager.all_steps(), reverse=True):
+def first_config(manager: ocp.CheckpointManager, steps: list[int]) -> tuple[int, dict] | None:
+    """(step, config) from the first of `steps` whose JSON item reads (only JSON is read)."""
+    for step in steps:
         meta = read_meta(manager, step)
         if meta is not None:
             return step, meta.get("config", {})
     return None
+
+
+def newest_config(manager: ocp.CheckpointManager) -> tuple[int, dict] | None:
+    """(step, config) from the newest checkpoint whose JSON item reads; only JSON is read, so a resume
+    with a changed model is refused in milliseconds rather than failing on mismatched array shapes."""
+    return first_config(manager, sorted(manager.all_steps(), reverse=True))
 
 
 def set_aside_newer(manager: ocp.CheckpointManager, step: int) -> None:

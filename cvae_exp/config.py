@@ -220,6 +220,24 @@ def check_targets(cfg: DictConfig) -> None:
             )
 
 
+def onto_schema(saved: Any) -> DictConfig:
+    """A saved config (dict or DictConfig) merged onto the schema: keys added since it was saved get their
+    defaults, and types are checked."""
+    return OmegaConf.merge(OmegaConf.structured(Config), saved)
+
+
+def read_run_config(run_dir: Path, key: str) -> DictConfig:
+    """The config a cvae-train run directory was launched with (`.hydra/config.yaml`), onto the schema;
+    `key` names the setting that pointed here in the error when the directory is not a run."""
+    file = run_dir / ".hydra" / "config.yaml"
+    if not file.is_file():
+        raise UserError(f"{key} is not a cvae-train run directory: {file} is missing.")
+    try:
+        return onto_schema(OmegaConf.load(file))
+    except Exception as err:  # YAML or schema errors: the file is not a config this version reads
+        raise UserError(f"{key} has an unreadable config {file} ({type(err).__name__}).") from None
+
+
 def check_baseline_run(cfg: DictConfig) -> None:
     """Refuses a `model.baseline_run` that cannot start this model's baseline network, naming the key.
 
@@ -241,13 +259,7 @@ def check_baseline_run(cfg: DictConfig) -> None:
     run = Path(m.baseline_run).expanduser()
     if not run.is_dir():
         raise UserError(f"{key} does not exist: train the model=baseline run first, or fix the path.")
-    file = run / ".hydra" / "config.yaml"
-    if not file.is_file():
-        raise UserError(f"{key} is not a cvae-train run directory: {file} is missing.")
-    try:
-        saved = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(file))
-    except Exception as err:  # YAML or schema errors: the file is not a config this version reads
-        raise UserError(f"{key} has an unreadable config {file} ({type(err).__name__}).") from None
+    saved = read_run_config(run, key)
     if saved.model.kind != "baseline":
         raise UserError(f"{key} is a model.kind={saved.model.kind} run; it must be a model=baseline run.")
     for name in ("name", "condition", "n_given", "quadrant_layout"):

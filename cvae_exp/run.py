@@ -274,7 +274,7 @@ def _per_seed_results(state, val: dict, test: dict, seeds: list[int]) -> list[di
         results.append(
             {
                 "seed": seed,
-                **_seed_values({name: np.asarray(v) for name, v in val.items()}, i),
+                **_seed_values(val, i),
                 **_seed_values(test, i),
                 "skipped_steps": int(skipped[i]),
                 "params_sha256": trainer.params_sha256(params),

@@ -12,10 +12,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from cvae_exp import checkpoint, trainer
-from cvae_exp.config import Config, check_targets
+from cvae_exp.config import check_targets, onto_schema, read_run_config
 from cvae_exp.data import sources
 from cvae_exp.data.pipeline import PIXELS, Splits, condition_dim, make_splits
 from cvae_exp.errors import UserError
@@ -35,15 +35,12 @@ class Experiment:
     build_params: Callable[[int], Any]  # seed -> freshly initialised params (those of a run with that seed)
     baseline_run: str | None = None  # model.baseline_run: the run whose best params start the baseline submodule
 
-    def init_state(self, seed: int, pretrained: bool = True) -> dict:
-        """The state training starts from; `pretrained=False`: without reading model.baseline_run (the
-        same shapes, for a restore target, so an aided run loads without its baseline run)."""
-        params = with_pretrained_baseline(self.params, self.baseline_run) if pretrained else self.params
-        return trainer.init_state(params, self.opt.tx, seed)
-
-    def init_state_for(self, seed: int) -> dict:
-        """The initial state of a run with `seed` (its own parameters), for the vmapped seeds."""
-        params = with_pretrained_baseline(self.build_params(seed), self.baseline_run)
+    def init_state(self, seed: int, pretrained: bool = True, params: Any = None) -> dict:
+        """The state training starts from, with `params` (default: those built for the config's seed);
+        `pretrained=False`: without reading model.baseline_run (the same shapes, for a restore target, so
+        an aided run loads without its baseline run)."""
+        params = self.params if params is None else params
+        params = with_pretrained_baseline(params, self.baseline_run) if pretrained else params
         return trainer.init_state(params, self.opt.tx, seed)
 
     def initial_state(self, seeds: list[int]) -> dict:
@@ -51,7 +48,7 @@ class Experiment:
         seed s starts exactly as a single run with `seed=s` would (its own parameters and root key)."""
         if len(seeds) == 1:
             return self.init_state(seeds[0])
-        return trainer.stack([self.init_state_for(s) for s in seeds])
+        return trainer.stack([self.init_state(s, params=self.build_params(s)) for s in seeds])
 
 
 def build_experiment(cfg: DictConfig) -> Experiment:
@@ -110,11 +107,7 @@ class TrainedRun:
 
 
 def run_config(run_dir: Path) -> DictConfig:
-    file = run_dir / ".hydra" / "config.yaml"
-    if not file.is_file():
-        raise UserError(f"run_dir={run_dir} is not a cvae-train run directory: {file} is missing.")
-    # Onto the schema: keys added since the run was made get their defaults, and types are checked.
-    return OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(file))
+    return read_run_config(run_dir, f"run_dir={run_dir}")
 
 
 def load_run(run_dir: str | Path, sharding=None, seed_index: int = 0) -> TrainedRun:
@@ -130,11 +123,9 @@ def load_run(run_dir: str | Path, sharding=None, seed_index: int = 0) -> Trained
         raise UserError(f"run_dir={run_dir} holds no checkpoint.")
     # The config the weights were trained with, as the checkpoint recorded it: Hydra rewrites
     # .hydra/config.yaml at every launch in the directory, even one that is then refused.
-    saved = next(
-        (m["config"] for m in map(lambda s: checkpoint.read_meta(manager, s), steps) if m and m.get("config")), None
-    )
-    if saved is not None:
-        cfg = OmegaConf.merge(OmegaConf.structured(Config), saved)
+    saved = checkpoint.first_config(manager, steps)
+    if saved and saved[1]:
+        cfg = onto_schema(saved[1])
 
     k = cfg.trainer.num_seeds
     if not 0 <= seed_index < k:
