@@ -139,6 +139,23 @@ def session_cli(cli_env, tmp_path_factory) -> Callable[..., subprocess.Completed
     return run
 
 
+# Impossible values (the types are right, so the config composes): (overrides, what the one sentence that
+# refuses them must contain). test_config checks validate and the CLI on them; test_reliability_inputs
+# checks, with its own cases added, that they are refused before any work starts.
+IMPOSSIBLE = [
+    (["optimizer.lr=0"], "optimizer.lr=0"),
+    (["optimizer.lr=-0.001"], "optimizer.lr=-0.001"),
+    (["trainer.batch_size=0"], "trainer.batch_size=0"),
+    (["model.latent_dim=0"], "model.latent_dim=0"),
+    (["trainer.eval_every=0"], "trainer.eval_every=0"),
+    (["model.alpha=1.5"], "model.alpha=1.5"),
+    (["data.condition=quadrants", "data.n_given=4"], "data.n_given=4"),
+    (["model.kind=foo"], "model.kind=foo"),
+    (["data.binarize=maybe"], "data.binarize=maybe"),
+    (["optimizer.transform._target_=os.system"], "optimizer.transform._target_=os.system is refused"),
+]
+
+
 def compose_config(overrides=(), *, hydra_config: bool = False):
     """The config `cvae-train` would compose from `overrides` (with Hydra's own node when asked), with no
     global Hydra state left behind."""

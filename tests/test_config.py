@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import IMPOSSIBLE
 from conftest import compose_config as make_cfg
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import IntervalSweep
@@ -160,18 +161,6 @@ def test_cli_mistyped_key_exits_nonzero_naming_it(run_cli, tmp_path):
 
 # ----------------------------------------------------------------------------- impossible values
 
-IMPOSSIBLE = [
-    (["optimizer.lr=0"], "optimizer.lr=0"),
-    (["optimizer.lr=-0.001"], "optimizer.lr=-0.001"),
-    (["trainer.batch_size=0"], "trainer.batch_size=0"),
-    (["model.latent_dim=0"], "model.latent_dim=0"),
-    (["trainer.eval_every=0"], "trainer.eval_every=0"),
-    (["model.alpha=1.5"], "model.alpha=1.5"),
-    (["data.condition=quadrants", "data.n_given=4"], "data.n_given=4"),
-    (["model.kind=foo"], "model.kind=foo"),
-    (["data.binarize=maybe"], "data.binarize=maybe"),
-    (["optimizer.transform._target_=os.system"], "optimizer.transform._target_=os.system"),
-]
 IDS = [o[-1] for o, _ in IMPOSSIBLE]
 
 
