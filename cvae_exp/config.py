@@ -96,6 +96,8 @@ class TrainerConfig:
     progress: bool = True  # tqdm progress bar
     num_seeds: int = 1  # K > 1: K models with seeds seed..seed+K-1 trained together by jax.vmap
     data_on_device: bool = True  # training split held on the devices, batches cut inside the step (one process)
+    patience: int = 0  # early stopping: stop after this many evaluations in a row without a better val/elbo; 0: off
+    min_delta: float = 0.0  # early stopping: a better val/elbo is one lower than the best so far by more than this
 
 
 @dataclass
@@ -350,6 +352,8 @@ def validate(cfg: DictConfig) -> None:
     _choice("trainer.precision", t.precision, PRECISIONS)
     _choice("trainer.nan_policy", t.nan_policy, NAN_POLICIES)
     _at_least("trainer.num_seeds", t.num_seeds, 1)
+    _at_least("trainer.patience", t.patience, 0)
+    _at_least("trainer.min_delta", t.min_delta, 0)
     if t.devices != "all" and not (str(t.devices).isdigit() and int(t.devices) >= 1):
         raise UserError(f"trainer.devices={t.devices} must be 'all' or a positive number.")
     _at_least("checkpoint.every", cfg.checkpoint.every, 1)

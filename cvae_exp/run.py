@@ -107,12 +107,14 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
 
     # ---- restore
     resumed_from = None
+    early = trainer.EarlyStopping(t.patience, t.min_delta)
     if mode in ("true", "auto"):
         restored = checkpoint.restore_newest(manager, checkpoint.abstract(state))
         if restored is None and mode == "true":
             log.warning("resume=true, but %s holds no checkpoint yet: starting fresh.", run_dir / "checkpoints")
         if restored is not None:
-            resumed_from, state, _ = restored
+            resumed_from, state, meta = restored
+            early.load(meta.get("early_stopping"))
             checkpoint.set_aside_newer(manager, resumed_from)  # damaged ones, so their steps can be saved again
             log.info("Resumed from step %d in %s", resumed_from, manager.directory)
 
@@ -151,7 +153,8 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
 
     def on_checkpoint(step, state, val):
         if cfg.checkpoint.enabled:  # with k seeds, "best" ranks by the mean val/elbo over the seeds
-            checkpoint.save(manager, step, state, {"step": step, "config": plain, **val})
+            meta = {"step": step, "config": plain, **val, "early_stopping": early.state()}
+            checkpoint.save(manager, step, state, meta)
 
     loop = trainer.Loop(
         max_steps=t.max_steps,
@@ -162,6 +165,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
         nan_policy=t.nan_policy,
         progress=t.progress,
         seeds=k,
+        early_stop=early,
         on_log=on_log,
         on_eval=on_eval,
         on_checkpoint=on_checkpoint,
@@ -219,6 +223,9 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
         "wall_s": time.perf_counter() - t0,
         "data_source": exp.source,
         "train_examples": len(splits.train.images),
+        # early stopping (trainer.patience): whether it ended the run, and the step of the best val/elbo
+        "stopped_early": early.done,
+        "best_step": early.best_step,
         "hardware": f"{mesh.size} x {jax.devices()[0].device_kind} ({jax.devices()[0].platform}), {os.cpu_count()} CPU cores",
     }
     if k > 1:  # top-level values are means over the seeds; each seed's own values here

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import jax
@@ -288,6 +289,44 @@ class NonFinite(Exception):
 
 
 @dataclass
+class EarlyStopping:
+    """Early stopping on val/elbo (the negative ELBO, lower is better; the mean over the seeds when there
+    are several): the run stops after `patience` evaluations in a row that did not lower the best value
+    so far by more than `min_delta`. patience 0: never. Only the evaluations of the eval_every cadence
+    count. Its state travels in every checkpoint's JSON item, so a resumed run keeps counting."""
+
+    patience: int = 0
+    min_delta: float = 0.0
+    best: float = math.inf
+    best_step: int | None = None
+    waited: int = 0  # evaluations since the best
+
+    def update(self, step: int, value: float) -> None:
+        if value < self.best - self.min_delta:  # False for NaN: a non-finite evaluation is no improvement
+            self.best, self.best_step, self.waited = value, step, 0
+        else:
+            self.waited += 1
+
+    @property
+    def done(self) -> bool:
+        return self.patience > 0 and self.waited >= self.patience
+
+    def state(self) -> dict:
+        return {
+            "best": None if math.isinf(self.best) else self.best,
+            "best_step": self.best_step,
+            "waited": self.waited,
+        }
+
+    def load(self, saved: dict | None) -> None:
+        """Takes up the counting of a resumed run (its checkpoint's `state()`); patience and min_delta stay."""
+        if saved:
+            best = saved.get("best")
+            self.best = math.inf if best is None else float(best)
+            self.best_step, self.waited = saved.get("best_step"), int(saved.get("waited", 0))
+
+
+@dataclass
 class Loop:
     """The cadences and the side effects the fit loop calls; see `fit`."""
 
@@ -302,13 +341,17 @@ class Loop:
     on_eval: Callable[[int, Any], dict]
     on_checkpoint: Callable[[int, Any, dict], None]
     seeds: int = 1  # models trained together (vmapped); metrics carry a seed axis when > 1
+    early_stop: EarlyStopping = field(default_factory=EarlyStopping)
 
 
 def fit(state, train_step, feed: Callable[[int], Any], loop: Loop):
-    """Runs steps until `max_steps` or a stop request; returns (state, last val metrics, stopped),
-    where `stopped` is the number of the signal that stopped the run, or None when it finished."""
+    """Runs steps until `max_steps`, early stopping (`loop.early_stop`) or a stop request; returns
+    (state, last val metrics, stopped), where `stopped` is the number of the signal that stopped the
+    run, or None when it finished (early stopping included)."""
     start = current_step(state)
     val: dict = {}
+    if loop.early_stop.done:  # resumed after it had stopped early: nothing left to train
+        return state, val, None
     bar = tqdm(total=loop.max_steps, initial=start, disable=not loop.progress, dynamic_ncols=True, unit="step")
     window_start, window_steps = time.perf_counter(), 0
     with StopRequest() as stop:
@@ -336,12 +379,25 @@ def fit(state, train_step, feed: Callable[[int], Any], loop: Loop):
             if done % loop.eval_every == 0 or last:
                 _check_finite(state, loop.nan_policy)
                 val = loop.on_eval(done, state)
+                if done % loop.eval_every == 0:
+                    loop.early_stop.update(done, val["val/elbo"])
+                    if loop.early_stop.done:
+                        last = True
+                        log.info(
+                            "Early stopping at step %d: val/elbo has not improved on %.4f (step %s) in %d evaluations.",
+                            done,
+                            loop.early_stop.best,
+                            loop.early_stop.best_step,
+                            loop.early_stop.waited,
+                        )
             if done % loop.checkpoint_every == 0 or last:
                 _check_finite(state, loop.nan_policy)  # never save parameters past a NaN
                 loop.on_checkpoint(done, state, val if done % loop.eval_every == 0 or last else {})
             if stopping:
                 bar.close()
                 return state, val, stop.signum
+            if last:  # early stopping
+                break
     bar.close()
     return state, val, None
 
