@@ -224,6 +224,7 @@ def protocol_lines(paper_jobs: list[PaperJob]) -> list[str]:
             "(from metrics.json's train_examples or the training log; else the standard 60,000 minus data.val_size)."
         ),
         f"- Data: {distinct(_relative_source(pj.job.metrics.get('data_source')) for pj in paper_jobs)}.",
+        f"- Training: {distinct(_stopping(pj.cfg.get('trainer', {})) for pj in paper_jobs)}.",
         "",
     ]
     header = [
@@ -234,6 +235,7 @@ def protocol_lines(paper_jobs: list[PaperJob]) -> list[str]:
         "batch",
         "epochs",
         "best step",
+        "stopped early",
         "train wall s",
         "eval val s",
         "eval test s",
@@ -259,6 +261,7 @@ def protocol_lines(paper_jobs: list[PaperJob]) -> list[str]:
                 pj.cfg.get("trainer", {}).get("batch_size", ""),
                 round(pj.epochs, 2) if pj.epochs is not None else "",
                 distinct(e.get("checkpoint_step") for e in ev.values()),
+                {True: "yes", False: "no"}.get(_stopped_early(pj.job), ""),
                 pj.job.metrics.get("wall_s", ""),
                 ev.get("val", {}).get("seconds", ""),
                 ev.get("test", {}).get("seconds", ""),
@@ -272,6 +275,25 @@ def protocol_lines(paper_jobs: list[PaperJob]) -> list[str]:
         markdown_table(header, rows),
         "",
     ]
+
+
+def _stopped_early(job: Job) -> bool | None:
+    """metrics.json's `stopped_early` (the plain report keeps numbers only), None when not recorded."""
+    try:
+        return json.loads((job.path / "metrics.json").read_text()).get("stopped_early")
+    except (OSError, ValueError):
+        return None
+
+
+def _stopping(trainer: dict) -> str:
+    """How a job's training was meant to end: max_steps alone, or early stopping on val/elbo."""
+    steps, every, patience = trainer.get("max_steps"), trainer.get("eval_every"), trainer.get("patience") or 0
+    if not patience:
+        return f"{steps} steps (no early stopping)"
+    return (
+        f"up to {steps} steps, stopped early after {patience} validation passes ({every} steps apart) "
+        "without a better val/elbo"
+    )
 
 
 def csv_rows(found: dict) -> list[list]:

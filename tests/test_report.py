@@ -299,3 +299,19 @@ def test_paper_table_without_evaluations_is_a_clear_error(tmp_path, cli_env):
     proc = run_report([tmp_path / "s", "--paper", "sohn2015"], cli_env)
     assert proc.returncode == 2 and "cvae-eval" in proc.stderr and "Traceback" not in proc.stderr
     assert (tmp_path / "s" / "report.md").is_file()  # the plain report is still written
+
+
+def test_paper_table_says_which_jobs_stopped_early(paper_sweep):
+    job = paper_sweep / "1"  # cvae, 1 quadrant given
+    cfg = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())
+    cfg["trainer"] |= {"patience": 5, "eval_every": 100}
+    (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    metrics = json.loads((job / "metrics.json").read_text())
+    (job / "metrics.json").write_text(json.dumps(metrics | {"stopped_early": True}))
+    report.run([str(paper_sweep), "--paper", "sohn2015"])
+    md = (paper_sweep / "sohn2015_table1.md").read_text()
+    assert (
+        f"- Training: {STEPS} steps (no early stopping), up to {STEPS} steps, stopped early after 5 validation "
+        "passes (100 steps apart) without a better val/elbo." in md
+    )
+    assert md.count("| 1000 | yes | 12.500 |") == 1 and md.count("| 1000 |  | 12.500 |") == 12
