@@ -12,12 +12,13 @@
 # Environment: SAMPLES (importance samples S, default 100), BIN (where the console scripts are),
 # AID=0 (one 12-job sweep without the training aid, numbered job dirs: the behaviour before the aid),
 # MODELS (the aided kinds of stage 2, default cvae,gsnn,hybrid; e.g. MODELS=cvae for baseline and CVAE only),
+# N_GIVEN (the quadrant counts, default 1,2,3; both stages),
 # JOBS=<n> (train and evaluate n jobs at a time in parallel processes, through hydra-joblib-launcher).
 set -euo pipefail
 mkdir -p "$1" && dir=$(cd "$1" && pwd)  # absolute: aided jobs record the baseline's path
 # The whole pipeline's command line, for the report (multirun.yaml holds only the last training sweep).
 {
-  for var in AID MODELS SAMPLES JOBS; do
+  for var in AID MODELS N_GIVEN SAMPLES JOBS; do
     if [ -n "${!var:-}" ]; then printf '%s=%q ' "$var" "${!var}"; fi
   done
   printf 'scripts/sohn2015_table.sh'; printf ' %q' "$@"; printf '\n'
@@ -34,10 +35,10 @@ if [ "${AID:-1}" = 0 ]; then
   "${train[@]}" "$@"
 else
   named=('hydra.sweep.subdir=${model.kind}_n${data.n_given}')  # baseline_n1, cvae_n2, ...
-  "${train[@]}" model=baseline data.n_given=1,2,3 "${named[@]}" "$@"
+  "${train[@]}" model=baseline "data.n_given=${N_GIVEN:-1,2,3}" "${named[@]}" "$@"
   # Resolved per job from its own data.n_given (the saved config keeps the interpolation, which needs
   # nothing but that config to resolve).
-  "${train[@]}" "model=${MODELS:-cvae,gsnn,hybrid}" data.n_given=1,2,3 "${named[@]}" \
+  "${train[@]}" "model=${MODELS:-cvae,gsnn,hybrid}" "data.n_given=${N_GIVEN:-1,2,3}" "${named[@]}" \
     "model.baseline_run=$dir/baseline_n\${data.n_given}" "$@"
 fi
 runs=()
