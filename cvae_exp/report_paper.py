@@ -51,6 +51,7 @@ BINARIZATION = {
     "dynamic": "dynamic (train digits redrawn as Bernoulli samples every step; val and test binarized once "
     "with a fixed seed, the same for every run)",
     "static": "static (every split binarized once with a fixed seed)",
+    "threshold": "threshold (every pixel above one half is 1, the others 0, in every split; no randomness)",
     "none": "none (grayscale targets)",
 }
 
