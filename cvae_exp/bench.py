@@ -135,7 +135,6 @@ def framework_loop(exp, cfg: DictConfig, mesh, warmup: int):
     import jax
 
     from cvae_exp import parallel
-    from cvae_exp.data.pipeline import make_sampler
     from cvae_exp.trainer import make_feed, make_train_step
 
     t, k = cfg.trainer, cfg.trainer.num_seeds
@@ -144,7 +143,7 @@ def framework_loop(exp, cfg: DictConfig, mesh, warmup: int):
     feed = make_feed(exp.splits.train, t.batch_size, seeds, replicated, sharded, t.data_on_device)
     state = jax.device_put(exp.initial_state(seeds), replicated)
     train_step = make_train_step(exp.graphdef, exp.opt, exp.task, replicated, k, feed)
-    first = parallel.put_batch(make_sampler(exp.splits.train, t.batch_size, cfg.seed, k).batch(0), sharded)
+    first = parallel.put_batch(feed.sampler.batch(0), sharded)  # the bare loop's one batch
     flops_per_example = step_flops(train_step, state, feed(0)) / (t.batch_size * k)
     initial = jax.tree.map(lambda a: a.copy(), state)  # the loop donates its own
     count, metrics = 0, None

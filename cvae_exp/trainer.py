@@ -25,7 +25,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from cvae_exp.data.pipeline import BatchSampler, Split, eval_batches, make_sampler, prepare
+from cvae_exp.data.pipeline import Split, eval_batches, make_sampler, prepare
 from cvae_exp.objectives import kl_weight, per_example_loss
 from cvae_exp.optim import Optimizer
 from cvae_exp.parallel import put_batch
@@ -108,7 +108,7 @@ def loss_fn(params, graphdef, batch, key, step, task: Task, train: bool):
 
 class HostFeed:
     """Batches cut on the host by step number and sent to the devices every step (multi-process runs,
-    or trainer.data_on_device=false)."""
+    or trainer.data_on_device=false). Both feeds keep the run's `sampler` (host batches by step)."""
 
     on_device = False
 
@@ -128,8 +128,8 @@ class DeviceFeed:
     on_device = True
 
     def __init__(self, split: Split, batch_size: int, seeds: list[int], replicated, batch_sharding):
-        self.samplers = [BatchSampler(split, batch_size, s) for s in seeds]
-        self.batch_size, self.steps_per_epoch = batch_size, self.samplers[0].steps_per_epoch
+        self.sampler = make_sampler(split, batch_size, seeds[0], len(seeds))
+        self.batch_size, self.steps_per_epoch = batch_size, self.sampler.steps_per_epoch
         self.replicated, self.batch_sharding = replicated, batch_sharding
         self.data = jax.device_put({"image": split.images, "label": split.labels}, replicated)
         self._epoch, self._arrays = -1, None
@@ -137,9 +137,8 @@ class DeviceFeed:
     def __call__(self, step: int) -> dict:
         epoch = step // self.steps_per_epoch
         if epoch != self._epoch:  # once per epoch: the new order(s), [N] or [K, N]
-            orders = np.stack([s.order(epoch) for s in self.samplers]).astype(np.int32)
-            order = orders[0] if len(self.samplers) == 1 else orders
-            self._epoch, self._arrays = epoch, {**self.data, "order": jax.device_put(order, self.replicated)}
+            order = jax.device_put(self.sampler.order(epoch).astype(np.int32), self.replicated)
+            self._epoch, self._arrays = epoch, {**self.data, "order": order}
         return self._arrays
 
     def cut(self, arrays: dict, step: jax.Array) -> dict:

@@ -101,6 +101,11 @@ class SeedSampler:
 
     def __init__(self, split: Split, batch_size: int, seed: int, seeds: int):
         self.samplers = [BatchSampler(split, batch_size, s) for s in range(seed, seed + seeds)]
+        self.steps_per_epoch = self.samplers[0].steps_per_epoch
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The K seeds' orders of one epoch, [K, N]."""
+        return np.stack([s.order(epoch) for s in self.samplers])
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         batches = [s.batch(step) for s in self.samplers]
