@@ -41,6 +41,7 @@ class Job:
     path: Path
     overrides: dict[str, str]  # key -> value, as given on the command line / by the sweeper
     metrics: dict[str, float | int | str] = field(default_factory=dict)
+    saved: dict = field(default_factory=dict)  # metrics.json as written, every field (booleans, lists too)
     status: str = "ok"  # ok | running | failed/unfinished (...)
 
     @property
@@ -99,7 +100,8 @@ def load_job(root: Path, path: Path) -> Job:
     overrides = dict(_split_override(o) for o in listed if not str(o).startswith("hydra."))
     job = Job(name, path, overrides)
     try:
-        job.metrics = _numbers(json.loads((path / "metrics.json").read_text()))
+        job.saved = json.loads((path / "metrics.json").read_text())
+        job.metrics = _numbers(job.saved)
     except FileNotFoundError:
         job.status = _unfinished(path)
     except (OSError, ValueError) as err:

@@ -262,7 +262,7 @@ def protocol_lines(paper_jobs: list[PaperJob]) -> list[str]:
                 pj.cfg.get("trainer", {}).get("batch_size", ""),
                 round(pj.epochs, 2) if pj.epochs is not None else "",
                 distinct(e.get("checkpoint_step") for e in ev.values()),
-                {True: "yes", False: "no"}.get(_stopped_early(pj.job), ""),
+                {True: "yes", False: "no"}.get(pj.job.saved.get("stopped_early"), ""),
                 pj.job.metrics.get("wall_s", ""),
                 ev.get("val", {}).get("seconds", ""),
                 ev.get("test", {}).get("seconds", ""),
@@ -276,14 +276,6 @@ def protocol_lines(paper_jobs: list[PaperJob]) -> list[str]:
         markdown_table(header, rows),
         "",
     ]
-
-
-def _stopped_early(job: Job) -> bool | None:
-    """metrics.json's `stopped_early` (the plain report keeps numbers only), None when not recorded."""
-    try:
-        return json.loads((job.path / "metrics.json").read_text()).get("stopped_early")
-    except (OSError, ValueError):
-        return None
 
 
 def _stopping(trainer: dict) -> str:
