@@ -41,6 +41,7 @@ SHAPE_KEYS = (
     "trainer.num_seeds",
     "model.baseline_run",
     "model.baseline_hidden",
+    "model.baseline_into",
 )
 
 

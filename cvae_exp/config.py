@@ -39,6 +39,7 @@ NAN_POLICIES = ("stop", "skip")
 RESUME = ("false", "true", "auto")
 SPLITS = ("val", "test")
 QUADRANT_LAYOUTS = ("left_first", "top_first")
+BASELINE_INTO = ("prior", "prior_and_generation")
 SAFE_TARGET_PREFIXES = ("cvae_exp.", "optax.", "flax.")
 
 
@@ -53,8 +54,10 @@ class ModelConfig:
     alpha: float = 0.5  # hybrid: alpha * L_CVAE + (1 - alpha) * L_GSNN
     beta: float = 1.0  # weight of the KL term
     kl_warmup_steps: int = 0  # KL weight ramps linearly from 0 to beta over these steps
-    baseline_run: Optional[str] = None  # a finished model=baseline run (same task): its y_hat feeds p(z|x), p(y|x,z)
+    baseline_run: Optional[str] = None  # a finished model=baseline run (same task): its y_hat feeds the prior p(z|x)
     baseline_hidden: Optional[list[int]] = None  # that baseline's hidden widths (its model.hidden); null: model.hidden
+    baseline_into: str = "prior"  # prior (the paper's Figure 1(d)) | prior_and_generation (y_hat into p(y|x,z) too)
+    baseline_frozen: bool = False  # true: the pre-trained baseline stays fixed; false: fine-tuned with the rest
 
 
 @dataclass
@@ -64,7 +67,8 @@ class DataConfig:
     hub_id: Optional[str] = None  # overrides the Hub dataset id for `name`
     binarize: str = "dynamic"  # static | dynamic | threshold | none
     val_size: int = 5000  # carved from the training split with `split_seed`
-    split_seed: int = 0  # seed of the train/val split and of static binarization
+    split_seed: int = 0  # seed of the train/val split
+    binarize_seed: int = 42  # static / dynamic: seed of the one fixed Bernoulli draw of every split that is scored
     condition: str = "label"  # label | none | quadrants
     n_given: int = 1  # quadrants given (quadrant task): 1, 2 or 3, in the order of quadrant_layout
     quadrant_layout: str = "left_first"  # left_first: bottom-left, +top-left, +top-right | top_first
@@ -321,6 +325,7 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(f"model.kind={m.kind} predicts y from a condition, but data.condition=none.")
     if m.kind in ("gsnn", "hybrid") and m.prior != "learned":
         raise UserError(f"model.kind={m.kind} trains through the prior network and needs model.prior=learned.")
+    _choice("model.baseline_into", m.baseline_into, BASELINE_INTO)
     for i, width in enumerate(m.baseline_hidden or []):
         _at_least(f"model.baseline_hidden[{i}]", width, 1)
     check_baseline_run(cfg)

@@ -55,7 +55,13 @@ def build_experiment(cfg: DictConfig) -> Experiment:
     """Loads the data and builds the network and optimizer that `cfg` describes (no devices yet)."""
     check_targets(cfg)  # a saved config may come from someone else: instantiate only safe targets
     raw = sources.load(cfg.data.name, cfg.data.path, cfg.data.hub_id)
-    splits = make_splits(raw, val_size=cfg.data.val_size, split_seed=cfg.data.split_seed, binarize=cfg.data.binarize)
+    splits = make_splits(
+        raw,
+        val_size=cfg.data.val_size,
+        split_seed=cfg.data.split_seed,
+        binarize=cfg.data.binarize,
+        binarize_seed=cfg.data.binarize_seed,
+    )
     task = trainer.build_task(cfg, splits.dynamic)
 
     def build_params(seed: int):

@@ -48,6 +48,7 @@ class Task:
     kl_warmup_steps: int = 0
     nan_policy: str = "stop"
     precision: str = "fp32"
+    frozen_baseline: bool = False  # model.baseline_frozen with a baseline_run: its parameters never change
 
 
 def build_task(cfg, dynamic: bool) -> Task:
@@ -64,6 +65,7 @@ def build_task(cfg, dynamic: bool) -> Task:
         kl_warmup_steps=cfg.model.kl_warmup_steps,
         nan_policy=cfg.trainer.nan_policy,
         precision=cfg.trainer.precision,
+        frozen_baseline=bool(cfg.model.baseline_frozen and cfg.model.baseline_run),
     )
 
 
@@ -173,6 +175,8 @@ def make_train_step(graphdef, opt: Optimizer, task: Task, state_sharding, seeds:
         (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
         updates, opt_state = opt.tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
+        if task.frozen_baseline:  # no gradient reaches it, but weight decay would still move it
+            params = {**params, "baseline": state["params"]["baseline"]}
         finite = jnp.isfinite(loss)
         if task.nan_policy == "skip":  # keep the old parameters and moments for a non-finite step
             keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)

@@ -40,19 +40,53 @@ def runs(tmp_path_factory, session_cli, small_overrides) -> dict[str, Path]:
     return {"baseline": baseline, "cvae": cvae, "root": root}
 
 
-def test_prior_and_generation_inputs_grow_by_the_output_size():
+@pytest.mark.parametrize("into", ["prior", "prior_and_generation"])
+def test_aided_networks_grow_by_the_output_size(into):
     shapes = {}
     for aided in (False, True):
-        cfg = OmegaConf.structured(ModelConfig(kind="hybrid", hidden=[8], latent_dim=3))
+        cfg = OmegaConf.structured(ModelConfig(kind="hybrid", hidden=[8], latent_dim=3, baseline_into=into))
         cfg.baseline_run = "/somewhere" if aided else None
         _, params = build_model(cfg, 784, 784)
         shapes[aided] = jax.tree.map(lambda a: a.shape, params)
     plain, aided = shapes[False], shapes[True]
     assert "baseline" not in plain
     assert aided["baseline"]["net"]["dense0"]["kernel"] == (784, 8)  # the same network as model=baseline
-    assert aided["prior_net"]["dense0"]["kernel"] == (784 + 784, 8)
-    assert aided["generation"]["dense0"]["kernel"] == (784 + 784 + 3, 8)
+    assert aided["prior_net"]["dense0"]["kernel"] == (784 + 784, 8)  # the paper's Figure 1(d): y_hat into the prior
+    grown = 784 if into == "prior_and_generation" else 0
+    assert aided["generation"]["dense0"]["kernel"] == (784 + grown + 3, 8)
     assert aided["recognition"] == plain["recognition"]  # q(z | x, y) already sees y
+
+
+def test_a_frozen_baseline_keeps_its_parameters_and_the_rest_trains(tmp_path, small_overrides):
+    """model.baseline_frozen=true: after training steps (with weight decay, which moves even parameters
+    without gradient) the baseline submodule is bit for bit where it started; the other networks moved."""
+    from hydra.utils import instantiate
+
+    from cvae_exp import trainer
+
+    cfg = compose_cfg(small_overrides(tmp_path / "unused", "model=cvae", "optimizer=adamw", *QUADRANTS))
+    for frozen in (True, False):
+        cfg.model.baseline_run, cfg.model.baseline_frozen = "/somewhere", frozen
+        graphdef, params = build_model(cfg.model, 784, 784, seed=0)
+        start = jax.device_get(params)  # the step donates the state's buffers
+        task = trainer.build_task(cfg, dynamic=False)
+        assert task.frozen_baseline is frozen
+        opt = instantiate(cfg.optimizer, total_steps=10, _convert_="all")
+        state = trainer.init_state(params, opt.tx, 0)
+        step = trainer.make_train_step(graphdef, opt, task, None)
+        rng = np.random.default_rng(0)
+        batch = {"image": rng.integers(0, 256, (16, 784), dtype=np.uint8), "label": np.zeros(16, np.int32)}
+        for _ in range(3):
+            state, _ = step(state, batch)
+        moved = {
+            name: any(
+                not np.array_equal(a, b)
+                for a, b in zip(jax.tree.leaves(state["params"][name]), jax.tree.leaves(start[name]), strict=True)
+            )
+            for name in ("baseline", "prior_net", "generation")
+        }
+        assert moved["baseline"] is not frozen
+        assert moved["prior_net"] and moved["generation"]
 
 
 def test_baseline_submodule_starts_from_the_baseline_runs_best_params(runs):

@@ -19,7 +19,7 @@ from cvae_exp.errors import UserError
 SIDE = 28
 PIXELS = SIDE * SIDE
 NUM_CLASSES = 10
-EVAL_BINARIZATION_SEED = 12345  # one fixed binarization of val/test, shared by every run
+BINARIZE_SEED = 42  # data.binarize_seed's default: the seed of the fixed draw of Shu et al. (2017), RuiShu/bcde
 
 
 @dataclass(frozen=True)
@@ -36,35 +36,40 @@ class Splits:
     dynamic: bool  # train images are grayscale and binarized afresh in every step
 
 
-def _bernoulli_u8(images: np.ndarray, seed: int) -> np.ndarray:
+def _bernoulli_u8(images: np.ndarray, seed) -> np.ndarray:
+    """One Bernoulli draw per pixel with p = intensity / 255, as 0/255 (deterministic in `seed`)."""
     rng = np.random.default_rng(seed)
     return np.where(rng.random(images.shape, dtype=np.float32) * 255.0 < images, 255, 0).astype(np.uint8)
 
 
-def make_splits(raw, *, val_size: int, split_seed: int, binarize: str) -> Splits:
+def make_splits(raw, *, val_size: int, split_seed: int, binarize: str, binarize_seed: int = BINARIZE_SEED) -> Splits:
     """Train/val/test as flat uint8 arrays; val is carved from train with `split_seed`.
 
-    static: every split binarized once (a fixed Bernoulli draw per pixel); dynamic: train is redrawn
-    each step, val and test are binarized once with a fixed seed so evaluations stay comparable;
-    threshold: every pixel above one half is 1 (deterministic, crisp digits).
+    static and dynamic score the same targets: one fixed Bernoulli draw per image, seeded by
+    `binarize_seed` (the 60,000 training digits drawn once before the split, the test digits once), so
+    every run and every model with that seed is evaluated on identical val and test pixels. static also
+    trains on that draw (the protocol of Shu et al. 2017); dynamic trains on the grayscale digits, redrawn
+    in every step. threshold: every pixel above one half is 1 (deterministic, no pixel noise: an easier
+    task). none: grayscale targets.
     """
     n_train = len(raw.train_images)
     if val_size >= n_train:
         raise UserError(f"data.val_size={val_size} leaves no training data: the training split holds {n_train} digits.")
     order = np.random.default_rng(split_seed).permutation(n_train)
     flat = raw.train_images.reshape(n_train, PIXELS)
+    test_images = raw.test_images.reshape(len(raw.test_images), PIXELS)
     labels = raw.train_labels.astype(np.int32)
-    train = Split(flat[order[val_size:]], labels[order[val_size:]])
-    val = Split(flat[order[:val_size]], labels[order[:val_size]])
-    test = Split(raw.test_images.reshape(len(raw.test_images), PIXELS), raw.test_labels.astype(np.int32))
+    test_labels = raw.test_labels.astype(np.int32)
     if binarize == "threshold":
-        crisp = lambda s: Split(np.where(s.images > 127, 255, 0).astype(np.uint8), s.labels)  # noqa: E731
-        return Splits(crisp(train), crisp(val), crisp(test), dynamic=False)
-    if binarize != "none":
-        val = Split(_bernoulli_u8(val.images, EVAL_BINARIZATION_SEED), val.labels)
-        test = Split(_bernoulli_u8(test.images, EVAL_BINARIZATION_SEED + 1), test.labels)
-    if binarize == "static":
-        train = Split(_bernoulli_u8(train.images, split_seed + 1), train.labels)
+        flat, test_images = (np.where(a > 127, 255, 0).astype(np.uint8) for a in (flat, test_images))
+    drawn = flat
+    if binarize in ("static", "dynamic"):
+        drawn = _bernoulli_u8(flat, [binarize_seed, 0])
+        test_images = _bernoulli_u8(test_images, [binarize_seed, 1])
+    train_images = drawn if binarize == "static" else flat
+    train = Split(train_images[order[val_size:]], labels[order[val_size:]])
+    val = Split(drawn[order[:val_size]], labels[order[:val_size]])
+    test = Split(test_images, test_labels)
     return Splits(train, val, test, dynamic=binarize == "dynamic")
 
 

@@ -35,6 +35,8 @@ def build_model(model_cfg, x_dim: int, y_dim: int, *, precision: str = "fp32", s
             # model.baseline_run: the baseline network inside the CVAE (its parameters come from that run's
             # checkpoint later, in cvae_exp.runs; only the architecture is decided here, from this config alone).
             baseline_hidden=list(model_cfg.baseline_hidden or model_cfg.hidden) if model_cfg.baseline_run else None,
+            baseline_into=model_cfg.baseline_into,
+            baseline_frozen=model_cfg.baseline_frozen,
             **common,
         )
     graphdef, state = nnx.split(model)

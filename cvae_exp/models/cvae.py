@@ -2,7 +2,8 @@
 
 Notation follows the paper: x is the condition, y the output, z the latent. A VAE is the same module
 with an empty condition (x_dim = 0) and the fixed prior N(0, I). A CVAE built with `baseline_hidden`
-holds a `Baseline` whose prediction feeds its prior and generation networks (`model.baseline_run`).
+holds a `Baseline` whose prediction feeds its prior network, and with `baseline_into="prior_and_generation"`
+its generation network too (`model.baseline_run`).
 """
 
 from __future__ import annotations
@@ -65,13 +66,20 @@ class CVAE(nnx.Module):
         min_log_var: float = -6.0,
         recognition: bool = True,
         baseline_hidden: list[int] | None = None,
+        baseline_into: str = "prior",
+        baseline_frozen: bool = False,
         dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
-        self.latent_dim = latent_dim
+        self.latent_dim, self.x_dim = latent_dim, x_dim
         self.head = OutputHead(likelihood, min_log_var)
-        # With `baseline_hidden`, the prior and generation networks also see the baseline's prediction y_hat.
-        h_dim = x_dim + (y_dim if baseline_hidden is not None else 0)
+        # With `baseline_hidden`, the prior network also sees the baseline's prediction y_hat (and, with
+        # baseline_into="prior_and_generation", the generation network too).
+        aided = baseline_hidden is not None
+        self.baseline_into = baseline_into if aided else None
+        self.baseline_frozen = baseline_frozen and aided
+        h_dim = x_dim + (y_dim if aided else 0)
+        g_dim = h_dim if self.baseline_into == "prior_and_generation" else x_dim
         # The GSNN never uses q, so it has no recognition network at all.
         self.recognition = (
             MLP([x_dim + y_dim, *hidden, 2 * latent_dim], dtype=dtype, rngs=rngs) if recognition else None
@@ -80,7 +88,7 @@ class CVAE(nnx.Module):
         self.prior_net = (
             MLP([h_dim, *hidden, 2 * latent_dim], dtype=dtype, rngs=rngs) if prior == "learned" and x_dim > 0 else None
         )
-        self.generation = MLP([h_dim + latent_dim, *hidden, self.head.width(y_dim)], dtype=dtype, rngs=rngs)
+        self.generation = MLP([g_dim + latent_dim, *hidden, self.head.width(y_dim)], dtype=dtype, rngs=rngs)
         self.baseline = (
             Baseline(
                 x_dim,
@@ -96,16 +104,20 @@ class CVAE(nnx.Module):
         )
 
     def context(self, x: jax.Array) -> jax.Array:
-        """What the prior and generation networks condition on: x, and the baseline's y_hat when there is one.
+        """What the prior network conditions on: x, and the baseline's y_hat when there is one.
 
         Sohn et al. (2015) build the CVAE on top of the deterministic baseline: its prediction y_hat (the
-        "initial guess") is an input of the prior network p(z | x, y_hat) and the generation network
-        p(y | x, y_hat, z). y_hat is the baseline's mean: sigmoid(logits) for Bernoulli pixels.
+        "initial guess") is an input of the prior network p(z | x, y_hat) (their Figure 1(d)); with
+        baseline_into="prior_and_generation" the generation network p(y | x, y_hat, z) sees it as well.
+        y_hat is the baseline's mean: sigmoid(logits) for Bernoulli pixels. A frozen baseline passes no
+        gradient (and the train step keeps its parameters as they were).
         """
         if self.baseline is None:
             return x
         loc, _ = self.baseline(x)
         y_hat = jax.nn.sigmoid(loc) if self.head.likelihood == "bernoulli" else loc
+        if self.baseline_frozen:
+            y_hat = jax.lax.stop_gradient(y_hat)
         return jnp.concatenate([x, y_hat.astype(x.dtype)], axis=-1)
 
     def encode(self, x: jax.Array, y: jax.Array) -> Gaussian:
@@ -127,6 +139,8 @@ class CVAE(nnx.Module):
 
     def generate_given(self, z: jax.Array, h: jax.Array) -> Output:
         """p(y | x, z) from h = context(x) [B, H]; z [..., B, L] may carry leading sample axes."""
+        if self.baseline_into == "prior":  # the generation network sees x alone
+            h = h[..., : self.x_dim]
         h = jnp.broadcast_to(h, (*z.shape[:-1], h.shape[-1]))
         return self.head(self.generation(jnp.concatenate([h, z], axis=-1)))
 
