@@ -124,6 +124,8 @@ class EvalConfig:
     chunk: int = 100  # samples evaluated at once (memory: batch x chunk x pixels)
     batch_size: int = 500  # examples evaluated at once
     seed_index: int = 0  # runs with trainer.num_seeds=K: which of the K models (seed + seed_index)
+    examples: int = 0  # evaluate the first N digits of the split only; 0: all of them
+    tag: str = ""  # non-empty: write eval_<split>_<tag>.json (studies beside the table) instead of eval_<split>.json
 
 
 @dataclass
@@ -300,6 +302,9 @@ def validate_eval(cfg: DictConfig) -> None:
     _at_least("eval.chunk", cfg.eval.chunk, 1)
     _at_least("eval.batch_size", cfg.eval.batch_size, 1)
     _at_least("eval.seed_index", cfg.eval.seed_index, 0)
+    _at_least("eval.examples", cfg.eval.examples, 0)
+    if not all(c.isalnum() or c in "-_" for c in cfg.eval.tag):
+        raise UserError(f"eval.tag={cfg.eval.tag} may hold only letters, digits, '-' and '_' (it names a file).")
     _choice("eval.split", cfg.eval.split, SPLITS)
 
 

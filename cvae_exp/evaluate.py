@@ -3,12 +3,16 @@
 Writes `<run dir>/eval.json` and prints it as the last line: `ncll_is` (importance sampling from
 q(z | x, y)), `ncll_mc` (Monte Carlo from the prior), `neg_elbo`, and for the baseline the exact
 value; `ncll` is the headline figure (IS where the model has q, MC for the GSNN, exact for the
-baseline); `*_per_pixel` divide by the scored pixels. All in nats, lower is better.
+baseline); `*_per_pixel` divide by the scored pixels; `*_sem` is the standard error of the mean over the
+evaluated digits. All in nats, lower is better. `eval.examples=N` evaluates the first N digits of the
+split; `eval.tag=T` writes eval_<split>_T.json instead of eval_<split>.json (for studies beside the table,
+e.g. other S).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -43,18 +47,26 @@ def make_ncll_step(graphdef, task, samples: int, chunk: int):
             )
         w = batch["weight"]
         sums = {k: jnp.sum(v * w) for k, v in per_example.items()}
+        sums |= {f"{k}_sq": jnp.sum(jnp.square(v) * w) for k, v in per_example.items()}  # for the standard error
         return sums | {"pixels": jnp.sum(mask.sum(-1) * w), "count": jnp.sum(w)}
 
     return jax.jit(step)
 
 
 def evaluate_run(
-    run_dir: str, samples: int, split: str, chunk: int, batch_size: int, seed: int = 0, seed_index: int = 0
+    run_dir: str,
+    samples: int,
+    split: str,
+    chunk: int,
+    batch_size: int,
+    seed: int = 0,
+    seed_index: int = 0,
+    examples: int = 0,
 ) -> dict:
     import jax
 
     from cvae_exp import parallel
-    from cvae_exp.data.pipeline import eval_batches
+    from cvae_exp.data.pipeline import Split, eval_batches
     from cvae_exp.runs import load_run
     from cvae_exp.trainer import evaluate
 
@@ -62,6 +74,8 @@ def evaluate_run(
     run = load_run(run_dir, sharding=parallel.replicated(mesh), seed_index=seed_index)
     batch_size = -(-batch_size // mesh.size) * mesh.size
     data = run.splits.test if split == "test" else run.splits.val
+    if examples:  # the first `examples` digits: a fixed subset, the same for every run
+        data = Split(data.images[:examples], data.labels[:examples])
     step = make_ncll_step(run.graphdef, run.task, samples, chunk)
     sharding, key = parallel.data_sharded(mesh), jax.random.key(seed)
     start = time.perf_counter()
@@ -73,8 +87,14 @@ def evaluate_run(
     result = evaluate(step, run.params, data, batch_size, sharding, key)
     seconds = time.perf_counter() - start
     pixels = result.pop("pixels")  # scored pixels per example
+    n = len(data.images)
+    squares = {k[: -len("_sq")]: result.pop(k) for k in list(result) if k.endswith("_sq")}
     result["ncll"] = result.get("ncll_is", result.get("ncll_exact", result.get("ncll_mc")))
     result |= {f"{k}_per_pixel": v / pixels for k, v in result.items()}
+    # Standard error over the digits: the sample standard deviation of the per-digit values over sqrt(n).
+    sems = {f"{k}_sem": math.sqrt(max(sq - result[k] ** 2, 0.0) * n / max(n - 1, 1) / n) for k, sq in squares.items()}
+    result |= sems
+    result["ncll_sem"] = sems.get("ncll_is_sem", sems.get("ncll_exact_sem", sems.get("ncll_mc_sem")))
     result |= {
         "model": run.cfg.model.kind,
         "condition": run.task.condition,
@@ -83,7 +103,7 @@ def evaluate_run(
         "seed": run.cfg.seed + seed_index,  # the model's training seed
         "split": split,
         "samples": samples if run.task.kind != "baseline" else 0,
-        "examples": len(data.images),
+        "examples": n,
         "scored_pixels_per_example": pixels,
         "seconds": seconds,  # the evaluation pass, compilation excluded
         "compile_seconds": compile_seconds,
@@ -97,9 +117,12 @@ def evaluate_run(
 def main(cfg: DictConfig) -> None:
     validate_eval(cfg)
     e = cfg.eval
-    result = evaluate_run(cfg.run_dir, e.samples, e.split, e.chunk, e.batch_size, cfg.seed, e.seed_index)
-    # eval.json is the latest evaluation; eval_<split>.json keeps one per split for the reports.
-    for name in ("eval.json", f"eval_{e.split}.json"):
+    result = evaluate_run(
+        cfg.run_dir, e.samples, e.split, e.chunk, e.batch_size, cfg.seed, e.seed_index, examples=e.examples
+    )
+    # eval.json is the latest evaluation; eval_<split>.json keeps one per split for the reports (and
+    # eval_<split>_<tag>.json a tagged one, which the reports leave alone).
+    for name in ("eval.json", f"eval_{e.split}{'_' + e.tag if e.tag else ''}.json"):
         (Path(cfg.run_dir) / name).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
 

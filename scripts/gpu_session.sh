@@ -73,16 +73,15 @@ JOBS=${JOBS:-9} BIN=$bin timeout "${TABLE_S:-330}" scripts/sohn2015_table.sh "$w
 log "stage 2 exit $?"
 pack
 
-log "stage 3: cvae-eval S=1000, test (on a copy: the table's eval files stay S=100)"
-cp -r "$work/sohn2015/cvae_n1" "$work/eval1000_cvae_n1"
-timeout "${EVAL_S:-60}" "$bin/cvae-eval" run_dir="$work/eval1000_cvae_n1" eval.samples=1000 eval.split=test \
+log "stage 3: cvae-eval S=1000, test (tagged: the table's eval files stay S=100)"
+timeout "${EVAL_S:-60}" "$bin/cvae-eval" run_dir="$work/sohn2015/cvae_n1_s0" eval.samples=1000 eval.split=test eval.tag=S1000 \
   2>"$work/eval1000.stderr" | grep '^{' >"$work/eval1000.json"
 log "stage 3 done: $(cat "$work/eval1000.json")"
 pack
 
 log "stage 4: completion grids"
 for kind in cvae baseline; do
-  timeout 30 "$bin/cvae-sample" run_dir="$work/sohn2015/${kind}_n1" sample.inputs=10 sample.completions=6 \
+  timeout 30 "$bin/cvae-sample" run_dir="$work/sohn2015/${kind}_n1_s0" sample.inputs=10 sample.completions=6 \
     sample.split=test sample.out=samples_test >/dev/null 2>>"$work/sample.stderr"
 done
 pack

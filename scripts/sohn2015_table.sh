@@ -19,12 +19,15 @@
 # at a time in parallel processes, e.g. sharing one GPU), REPORT=0 (no report at the end).
 set -euo pipefail
 mkdir -p "$1" && dir=$(cd "$1" && pwd)  # absolute: aided cells record the baseline's path
-# The pipeline's command line, for the report.
+# The pipeline's command line, for the report (shell-quoted only where a word needs it).
+quote() { if [[ $1 =~ ^[A-Za-z0-9_.,/=:+@%-]*$ ]]; then printf '%s' "$1"; else printf '%q' "$1"; fi; }
 {
   for var in AID MODELS N_GIVEN SEEDS SAMPLES JOBS; do
-    if [ -n "${!var:-}" ]; then printf '%s=%q ' "$var" "${!var}"; fi
+    if [ -n "${!var:-}" ]; then printf '%s=%s ' "$var" "$(quote "${!var}")"; fi
   done
-  printf 'scripts/sohn2015_table.sh'; printf ' %q' "$@"; printf '\n'
+  printf 'scripts/sohn2015_table.sh'
+  for word in "$@"; do printf ' %s' "$(quote "$word")"; done
+  printf '\n'
 } > "$dir/command.txt"
 shift
 bin=${BIN:-.venv/bin}

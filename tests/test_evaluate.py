@@ -67,3 +67,35 @@ def test_eval_refuses_a_folder_that_is_not_a_run(cli_env, tmp_path):
     assert not (tmp_path / "nothing").exists(), "a mistyped run_dir is refused, not created"
     out = run_eval(tmp_path, cli_env, tmp_path, "eval.samples=0")
     assert out.returncode == 2 and "eval.samples=0" in out.stderr
+
+
+def test_standard_error_and_subset_match_the_per_digit_values(quadrant_runs):
+    """eval.examples=N scores the first N digits; `*_sem` is their sample standard deviation over sqrt(N)."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from cvae_exp.data.pipeline import prepare
+    from cvae_exp.evaluate import evaluate_run
+    from cvae_exp.objectives import log_likelihood
+    from cvae_exp.runs import load_run
+
+    result = evaluate_run(str(quadrant_runs["baseline"]), 1, "test", 1, 16, examples=40)
+    assert result["examples"] == 40
+    run = load_run(quadrant_runs["baseline"])
+    batch = {"image": run.splits.test.images[:40], "label": run.splits.test.labels[:40]}
+    x, y, mask = prepare(batch, jax.random.key(0), dynamic=False, condition="quadrants", n_given=1)
+    values = -np.asarray(log_likelihood(y, nnx.merge(run.graphdef, run.params)(x), mask), np.float64)
+    assert result["ncll_exact"] == pytest.approx(values.mean(), rel=1e-5)
+    assert result["ncll_sem"] == result["ncll_exact_sem"] == pytest.approx(values.std(ddof=1) / np.sqrt(40), rel=1e-3)
+
+
+def test_a_tagged_eval_leaves_the_tables_file_alone(quadrant_runs, cli_env, tmp_path):
+    run = quadrant_runs["cvae"]
+    before = (run / "eval_test.json").read_text() if (run / "eval_test.json").exists() else None
+    out = run_eval(run, cli_env, tmp_path, "eval.samples=7", "eval.examples=20", "eval.tag=S7")
+    assert out.returncode == 0, out.stderr[-3000:]
+    tagged = json.loads((run / "eval_test_S7.json").read_text())
+    assert (tagged["samples"], tagged["examples"]) == (7, 20)
+    after = (run / "eval_test.json").read_text() if (run / "eval_test.json").exists() else None
+    assert after == before

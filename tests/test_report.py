@@ -208,6 +208,7 @@ def write_job(root: Path, num: int, kind: str, n: int, seed: int = 0, shift: flo
     ests = {"baseline": ["exact"], "gsnn": ["mc"]}.get(kind, ["mc", "is"])
     for split in ("val", "test"):
         data = {f"ncll_{e}": known(kind, n, split, e) + shift for e in ests}
+        data |= {f"ncll_{e}_sem": 0.25 + shift for e in ests}
         data |= {
             "split": split,
             "samples": 0 if kind == "baseline" else S,
@@ -242,30 +243,41 @@ def test_paper_table_puts_known_numbers_in_their_cells(paper_sweep, capsys):
         "val 2q",
         "val 3q",
         "test 1q",
-        "paper 1q",
+        "recalled 1q",
         "test 2q",
-        "paper 2q",
+        "recalled 2q",
         "test 3q",
-        "paper 3q",
+        "recalled 3q",
     ]
-    assert [r[0] for r in rows] == ["NN baseline", "CVAE (MC)", "CVAE (IS)", "GSNN (MC)", "hybrid (IS)"]
+    assert [r[0] for r in rows] == [label for label, _, _ in report_paper.ROWS]
+    assert [r[0] for r in rows] == [
+        "NN baseline",
+        "GSNN (MC)",
+        "CVAE (MC)",
+        "CVAE (IS)",
+        "hybrid (MC)",
+        "hybrid (IS)",
+    ]
     cell = {r[0]: dict(zip(header, r, strict=False)) for r in rows}
     for label, kind, est in report_paper.ROWS:
         for n in (1, 2, 3):
             for split in ("val", "test"):
                 value = known(kind, n, split, est)
                 if kind == "cvae" and n == 1:  # seeds 0 and 1, the second 2 nats higher
-                    assert cell[label][f"{split} {n}q"] == f"{value + 1:.2f} ± 1.41 (n=2)"
+                    assert cell[label][f"{split} {n}q"] == f"{value + 1:.2f} ± 1.41 (2)"
                 else:
-                    assert cell[label][f"{split} {n}q"] == f"{value:.2f}", (label, n, split)
-    assert [cell["NN baseline"][f"paper {n}q"] for n in (1, 2, 3)] == ["99.75", "62.18", "25.99"]
-    assert [cell["CVAE (MC)"][f"paper {n}q"] for n in (1, 2, 3)] == ["68.39", "45.34", "20.96"]
-    assert [cell["CVAE (IS)"][f"paper {n}q"] for n in (1, 2, 3)] == ["63.91", "44.73", "20.95"]
-    assert all(cell[m][f"paper {n}q"] == "" for m in ("GSNN (MC)", "hybrid (IS)") for n in (1, 2, 3))
-    for words in ("Binarization: dynamic", "S: 50", "val = 5000 digits", "Epochs", "train wall s"):
+                    assert cell[label][f"{split} {n}q"] == f"{value:.2f} (1 seed)", (label, n, split)
+    assert [cell["NN baseline"][f"recalled {n}q"] for n in (1, 2, 3)] == ["99.75", "62.18", "25.99"]
+    assert [cell["CVAE (MC)"][f"recalled {n}q"] for n in (1, 2, 3)] == ["68.39", "45.34", "20.96"]
+    assert [cell["CVAE (IS)"][f"recalled {n}q"] for n in (1, 2, 3)] == ["63.91", "44.73", "20.95"]
+    assert all(cell[m][f"recalled {n}q"] == "" for m in ("GSNN (MC)", "hybrid (IS)") for n in (1, 2, 3))
+    for words in ("Binarization: dynamic", "S: 50", "val = 5000 digits", "Epochs", "train wall s", "NOT read"):
         assert words in md
+    assert "## Training binarization: dynamic" in md
     assert "1 job(s) without a quadrant-task evaluation left out" in md
     assert "CVAE (IS)" in capsys.readouterr().out
+    gap = known("cvae", 1, "test", "is") + 1 - 63.91
+    assert f"| CVAE (IS) | {gap:+.2f} ± 1.41 |" in md  # the signed gap carries the spread over seeds
 
     with open(paper_sweep / "sohn2015_table1.csv") as f:
         reader = csv.DictReader(f)
@@ -275,23 +287,42 @@ def test_paper_table_puts_known_numbers_in_their_cells(paper_sweep, capsys):
             "split",
             "estimator",
             "ncll",
-            "paper",
-            "epochs",
+            "ncll_std",
+            "ncll_sem",
+            "seeds",
+            "binarize",
             "samples",
-            "hardware",
         ]
         table = {(r["model"], r["n_given"], r["split"], r["estimator"]): r for r in reader}
     row = table[("cvae", "2", "test", "is")]
     assert float(row["ncll"]) == pytest.approx(known("cvae", 2, "test", "is"))
-    assert float(row["paper"]) == 44.73 and row["samples"] == str(S)
-    assert float(row["epochs"]) == pytest.approx(round(STEPS * BATCH / (60000 - VAL_SIZE), 2))
-    assert float(table[("cvae", "3", "val", "mc")]["epochs"]) == pytest.approx(STEPS * BATCH / 27500)
-    assert row["hardware"].endswith("CPU (cpu)")
-    assert table[("baseline", "3", "test", "exact")]["paper"] == "25.99"
+    assert (row["ncll_std"], row["seeds"], row["binarize"], row["samples"]) == ("", "1", "dynamic", str(S))
+    assert float(row["ncll_sem"]) == 0.25
+    two = table[("cvae", "1", "test", "is")]
+    assert float(two["ncll"]) == pytest.approx(known("cvae", 1, "test", "is") + 1)
+    assert float(two["ncll_std"]) == pytest.approx(2**0.5, abs=1e-4) and two["seeds"] == "2"
+    assert float(two["ncll_sem"]) == pytest.approx(1.25)  # the seeds' standard errors (0.25, 2.25), averaged
     assert table[("baseline", "3", "test", "exact")]["samples"] == "0"
-    assert table[("gsnn", "1", "val", "mc")]["paper"] == ""
     assert float(table[("hybrid", "1", "test", "mc")]["ncll"]) == pytest.approx(known("hybrid", 1, "test", "mc"))
     assert len(table) == 6 * 3 * 2  # every estimator row x 3 quadrant settings x 2 splits
+
+
+def test_paper_report_gives_each_training_binarization_its_own_table(paper_sweep):
+    for job in ("0", "1"):  # the 1-quadrant baseline and CVAE once more, trained on the static draw
+        shutil.copytree(paper_sweep / job, paper_sweep / f"static_{job}")
+        file = paper_sweep / f"static_{job}" / ".hydra" / "config.yaml"
+        cfg = yaml.safe_load(file.read_text())
+        cfg["data"]["binarize"] = "static"
+        file.write_text(yaml.safe_dump(cfg))
+    report.run([str(paper_sweep), "--paper", "sohn2015"])
+    md = (paper_sweep / "sohn2015_table1.md").read_text()
+    assert "## Training binarization: dynamic" in md and "## Training binarization: static" in md
+    with open(paper_sweep / "sohn2015_table1.csv") as f:
+        rows = list(csv.DictReader(f))
+    static = [r for r in rows if r["binarize"] == "static"]
+    assert {(r["model"], r["n_given"]) for r in static} == {("baseline", "1"), ("cvae", "1")}
+    dynamic_cvae = [r for r in rows if r["binarize"] == "dynamic" and r["model"] == "cvae" and r["n_given"] == "1"]
+    assert all(r["seeds"] == "2" for r in dynamic_cvae)  # the static copies are not averaged in
 
 
 def test_paper_table_without_evaluations_is_a_clear_error(tmp_path, cli_env):

@@ -1,10 +1,12 @@
-"""scripts/sohn2015_table.sh end to end on the tiny dataset: the baseline first, then the CVAE built on it,
-both evaluated on val and test by one cvae-eval multirun, and the paper report written from them."""
+"""scripts/sohn2015_table.sh end to end on the tiny dataset: the baselines first, then the CVAEs built on
+them, each cell evaluated on val and test, the paper report written from them; run again, it skips what is
+done and only finishes what is not."""
 
 from __future__ import annotations
 
 import csv
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -14,13 +16,10 @@ import yaml
 from conftest import CLI_TIMEOUT_S, REPO, shrunk
 
 
-def test_table_script_trains_the_baseline_then_the_aided_cvae_and_reports(tiny_mnist, cli_env, tmp_path):
-    sweep = tmp_path / "table"
-    env = cli_env | {"BIN": str(Path(sys.executable).parent), "MODELS": "cvae", "N_GIVEN": "1", "SAMPLES": "5"}
-    args = shrunk(tiny_mnist, None, "trainer.max_steps=30", "trainer.patience=0")
+def run_script(sweep: Path, env: dict, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     proc = subprocess.run(
         ["bash", str(REPO / "scripts" / "sohn2015_table.sh"), str(sweep), *args],
-        cwd=tmp_path,
+        cwd=cwd,
         env=env,
         capture_output=True,
         text=True,
@@ -28,18 +27,50 @@ def test_table_script_trains_the_baseline_then_the_aided_cvae_and_reports(tiny_m
         check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    jobs = sorted(p.name for p in sweep.iterdir() if (p / "metrics.json").is_file())
-    assert jobs == ["baseline_n1", "cvae_n1"]  # N_GIVEN and MODELS narrowed both stages
-    saved = yaml.safe_load((sweep / "cvae_n1" / ".hydra" / "config.yaml").read_text())
-    assert saved["model"]["kind"] == "cvae" and saved["data"]["n_given"] == 1
-    assert saved["model"]["baseline_run"] == f"{sweep.resolve()}/baseline_n${{data.n_given}}"
-    for job in jobs:
+    return proc
+
+
+def test_table_script_trains_cell_by_cell_reports_and_resumes(tiny_mnist, cli_env, tmp_path):
+    sweep = tmp_path / "table"
+    env = cli_env | {
+        "BIN": str(Path(sys.executable).parent),
+        "MODELS": "cvae",
+        "N_GIVEN": "1",
+        "SEEDS": "0,1",
+        "SAMPLES": "5",
+    }
+    args = shrunk(tiny_mnist, None, "trainer.max_steps=30", "trainer.patience=0")
+    run_script(sweep, env, args, tmp_path)
+    cells = sorted(p.name for p in sweep.iterdir() if (p / "metrics.json").is_file())
+    # MODELS=cvae still trains the baselines its aid needs, first; N_GIVEN and SEEDS narrow the cells.
+    assert cells == ["baseline_n1_s0", "baseline_n1_s1", "cvae_n1_s0", "cvae_n1_s1"]
+    for seed in (0, 1):
+        saved = yaml.safe_load((sweep / f"cvae_n1_s{seed}" / ".hydra" / "config.yaml").read_text())
+        assert saved["model"]["kind"] == "cvae" and saved["data"]["n_given"] == 1 and saved["seed"] == seed
+        assert saved["model"]["baseline_run"] == f"{sweep.resolve()}/baseline_n1_s{seed}"  # its own seed's baseline
+        assert saved["data"]["binarize"] == "static"  # experiment=sohn2015's protocol
+    for cell in cells:
         for split in ("val", "test"):
-            result = json.loads((sweep / job / f"eval_{split}.json").read_text())
-            assert result["split"] == split and result["samples"] == (0 if job == "baseline_n1" else 5)
-    assert (sweep / "command.txt").read_text().startswith("MODELS=cvae N_GIVEN=1 SAMPLES=5 scripts/sohn2015_table.sh ")
+            result = json.loads((sweep / cell / f"eval_{split}.json").read_text())
+            assert result["split"] == split and result["samples"] == (0 if cell.startswith("baseline") else 5)
+    assert (
+        (sweep / "command.txt")
+        .read_text()
+        .startswith("MODELS=cvae N_GIVEN=1 SEEDS=0,1 SAMPLES=5 scripts/sohn2015_table.sh ")
+    )
     with open(sweep / "sohn2015_table1.csv") as f:
         rows = {(r["model"], r["n_given"], r["split"], r["estimator"]): r for r in csv.DictReader(f)}
-    test_is = json.loads((sweep / "cvae_n1" / "eval_test.json").read_text())["ncll_is"]
-    assert float(rows[("cvae", "1", "test", "is")]["ncll"]) == pytest.approx(test_is, abs=1e-3)
+    test_is = [json.loads((sweep / f"cvae_n1_s{s}" / "eval_test.json").read_text())["ncll_is"] for s in (0, 1)]
+    row = rows[("cvae", "1", "test", "is")]
+    assert float(row["ncll"]) == pytest.approx(statistics.mean(test_is), abs=1e-3)
+    assert float(row["ncll_std"]) == pytest.approx(statistics.stdev(test_is), abs=1e-3) and row["seeds"] == "2"
     assert rows[("baseline", "1", "val", "exact")]["ncll"] != ""
+
+    # Again, with one cell's evaluation lost: only that cell is evaluated again, nothing is retrained.
+    trained = {cell: (sweep / cell / "metrics.json").stat().st_mtime_ns for cell in cells}
+    (sweep / "cvae_n1_s1" / "eval_test.json").unlink()
+    again = run_script(sweep, env, args, tmp_path)
+    assert "training" not in again.stderr
+    assert "cvae_n1_s1: evaluating" in again.stderr and again.stderr.count(": done\n") == 3
+    assert (sweep / "cvae_n1_s1" / "eval_test.json").is_file()
+    assert trained == {cell: (sweep / cell / "metrics.json").stat().st_mtime_ns for cell in cells}
