@@ -57,7 +57,7 @@ cell() {
   log "$name: evaluating"
   "$bin/cvae-eval" -m "run_dir=$run" eval.split=val,test eval.samples="${SAMPLES:-100}" \
     hydra.sweep.dir="$dir/eval_logs/$name" | grep '^{' >/dev/null
-  log "$name: done ($(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["ncll"])' "$run/eval_test.json") test)"
+  log "$name: done (val ncll $(python3 -c 'import json,sys; print(round(json.load(open(sys.argv[1]))["ncll"], 2))' "$run/eval_val.json"))"
 }
 
 # Runs the cells of one kind, `jobs` at a time; fails when any of them fails.
