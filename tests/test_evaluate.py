@@ -99,3 +99,37 @@ def test_a_tagged_eval_leaves_the_tables_file_alone(quadrant_runs, cli_env, tmp_
     assert (tagged["samples"], tagged["examples"]) == (7, 20)
     after = (run / "eval_test.json").read_text() if (run / "eval_test.json").exists() else None
     assert after == before
+
+
+def test_mc_gap_script_writes_nested_estimates_per_sample_count(quadrant_runs, cli_env, tmp_path):
+    """scripts/sohn2015_mc_gap.sh: one row per (S, subset), each from a tagged cvae-eval of the run."""
+    import csv
+    import sys
+    from pathlib import Path
+
+    from conftest import REPO
+
+    out = tmp_path / "gap.csv"
+    env = cli_env | {"BIN": str(Path(sys.executable).parent), "EXAMPLES": "30", "SAMPLES": "2 20", "FULL": "2"}
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "sohn2015_mc_gap.sh"), str(quadrant_runs["cvae"]), str(out)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["samples"], r["examples"]) for r in rows] == [("2", "30"), ("20", "30"), ("2", "300")]
+    for row in rows:
+        assert float(row["ncll_is"]) <= float(row["neg_elbo"]) + 1e-3
+        saved = json.loads(
+            (
+                quadrant_runs["cvae"]
+                / f"eval_test_S{row['samples']}_{'all' if row['examples'] == '300' else 'first30'}.json"
+            ).read_text()
+        )
+        assert float(row["ncll_mc"]) == pytest.approx(saved["ncll_mc"], abs=1e-3)
