@@ -74,3 +74,22 @@ def test_table_script_trains_cell_by_cell_reports_and_resumes(tiny_mnist, cli_en
     assert "cvae_n1_s1: evaluating" in again.stderr and again.stderr.count(": done\n") == 3
     assert (sweep / "cvae_n1_s1" / "eval_test.json").is_file()
     assert trained == {cell: (sweep / cell / "metrics.json").stat().st_mtime_ns for cell in cells}
+
+    # The ablation CSV: each variant's table rows, with a first column naming it.
+    out = tmp_path / "ablations.csv"
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "sohn2015_ablations.sh"), str(out), f"frozen={sweep}", f"again={sweep}"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT_S,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out) as f:
+        ablations = list(csv.DictReader(f))
+    with open(sweep / "sohn2015_table1.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [r["variant"] for r in ablations] == ["frozen"] * len(table) + ["again"] * len(table)
+    assert [{k: v for k, v in r.items() if k != "variant"} for r in ablations[: len(table)]] == table
