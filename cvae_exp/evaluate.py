@@ -32,7 +32,8 @@ def make_ncll_step(graphdef, task, samples: int, chunk: int):
     from flax import nnx
 
     from cvae_exp.data.pipeline import prepare
-    from cvae_exp.objectives import conditional_nll, log_likelihood
+    from cvae_exp.distributions import log_likelihood
+    from cvae_exp.objectives import conditional_nll
 
     def step(params, batch, key):
         model = nnx.merge(graphdef, params)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cvae_exp.data.pipeline import NUM_CLASSES, prepare
-from cvae_exp.models.cvae import reparameterize
+from cvae_exp.distributions import reparameterize
 
 
 def _mean(out) -> jax.Array:

@@ -1,8 +1,7 @@
-"""Distributions, the closed-form KL, the training objectives and the log-likelihood estimators.
+"""The training objectives and the log-likelihood estimators, built on cvae_exp.distributions.
 
 Every function works on a batch and returns per-example values in nats (summed over pixels or
-latent dimensions); the training losses average them. Log-variances are used throughout instead of
-variances: sigma^2 = exp(log_var) keeps the parameters unconstrained and the arithmetic stable.
+latent dimensions); the training losses average them.
 """
 
 from __future__ import annotations
@@ -12,40 +11,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from cvae_exp.models.cvae import Gaussian, Output, reparameterize
-
-LOG_2PI = math.log(2.0 * math.pi)
-
-
-def kl_diag_gaussians(q: Gaussian, p: Gaussian) -> jax.Array:
-    """KL(q || p) for diagonal Gaussians, in closed form, summed over the last axis.
-
-    KL = 1/2 sum( log s_p^2 - log s_q^2 - 1 + (s_q^2 + (m_q - m_p)^2) / s_p^2 ).
-    With p = N(0, I) this is the VAE's -1/2 sum(1 + log s_q^2 - m_q^2 - s_q^2).
-    """
-    (mq, lq), (mp, lp) = q, p
-    return 0.5 * jnp.sum(lp - lq - 1.0 + (jnp.exp(lq) + jnp.square(mq - mp)) * jnp.exp(-lp), axis=-1)
-
-
-def gaussian_log_prob(value: jax.Array, dist: Gaussian) -> jax.Array:
-    """log N(value; mean, diag(exp(log_var))), summed over the last axis."""
-    mean, log_var = dist
-    return -0.5 * jnp.sum(LOG_2PI + log_var + jnp.square(value - mean) * jnp.exp(-log_var), axis=-1)
-
-
-def log_likelihood(y: jax.Array, out: Output, mask: jax.Array) -> jax.Array:
-    """log p(y | ...) summed over the scored pixels (mask = 1).
-
-    Bernoulli in logits l: y log sigmoid(l) + (1 - y) log sigmoid(-l) = y l - softplus(l); for
-    grayscale y in [0, 1] this is the negative binary cross-entropy. Gaussian: the diagonal density.
-    """
-    loc, log_var = out
-    if log_var is None:
-        per_pixel = y * loc - jax.nn.softplus(loc)
-    else:
-        per_pixel = -0.5 * (LOG_2PI + log_var + jnp.square(y - loc) * jnp.exp(-log_var))
-    return jnp.sum(per_pixel * mask, axis=-1)
-
+from cvae_exp.distributions import gaussian_log_prob, kl_diag_gaussians, log_likelihood, reparameterize
 
 # ----------------------------------------------------------------------------- training objectives
 # Each returns (per-example loss, per-example metrics); `elbo` is always the NEGATIVE ELBO (or, for

@@ -13,15 +13,9 @@ import pytest
 from flax import nnx
 
 from cvae_exp.data.pipeline import PIXELS, SIDE, prepare, quadrant_mask
-from cvae_exp.models.cvae import CVAE, Baseline, OutputHead, reparameterize
-from cvae_exp.objectives import (
-    conditional_nll,
-    gaussian_log_prob,
-    kl_diag_gaussians,
-    kl_weight,
-    log_likelihood,
-    per_example_loss,
-)
+from cvae_exp.distributions import gaussian_log_prob, kl_diag_gaussians, log_likelihood, reparameterize
+from cvae_exp.models.cvae import CVAE, Baseline, OutputHead
+from cvae_exp.objectives import conditional_nll, kl_weight, per_example_loss
 
 LOG_2PI = math.log(2 * math.pi)
 

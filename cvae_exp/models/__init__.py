@@ -5,10 +5,10 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from cvae_exp.models.cvae import CVAE, Baseline, reparameterize
+from cvae_exp.models.cvae import CVAE, Baseline
 from cvae_exp.models.mlp import MLP
 
-__all__ = ["CVAE", "Baseline", "MLP", "build_model", "reparameterize"]
+__all__ = ["CVAE", "Baseline", "MLP", "build_model"]
 
 
 def build_model(model_cfg, x_dim: int, y_dim: int, *, precision: str = "fp32", seed: int = 0):

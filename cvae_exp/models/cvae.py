@@ -12,16 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from cvae_exp.distributions import Gaussian, Output, reparameterize
 from cvae_exp.models.mlp import MLP
-
-Gaussian = tuple[jax.Array, jax.Array]  # (mean, log-variance), diagonal
-Output = tuple[jax.Array, jax.Array | None]  # Bernoulli: (logits, None); Gaussian: (mean, log-variance)
-
-
-def reparameterize(key: jax.Array, dist: Gaussian) -> jax.Array:
-    """z = mean + sigma * eps with eps ~ N(0, I): a sample that gradients flow through."""
-    mean, log_var = dist
-    return mean + jnp.exp(0.5 * log_var) * jax.random.normal(key, mean.shape, mean.dtype)
 
 
 def _split_gaussian(h: jax.Array) -> Gaussian:
