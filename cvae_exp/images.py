@@ -1,7 +1,7 @@
 """What the model draws: reconstructions, samples per class, quadrant completions (as digit stacks).
 
 Each function returns [rows, cols, 784] values in [0, 1] (Bernoulli means or Gaussian means), ready
-for `cvae_exp.logging.tile`. They are pure functions of (params, inputs, key); callers jit them.
+for `cvae_exp.tensorboard.tile`. They are pure functions of (params, inputs, key); callers jit them.
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     import jax
 
     from cvae_exp import checkpoint, trainer
-    from cvae_exp.logging import Writer, tile
+    from cvae_exp.tensorboard import Writer, tile
     from cvae_exp.runs import build_experiment
 
     t0 = time.perf_counter()

@@ -114,7 +114,7 @@ def draw(run, opts, seed: int) -> dict[str, np.ndarray]:
 
     from cvae_exp import images
     from cvae_exp.data.pipeline import NUM_CLASSES, prepare
-    from cvae_exp.logging import tile
+    from cvae_exp.tensorboard import tile
 
     task, g, p = run.task, run.graphdef, run.params
     key = jax.random.key(seed)
@@ -157,7 +157,7 @@ def draw(run, opts, seed: int) -> dict[str, np.ndarray]:
 
 
 def sample_run(run_dir: str, opts, seed: int = 0) -> list[Path]:
-    from cvae_exp.logging import Writer
+    from cvae_exp.tensorboard import Writer
     from cvae_exp.runs import load_run
 
     run = load_run(run_dir)
