@@ -12,6 +12,7 @@ from flax import nnx
 
 from cvae_exp.data.pipeline import NUM_CLASSES, prepare
 from cvae_exp.distributions import reparameterize
+from cvae_exp.kinds import kind
 
 
 def _mean(out) -> jax.Array:
@@ -19,11 +20,11 @@ def _mean(out) -> jax.Array:
     return jax.nn.sigmoid(loc) if log_var is None else loc
 
 
-def _predict(model, x, y, key, kind: str) -> jax.Array:
-    """One draw of y's mean: through q for a VAE/CVAE reconstruction, through p otherwise."""
-    if kind == "baseline":
+def _predict(model, x, y, key, name: str) -> jax.Array:
+    """One draw of y's mean: through q for a reconstruction (y given, kinds with q), through p otherwise."""
+    if not kind(name).latent:
         return _mean(model(x))
-    if kind == "gsnn" or y is None:
+    if not kind(name).recognition or y is None:
         return _mean(model.generate(reparameterize(key, model.prior(x)), x))
     out, _, _ = model(x, y, key)
     return _mean(out)
@@ -49,7 +50,7 @@ def completions(graphdef, params, batch, key, *, task, samples: int = 6) -> jax.
     model = nnx.merge(graphdef, params)
     x, y, mask = prepare(batch, key, dynamic=False, condition=task.condition, n_given=task.n_given, layout=task.layout)
     keys = jax.random.split(key, samples)
-    draws = jnp.stack([_predict(model, x, None, k, task.kind if task.kind == "baseline" else "gsnn") for k in keys], 1)
+    draws = jnp.stack([_predict(model, x, None, k, task.kind) for k in keys], 1)  # y unknown: through p
     observed = 1.0 - mask
     shown = observed[:, None] * y[:, None] + mask[:, None] * draws  # observed pixels kept as given
     condition = jnp.where(observed > 0, y, 0.25)[:, None]  # unobserved shown grey

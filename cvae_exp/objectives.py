@@ -11,6 +11,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from cvae_exp import kinds
 from cvae_exp.distributions import gaussian_log_prob, kl_diag_gaussians, log_likelihood, reparameterize
 
 # ----------------------------------------------------------------------------- training objectives
@@ -32,18 +33,20 @@ def gsnn_nll(model, x, y, mask, key) -> jax.Array:
 
 
 def per_example_loss(model, x, y, mask, key, *, kind: str, beta, alpha: float):
-    """The objective of `kind`: (loss, {"elbo", "recon", "kl"}) per example."""
-    if kind == "baseline":
+    """The objective of `kind`: (loss, {"elbo", "recon", "kl"}) per example. The baseline and the GSNN have
+    no q: their "elbo" is their own negative log-likelihood term; the hybrid mixes the CVAE's and the GSNN's."""
+    what = kinds.kind(kind)
+    if not what.latent:
         nll = -log_likelihood(y, model(x), mask)
         return nll, {"elbo": nll, "recon": nll, "kl": jnp.zeros_like(nll)}
-    if kind == "gsnn":
+    if not what.recognition:
         nll = gsnn_nll(model, x, y, mask, key)
         return nll, {"elbo": nll, "recon": nll, "kl": jnp.zeros_like(nll)}
     key_q, key_p = jax.random.split(key)
     recon, kl = cvae_terms(model, x, y, mask, key_q)
     loss = recon + beta * kl
     metrics = {"elbo": recon + kl, "recon": recon, "kl": kl}
-    if kind == "hybrid":
+    if what.prior_term:  # the hybrid: alpha * L_CVAE + (1 - alpha) * L_GSNN
         nll = gsnn_nll(model, x, y, mask, key_p)
         loss = alpha * loss + (1.0 - alpha) * nll
         metrics["gsnn"] = nll

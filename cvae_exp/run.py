@@ -49,8 +49,8 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     import jax
 
     from cvae_exp import checkpoint, trainer
-    from cvae_exp.tensorboard import Writer, tile
     from cvae_exp.runs import build_experiment
+    from cvae_exp.tensorboard import Writer, tile
 
     t0 = time.perf_counter()
     t = cfg.trainer

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
+from cvae_exp.kinds import kind
 from cvae_exp.models.cvae import CVAE, Baseline
 from cvae_exp.models.mlp import MLP
 
@@ -23,15 +24,16 @@ def build_model(model_cfg, x_dim: int, y_dim: int, *, precision: str = "fp32", s
         dtype=dtype,
         rngs=nnx.Rngs(seed),
     )
-    if model_cfg.kind == "baseline":
+    what = kind(model_cfg.kind)
+    if not what.latent:
         model = Baseline(x_dim, y_dim, **common)
     else:
         model = CVAE(
             x_dim,
             y_dim,
             latent_dim=model_cfg.latent_dim,
-            prior="standard" if model_cfg.kind == "vae" else model_cfg.prior,
-            recognition=model_cfg.kind != "gsnn",
+            prior="standard" if what.fixed_prior else model_cfg.prior,
+            recognition=what.recognition,
             # model.baseline_run: the baseline network inside the CVAE (its parameters come from that run's
             # checkpoint later, in cvae_exp.runs; only the architecture is decided here, from this config alone).
             baseline_hidden=list(model_cfg.baseline_hidden or model_cfg.hidden) if model_cfg.baseline_run else None,
