@@ -20,8 +20,10 @@ from cvae_exp.errors import UserError
 
 log = logging.getLogger("cvae_exp")
 logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save and restore at INFO
-# conf/ sits beside the package in the repository (installed editable, as `make` does).
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# The configs: cvae_exp/conf in an installed package (pyproject maps the repository's conf/ there), the
+# repository's conf/ beside the package in a checkout or an editable install (as `make` does).
+_PACKAGE = Path(__file__).resolve().parent
+CONF_DIR = _PACKAGE / "conf" if (_PACKAGE / "conf").is_dir() else _PACKAGE.parent / "conf"
 register_configs()
 
 
