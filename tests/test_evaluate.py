@@ -67,3 +67,13 @@ def test_eval_refuses_a_folder_that_is_not_a_run(cli_env, tmp_path):
     assert not (tmp_path / "nothing").exists(), "a mistyped run_dir is refused, not created"
     out = run_eval(tmp_path, cli_env, tmp_path, "eval.samples=0")
     assert out.returncode == 2 and "eval.samples=0" in out.stderr
+
+
+def test_eval_without_run_dir_is_one_sentence(cli_env, tmp_path):
+    out = run_module("cvae_exp.evaluate", ["eval.samples=5"], env=cli_env, cwd=tmp_path)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert (
+        out.stderr.strip()
+        == "error: run_dir is missing: cvae-eval run_dir=<a cvae-train run directory> names the run to use."
+    )
+    assert list(tmp_path.iterdir()) == []
