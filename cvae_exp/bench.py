@@ -20,7 +20,7 @@ import time
 import hydra
 from omegaconf import DictConfig
 
-from cvae_exp.config import validate
+from cvae_exp.config import check_keys, validate
 from cvae_exp.train import CONF_DIR, exit_on_user_error
 
 WINDOW = 10  # steps between host syncs while timing; step_ms is the median over windows
@@ -185,8 +185,11 @@ def framework_loop(exp, cfg: DictConfig, mesh, warmup: int):
 
 
 def bench(cfg: DictConfig) -> dict:
+    from cvae_exp import launch, parallel
+
+    launch.begin()  # a refused bench leaves nothing behind (cvae_exp.launch.discard)
+    check_keys(cfg)
     validate(cfg)
-    from cvae_exp import parallel
 
     parallel.initialize_distributed(cfg.cluster)
     import jax
@@ -199,6 +202,7 @@ def bench(cfg: DictConfig) -> dict:
     parallel.check_batch("trainer.batch_size", t.batch_size, mesh)
     k = t.num_seeds
     exp = build_experiment(cfg)
+    launch.accept(current_run_dir(), cfg)  # checked and loaded: .hydra/ and the log may reach the run dir
     framework, flops_per_example, first, initial = framework_loop(exp, cfg, mesh, b.warmup)
     runners = {"framework": framework}
     if b.reference:

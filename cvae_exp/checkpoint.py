@@ -8,18 +8,27 @@ same when there is a checkpoint and starts fresh otherwise. A resume whose confi
 arrays' shapes depend on (SHAPE_KEYS) is refused before anything is restored.
 
 Each checkpoint `<step>/` holds two items: `state` (step, params, optimizer state, RNG key data;
-restored onto abstract arrays that carry the target sharding) and `meta` (JSON: the config and the
-metrics at that step). Checkpoints kept: the newest `keep`, plus the best by val/elbo.
+restored onto abstract arrays that carry the target sharding) and `meta` (JSON: the config, the data it
+was trained on and the metrics at that step). Checkpoints kept: the newest `keep`, plus the best by val/elbo.
+
+Verified: `meta["sha256"]` records, at save time, a SHA-256 of the state's array values and one of the
+rest of `meta`. A restore (resume, cvae-eval, cvae-sample) recomputes both and checks that the parameters
+are finite; a checkpoint that fails is reported by step and path, set aside in `damaged_checkpoints/`
+(`set_aside`) and the next one is tried. Checkpoints saved before the hash existed restore with a warning.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from cvae_exp.errors import UserError
@@ -76,15 +85,51 @@ def make_manager(run_dir: Path, keep: int, read_only: bool = False) -> ocp.Check
             pp.BestN(get_metric_fn=lambda m: -m["val/elbo"], n=1, keep_checkpoints_without_metrics=False),
         ]
     )
-    options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=not read_only, read_only=read_only)
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=policy,
+        create=not read_only,
+        read_only=read_only,
+        # The step's folders are made in save() itself, so a folder that cannot be created fails there, on
+        # this thread; made asynchronously, the failure left Orbax's other save threads waiting 20 minutes.
+        async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
+    )
     return ocp.CheckpointManager((run_dir / "checkpoints").resolve(), item_names=("state", "meta"), options=options)
 
 
+def state_sha256(state: Any) -> str:
+    """SHA-256 over the state's array values (leaves in sorted path order, with dtype and shape)."""
+    digest = hashlib.sha256()
+    leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(state))[0]  # host sync: checkpoint steps only
+    for path, leaf in sorted(leaves, key=lambda item: jax.tree_util.keystr(item[0])):
+        a = np.ascontiguousarray(leaf)
+        digest.update(f"{jax.tree_util.keystr(path)}:{a.dtype.str}:{a.shape};".encode())
+        digest.update(a.reshape(-1).view(np.uint8))
+    return digest.hexdigest()
+
+
+def meta_sha256(meta: dict) -> str:
+    """SHA-256 of the JSON item as Orbax writes and reads it back, without the hash itself."""
+    body = {k: v for k, v in meta.items() if k != DIGEST}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+DIGEST = "sha256"
+
+
 def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:
-    """Starts an async save; `meta["val/elbo"]`, when present, ranks the checkpoint for 'best'."""
+    """Starts an async save of `state` and `meta` with their content hash; `meta["val/elbo"]`, when present,
+    ranks the checkpoint for 'best'."""
+    meta = {**meta, DIGEST: {"state": state_sha256(state), "meta": meta_sha256(meta)}}
     metrics = {"val/elbo": meta["val/elbo"]} if "val/elbo" in meta else None
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
     manager.save(step, args=args, metrics=metrics, force=True)
+
+
+def raise_failed_save(manager: ocp.CheckpointManager) -> None:
+    """Raises the error of a background save that failed (a full disk, a vanished folder); while a save
+    is still running it returns at once, so the loop can call it on log steps."""
+    if not manager.is_saving_in_progress():
+        manager.wait_until_finished()  # re-raises a finished save's error; cheap when there is none
 
 
 def abstract(state: Any) -> Any:
@@ -92,41 +137,50 @@ def abstract(state: Any) -> Any:
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
 
 
-def restore_newest(manager: ocp.CheckpointManager, target: Any) -> tuple[int, Any, dict] | None:
-    """(step, state, meta) of the newest checkpoint that restores, or None when there is none."""
+@dataclass
+class Restored:
+    step: int
+    state: Any
+    meta: dict
+    damaged: list[int] = field(default_factory=list)  # steps tried before it that failed (to set aside)
+
+
+def restore_newest(manager: ocp.CheckpointManager, target: Any) -> Restored | None:
+    """The newest checkpoint that restores and verifies, or None when there is none."""
     return restore_first(manager, target, sorted(manager.all_steps(), reverse=True))
 
 
 def read_meta(manager: ocp.CheckpointManager, step: int) -> dict | None:
-    """The JSON item of one checkpoint, or None when it cannot be read."""
+    """The JSON item of one checkpoint, or None when it cannot be read or does not match its hash."""
     try:
-        return dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+        meta = dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
     except Exception:  # a damaged checkpoint; restore_first reports it when it matters
         return None
+    digest = meta.get(DIGEST)
+    return meta if digest is None or digest.get("meta") == meta_sha256(meta) else None
 
 
-def first_config(manager: ocp.CheckpointManager, steps: list[int]) -> tuple[int, dict] | None:
-    """(step, config) from the first of `steps` whose JSON item reads (only JSON is read)."""
+def first_meta(manager: ocp.CheckpointManager, steps: list[int]) -> tuple[int, dict] | None:
+    """(step, meta) of the first of `steps` whose JSON item reads and verifies (only JSON is read)."""
     for step in steps:
         meta = read_meta(manager, step)
         if meta is not None:
-            return step, meta.get("config", {})
+            return step, meta
     return None
 
 
-def newest_config(manager: ocp.CheckpointManager) -> tuple[int, dict] | None:
-    """(step, config) from the newest checkpoint whose JSON item reads; only JSON is read, so a resume
-    with a changed model is refused in milliseconds rather than failing on mismatched array shapes."""
-    return first_config(manager, sorted(manager.all_steps(), reverse=True))
+def newest_meta(manager: ocp.CheckpointManager) -> tuple[int, dict] | None:
+    """(step, meta) of the newest checkpoint whose JSON item verifies; only JSON is read, so a resume with a
+    changed model is refused in milliseconds rather than failing on mismatched array shapes."""
+    return first_meta(manager, sorted(manager.all_steps(), reverse=True))
 
 
-def set_aside_newer(manager: ocp.CheckpointManager, step: int) -> None:
-    """Moves the checkpoints newer than the restored `step` (they failed to restore) to
-    `<run dir>/damaged_checkpoints/`, so that the resumed run can save those steps again and the
-    newest-N policy does not count them; nothing is deleted."""
+def set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
+    """Moves checkpoints that failed to restore or verify to `<run dir>/damaged_checkpoints/`, so that a
+    resumed run can save those steps again and the newest-N policy does not count them; nothing is
+    deleted. A move the file system refuses raises (OSError: one sentence, exit 74)."""
     directory = Path(manager.directory)
-    newer = [s for s in manager.all_steps() if s > step]
-    for s in newer if jax.process_index() == 0 else []:  # one process moves, all see the result
+    for s in steps if jax.process_index() == 0 else []:  # one process moves, all see the result
         dest = directory.parent / "damaged_checkpoints" / str(s)
         n = 1
         while dest.exists():  # the same step damaged again in a later resume
@@ -134,8 +188,8 @@ def set_aside_newer(manager: ocp.CheckpointManager, step: int) -> None:
         dest.parent.mkdir(exist_ok=True)
         (directory / str(s)).rename(dest)
         log.warning("Moved the damaged checkpoint at step %d to %s (kept, not deleted).", s, dest)
-    if newer:
-        ocp.multihost.sync_global_processes("set_aside_newer")
+    if steps:
+        ocp.multihost.sync_global_processes("set_aside")
         manager.reload()
 
 
@@ -146,23 +200,52 @@ def best_first(manager: ocp.CheckpointManager) -> list[int]:
     return sorted(steps, key=lambda s: (scored[s] is None, scored[s] if scored[s] is not None else -s))
 
 
-def restore_first(manager: ocp.CheckpointManager, target: Any, steps: list[int]) -> tuple[int, Any, dict] | None:
-    """(step, state, meta) of the first of `steps` that restores, or None when `steps` is empty.
+def verify(state: Any, meta: dict) -> str | None:
+    """Why a restored checkpoint cannot be trusted, or None: its JSON item or its arrays differ from the
+    content hash recorded at save time, or its parameters are not finite."""
+    digest = meta.get(DIGEST)
+    if digest is not None and digest.get("meta") != meta_sha256(meta):
+        return "its JSON item does not match the content hash saved with it"
+    if digest is not None and digest.get("state") != state_sha256(state):
+        return "its arrays do not match the content hash saved with them"
+    params = jax.tree.leaves(jax.device_get(state["params"]))
+    if not all(np.isfinite(a).all() for a in map(np.asarray, params) if a.dtype.kind in "fc"):
+        return "its parameters are not finite"
+    return None
 
-    A checkpoint that fails (truncated or missing files, a killed writer) is reported by step and
-    path and skipped; none is deleted. If checkpoints exist but none restores, that is an error.
+
+def restore_first(manager: ocp.CheckpointManager, target: Any, steps: list[int]) -> Restored | None:
+    """The first of `steps` that restores and verifies, or None when `steps` is empty.
+
+    A checkpoint that fails (truncated or missing files, a killed writer, changed bytes, non-finite
+    parameters) is reported by step and path and skipped; the caller sets the skipped ones aside. If
+    checkpoints exist but none restores, that is an error, and nothing is moved.
     """
+    damaged = []
     for step in steps:
+        where = Path(manager.directory) / str(step)
         try:
             restored = manager.restore(
                 step,
                 args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()),
             )
         except Exception as err:  # Orbax raises many types for damaged files; all mean "skip it"
-            where = Path(manager.directory) / str(step)
             log.warning("Checkpoint at step %d (%s) could not be restored and is skipped: %s", step, where, _short(err))
+            damaged.append(step)
             continue
-        return step, restored["state"], dict(restored["meta"])
+        meta = dict(restored["meta"])
+        problem = verify(restored["state"], meta)
+        if problem:
+            log.warning("Checkpoint at step %d (%s) failed verification and is skipped: %s.", step, where, problem)
+            damaged.append(step)
+            continue
+        if DIGEST not in meta:
+            log.warning(
+                "Checkpoint at step %d (%s) has no content hash (saved by an older cvae_exp): restored unverified.",
+                step,
+                where,
+            )
+        return Restored(step, restored["state"], meta, damaged)
     if steps:
         raise UserError(
             f"None of the {len(steps)} checkpoints in {manager.directory} (steps {', '.join(map(str, steps))}) could be restored."

@@ -19,12 +19,12 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from cvae_exp.errors import UserError
 
 
-def log_dir(run_dir: str) -> str:
+def log_dir(run_dir: str | None) -> str:
     """Where `cvae-eval` and `cvae-sample` keep their Hydra log: the run directory when it exists, else a
-    temporary folder, so that a mistyped run_dir is refused without being created (the `${cvae_log_dir:}`
-    resolver of conf/eval.yaml and conf/sample.yaml)."""
-    path = Path(str(run_dir)).expanduser()
-    return str(path) if path.is_dir() else str(Path(tempfile.gettempdir()) / "cvae_exp_refused_runs")
+    temporary folder, so that a mistyped or missing run_dir is refused without being created (the
+    `${cvae_log_dir:}` resolver of conf/eval.yaml and conf/sample.yaml)."""
+    path = Path(str(run_dir)).expanduser() if run_dir is not None else None
+    return str(path) if path and path.is_dir() else str(Path(tempfile.gettempdir()) / "cvae_exp_refused_runs")
 
 
 OmegaConf.register_new_resolver("cvae_log_dir", log_dir, replace=True)
@@ -97,6 +97,7 @@ class TrainerConfig:
     devices: str = "all"  # all | N
     precision: str = "fp32"  # fp32 | bf16 (bf16 matmul inputs, fp32 params and accumulation)
     nan_policy: str = "stop"  # stop | skip
+    skip_limit: float = 0.1  # nan_policy=skip: stop (exit 2) when more than this share of the steps since the last evaluation was skipped
     progress: bool = True  # tqdm progress bar
     num_seeds: int = 1  # K > 1: K models with seeds seed..seed+K-1 trained together by jax.vmap
     data_on_device: bool = True  # training split held on the devices, batches cut inside the step (one process)
@@ -155,6 +156,9 @@ class Config:
     bench: BenchConfig = field(default_factory=BenchConfig)
     seed: int = 0  # one root key per run: parameters, data order and every step's randomness
     resume: str = "false"  # false | true | auto (resume when the run dir holds a checkpoint)
+    resume_data_change: bool = (
+        False  # resume: let data.* or the data itself (source, split sizes) differ from the run's
+    )
 
 
 @dataclass
@@ -292,9 +296,28 @@ def check_baseline_run(cfg: DictConfig) -> None:
         raise UserError(f"{key} holds no checkpoint in {folder}: let the baseline run save one first.")
 
 
+def check_keys(cfg: DictConfig, schema: type | None = None) -> None:
+    """Refuses a key the schema does not have, such as one added with `+` (`+trainer.max_stepz=5`), which
+    Hydra accepts; open nodes (optimizer.transform) take any key."""
+    from omegaconf.errors import ConfigKeyError
+
+    try:
+        OmegaConf.merge(OmegaConf.structured(schema or Config), OmegaConf.to_container(cfg, resolve=False))
+    except ConfigKeyError as err:
+        raise UserError(
+            f"{err.full_key} is not a config key (see docs/configuration.md for the keys there are)."
+        ) from None
+
+
 def resume_mode(cfg: DictConfig) -> str:
     """`resume` as one of false | true | auto (Hydra parses `resume=true` as a bool)."""
     return str(cfg.resume).lower()
+
+
+def require_run_dir(cfg: DictConfig, command: str) -> None:
+    """`cvae-eval` and `cvae-sample` need the run to work on; without one, one sentence says so."""
+    if OmegaConf.is_missing(cfg, "run_dir"):
+        raise UserError(f"run_dir is missing: {command} run_dir=<a cvae-train run directory> names the run to use.")
 
 
 def validate_eval(cfg: DictConfig) -> None:
@@ -361,6 +384,8 @@ def validate(cfg: DictConfig) -> None:
     _at_least("trainer.log_every", t.log_every, 1)
     _choice("trainer.precision", t.precision, PRECISIONS)
     _choice("trainer.nan_policy", t.nan_policy, NAN_POLICIES)
+    if not 0.0 <= t.skip_limit <= 1.0:
+        raise UserError(f"trainer.skip_limit={t.skip_limit} must lie in [0, 1].")
     _at_least("trainer.num_seeds", t.num_seeds, 1)
     _at_least("trainer.patience", t.patience, 0)
     _at_least("trainer.min_delta", t.min_delta, 0)

@@ -19,8 +19,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from cvae_exp.config import register_configs, validate_eval
-from cvae_exp.train import CONF_DIR, exit_on_user_error
+from cvae_exp import launch
+from cvae_exp.config import EvalApp, check_keys, register_configs, require_run_dir, validate_eval
+from cvae_exp.train import CONF_DIR, exit_on_user_error, no_wait_after_storage_failure
 
 register_configs()
 
@@ -73,6 +74,7 @@ def evaluate_run(
 
     mesh = parallel.make_mesh("all")
     run = load_run(run_dir, sharding=parallel.replicated(mesh), seed_index=seed_index)
+    launch.release_log()  # accepted: the log may reach <run dir>/evaluate.log
     batch_size = -(-batch_size // mesh.size) * mesh.size
     data = run.splits.test if split == "test" else run.splits.val
     if examples:  # the first `examples` digits: a fixed subset, the same for every run
@@ -113,9 +115,12 @@ def evaluate_run(
     return result
 
 
+@no_wait_after_storage_failure
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
+    require_run_dir(cfg, "cvae-eval")
+    check_keys(cfg, EvalApp)
     validate_eval(cfg)
     e = cfg.eval
     result = evaluate_run(

@@ -27,6 +27,7 @@ from pathlib import Path
 import yaml
 
 from cvae_exp.errors import UserError
+from cvae_exp.rundir import is_locked
 from cvae_exp.train import exit_on_user_error
 
 EVAL_FILES = ("eval", "eval_val", "eval_test")  # <name>.json -> keys "<name>/<field>"
@@ -116,24 +117,10 @@ def load_job(root: Path, path: Path) -> Job:
 
 def _unfinished(path: Path) -> str:
     """`running` while a live process holds the run's lock, else failed/unfinished (with its last checkpoint)."""
-    try:
-        pid = int((path / ".lock").read_text().strip() or 0)  # cvae_exp.rundir.RunLock: the owner's PID
-    except (OSError, ValueError):
-        pid = 0
-    if pid and _alive(pid):
+    if is_locked(path):  # asks the kernel's lock (cvae_exp.rundir.RunLock), not a PID in the file
         return "running"
     steps = [int(p.name) for p in (path / "checkpoints").glob("*") if p.name.isdigit()]
     return "failed/unfinished" + (f" (last checkpoint: step {max(steps)})" if steps else " (no metrics.json)")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
 
 
 def multirun_info(root: Path) -> tuple[list[str], str | None]:

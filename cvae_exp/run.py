@@ -14,23 +14,34 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from cvae_exp.config import check_targets, resume_mode, validate
+from cvae_exp import launch
+from cvae_exp.config import RESUME, check_keys, check_targets, resume_mode, validate
 from cvae_exp.data import sources
-from cvae_exp.errors import UserError
+from cvae_exp.errors import Interrupted, UserError
 from cvae_exp.rundir import RunLock, current_run_dir
 
 log = logging.getLogger("cvae_exp")
 
 
 def run_training(cfg: DictConfig) -> dict:
-    # ---- checks: every config value and the data path, before anything slow happens
-    validate(cfg)
-    sources.check_path(cfg.data.path)
-    check_targets(cfg)  # imports optax (and JAX): after the checks that need nothing
-    run_dir = current_run_dir()
-    # One lock per run: in a multi-process run every process shares the directory; process 0 holds it.
-    with RunLock(run_dir) if _primary_process(cfg) else contextlib.nullcontext():
-        return _train(cfg, run_dir)
+    launch.begin()
+    with launch.Interruptible() as signals:  # SIGTERM/SIGINT before the loop: exit 143/130, nothing trained
+        # ---- checks: every config value and the data path, before anything slow happens
+        check_keys(cfg)
+        mode = resume_mode(cfg)
+        if mode not in RESUME:
+            raise UserError(f"resume={mode} is not one of {', '.join(RESUME)}.")
+        if mode == "false" and "SLURM_JOB_ID" in os.environ:
+            # A preempted SLURM job is resubmitted with the same command: it must pick up its own checkpoints.
+            mode = "auto"
+        if mode == "false":  # a resumed run is checked once its own config is known (resume.settle)
+            validate(cfg)
+            sources.check_path(cfg.data.path)
+            check_targets(cfg)  # imports optax (and JAX): after the checks that need nothing
+        run_dir = current_run_dir()
+        # One lock per run: in a multi-process run every process shares the directory; process 0 holds it.
+        with RunLock(run_dir) if _primary_process(cfg) else contextlib.nullcontext():
+            return _train(cfg, run_dir, mode, signals)
 
 
 def _primary_process(cfg: DictConfig) -> bool:
@@ -40,7 +51,7 @@ def _primary_process(cfg: DictConfig) -> bool:
     return os.environ.get("SLURM_PROCID", "0") == "0"
 
 
-def _train(cfg: DictConfig, run_dir: Path) -> dict:
+def _train(cfg: DictConfig, run_dir: Path, mode: str, signals: launch.Interruptible) -> dict:
     from cvae_exp import parallel
 
     _share_accelerator_between_jobs()
@@ -48,11 +59,16 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
 
     import jax
 
-    from cvae_exp import checkpoint, trainer
+    from cvae_exp import checkpoint, resume, trainer
     from cvae_exp.runs import build_experiment
     from cvae_exp.tensorboard import Writer, tile
 
+    launch.watch_background_writes()
     t0 = time.perf_counter()
+    # ---- the config: this command's, or (resume) the run's own with the command's overrides on top;
+    # a changed shape or data source is refused here, before the slow parts
+    resumed = resume.settle(cfg, run_dir, mode)
+    cfg = resumed.cfg
     t = cfg.trainer
     k = t.num_seeds
     seeds = list(range(cfg.seed, cfg.seed + k))  # one model per seed, vmapped when k > 1
@@ -72,51 +88,38 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
         run_dir,
     )
 
-    # ---- checkpoints: decide between fresh and resumed before the slow parts
+    # ---- checkpoints
+    if not (run_dir / "checkpoints").exists():
+        launch.created(run_dir / "checkpoints")  # removed again if this launch is refused
     manager = checkpoint.make_manager(run_dir, cfg.checkpoint.keep)
-    mode = resume_mode(cfg)
-    if mode == "false" and "SLURM_JOB_ID" in os.environ:
-        # A preempted SLURM job is resubmitted with the same command: it must pick up its own checkpoints.
-        mode = "auto"
     if mode == "false" and manager.all_steps():
         raise UserError(
             f"{run_dir} already holds checkpoints (newest step {manager.latest_step()}); "
             "pass resume=true to continue it, or choose another hydra.run.dir."
         )
-    if mode in ("true", "auto") and (saved := checkpoint.newest_config(manager)):
-        # Before the data and the model: what the arrays' shapes depend on must not have changed.
-        changed = checkpoint.changed_shape_keys(saved[1], plain)
-        if changed:
-            raise UserError(
-                f"The checkpoint at step {saved[0]} in {manager.directory} was trained with different "
-                f"{', '.join(changed)}; resume it with the same values or start a new run directory."
-            )
 
     # ---- data, model and optimizer
     exp = build_experiment(cfg)
     splits, task, graphdef, opt = exp.splits, exp.task, exp.graphdef, exp.opt
     feed = trainer.make_feed(splits.train, t.batch_size, seeds, state_sharding, batch_sharding, t.data_on_device)
-    log.info(
-        "Data: %s; train %d, val %d, test %d",
-        exp.source,
-        len(splits.train.images),
-        len(splits.val.images),
-        len(splits.test.images),
-    )
+    # What a checkpoint records it was trained on; a resume on other data is refused (resume_data_change).
+    data = {"source": exp.source, **{name: len(getattr(splits, name).images) for name in ("train", "val", "test")}}
+    log.info("Data: %s; train %d, val %d, test %d", exp.source, data["train"], data["val"], data["test"])
+    resume.check_data(resumed, data)
     state = jax.device_put(exp.initial_state(seeds), state_sharding)
+    target = checkpoint.abstract(state)
 
-    # ---- restore
+    # ---- restore (verified), then the run is accepted: its record and its log go to disk
     resumed_from = None
     early = trainer.EarlyStopping(t.patience, t.min_delta)
-    if mode in ("true", "auto"):
-        restored = checkpoint.restore_newest(manager, checkpoint.abstract(state))
-        if restored is None and mode == "true":
-            log.warning("resume=true, but %s holds no checkpoint yet: starting fresh.", run_dir / "checkpoints")
-        if restored is not None:
-            resumed_from, state, meta = restored
-            early.load(meta.get("early_stopping"))
-            checkpoint.set_aside_newer(manager, resumed_from)  # damaged ones, so their steps can be saved again
-            log.info("Resumed from step %d in %s", resumed_from, manager.directory)
+    if resumed.saved is not None:
+        restored = checkpoint.restore_newest(manager, target)  # raises when none restores and verifies
+        checkpoint.set_aside(manager, restored.damaged)  # so that their steps can be saved again
+        resumed_from, state = restored.step, restored.state
+        early.load(restored.meta.get("early_stopping"))
+        log.info("Resumed from step %d in %s", resumed_from, manager.directory)
+    signals.check()  # a signal during start-up that a library swallowed
+    launch.accept(run_dir, cfg, resumed.overrides, resumed.choices, write_record=jax.process_index() == 0)
 
     # ---- steps, writer, loop
     train_step = trainer.make_train_step(graphdef, opt, task, state_sharding, k, feed)
@@ -133,6 +136,8 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
         return trainer.evaluate(eval_step, params, split, eval_batch, eval_sharding, eval_key)
 
     def on_log(step, metrics):
+        checkpoint.raise_failed_save(manager)  # a write that failed in the background ends the run here
+        launch.check_background_writes()
         for i, writer in enumerate(writers):
             seed_metrics = _seed_values(metrics, i)
             seed_metrics["examples_per_s"] = metrics["examples_per_s"] / k  # this seed's share
@@ -153,7 +158,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
 
     def on_checkpoint(step, state, val):
         if cfg.checkpoint.enabled:  # with k seeds, "best" ranks by the mean val/elbo over the seeds
-            meta = {"step": step, "config": plain, **val, "early_stopping": early.state()}
+            meta = {"step": step, "config": plain, "data": data, **val, "early_stopping": early.state()}
             checkpoint.save(manager, step, state, meta)
 
     loop = trainer.Loop(
@@ -166,6 +171,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
         progress=t.progress,
         seeds=k,
         early_stop=early,
+        skip_limit=t.skip_limit,
         on_log=on_log,
         on_eval=on_eval,
         on_checkpoint=on_checkpoint,
@@ -174,18 +180,30 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     start_step = trainer.current_step(state)
     try:
         state, val, stopped = trainer.fit(state, train_step, feed, loop)
-    except trainer.NonFinite as err:
+    except Interrupted as err:  # while the first step compiled
+        raise Interrupted(err.signum, launch.startup_message(err.signum)) from None
+    except (trainer.NonFinite, trainer.TooManySkipped) as err:
         manager.wait_until_finished()
-        good = [s for s in manager.all_steps() if s < err.step]
+        good = _last_good(manager, target, err.step)
         raise UserError(
             f"{err} Training stopped; the last good checkpoint is "
-            + (f"step {max(good)} in {manager.directory}." if good else "none (no checkpoint was saved before it).")
+            + (
+                f"step {good} in {manager.directory}."
+                if good is not None
+                else "none (no checkpoint before it verifies)."
+            )
         ) from None
     finally:
         manager.wait_until_finished()  # Orbax saves are async: the last one must land before exit
         for writer in writers:
             writer.flush()
     steps_run = trainer.current_step(state) - start_step
+    last = f"the checkpoint at step {trainer.current_step(state)}" if cfg.checkpoint.enabled else "no checkpoint"
+    signals.after_training = (
+        "Stopped by {signal} after training, during the final evaluation, with "
+        + last
+        + f" written: cvae-train hydra.run.dir={run_dir} resume=true evaluates it and writes metrics.json."
+    )
     if stopped:
         manager.close()
         for writer in writers:
@@ -243,10 +261,26 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
         )
         writer.close()
     manager.close()
+    launch.check_background_writes()
     if jax.process_index() == 0:
         (run_dir / "metrics.json").write_text(json.dumps(_strict(metrics), indent=2) + "\n")
     log.info("Done: %s", json.dumps(metrics))
     return metrics
+
+
+def _last_good(manager, target, below: int) -> int | None:
+    """The newest checkpoint before step `below` that restores and verifies (damaged ones set aside)."""
+    from cvae_exp import checkpoint
+
+    steps = sorted((s for s in manager.all_steps() if s < below), reverse=True)
+    try:
+        restored = checkpoint.restore_first(manager, target, steps)
+    except UserError:  # none of them verifies
+        return None
+    if restored is None:
+        return None
+    checkpoint.set_aside(manager, restored.damaged)
+    return restored.step
 
 
 def _seed_values(metrics: dict, i: int) -> dict:

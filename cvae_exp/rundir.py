@@ -1,14 +1,28 @@
-"""The run directory: where it is, and a lock so two live runs never write into the same one."""
+"""The run directory: where it is, and a lock so two live runs never write into the same one.
+
+The lock is the kernel's: `fcntl.flock` on `<run dir>/.lock`, held for the life of the process and
+released by the kernel when the process ends however it ends, so there is no stale lock to take over
+and a reused PID cannot block a directory. The file records host and PID for the messages only.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import logging
 import os
+import socket
+import time
 from pathlib import Path
 
 from cvae_exp.errors import UserError
 
 log = logging.getLogger(__name__)
+LOCK_NAME = ".lock"
+# A reader that asks whether a run is live (cvae-report, cvae-eval) holds a shared lock for a moment: a run
+# starting at that moment tries again for this long before it calls the directory busy.
+_PROBE_GRACE_S = 0.5
 
 
 def current_run_dir() -> Path:
@@ -20,43 +34,83 @@ def current_run_dir() -> Path:
     return Path.cwd().resolve()
 
 
-def _alive(pid: int) -> bool:
+def _owner(path: Path) -> str:
+    """Who holds (or last held) the lock, from what the holder wrote: 'PID 123 on host'."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        text = path.read_text().split()
+    except OSError:
+        return "another process"
+    return f"PID {text[0]} on {text[1]}" if len(text) >= 2 else "another process"
 
 
 class RunLock:
-    """`<run dir>/.lock` holding the owner's PID; a lock whose process is gone is taken over."""
+    """An exclusive `flock` on `<run dir>/.lock`, held until `release()` or the end of the process.
 
-    def __init__(self, run_dir: Path):
-        self.path = run_dir / ".lock"
+    Taking it: open (or create) the file, lock it, and check that the path still names the locked file,
+    because a holder removes the file when it lets go and a second process may have opened the old one
+    in between; if it does not, start over. Letting go: remove the file while still holding the lock.
+    """
 
-    def __enter__(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, run_dir: Path, grace_s: float = _PROBE_GRACE_S):
+        self.path = Path(run_dir) / LOCK_NAME
+        self.grace_s = grace_s
+        self._fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        deadline = time.monotonic() + self.grace_s
         while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                try:
-                    pid = int(self.path.read_text().strip() or 0)
-                except (OSError, ValueError):
-                    pid = 0
-                if pid and pid != os.getpid() and _alive(pid):
-                    raise UserError(
-                        f"The run directory {self.path.parent} is in use by a live run (PID {pid}); "
-                        "wait for it or choose another hydra.run.dir."
-                    ) from None
-                log.warning("Taking over the stale lock %s (PID %s is not running).", self.path, pid or "unknown")
-                self.path.unlink(missing_ok=True)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                os.close(fd)
+                if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise
+                if time.monotonic() < deadline:
+                    time.sleep(0.01)
+                    continue
+                raise UserError(
+                    f"The run directory {self.path.parent} is in use by a live run ({_owner(self.path)}); "
+                    "wait for it or choose another hydra.run.dir."
+                ) from None
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:  # the holder removed it after we opened it: lock the file that is there now
+                os.close(fd)
                 continue
-            with os.fdopen(fd, "w") as f:
-                f.write(str(os.getpid()))
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+            self._fd = fd
             return self
 
-    def __exit__(self, *exc):
-        self.path.unlink(missing_ok=True)
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()  # while still locked, so no one holds a lock on a file that is gone
+        os.close(self._fd)  # the kernel drops the lock with the last descriptor
+        self._fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def is_locked(run_dir: Path) -> bool:
+    """Whether a live process holds the run directory's lock (a non-blocking shared-lock probe; no file
+    is created or changed)."""
+    try:
+        fd = os.open(Path(run_dir) / LOCK_NAME, os.O_RDONLY)
+    except OSError:
+        return False  # no lock file: nobody holds it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as err:
+        return err.errno in (errno.EWOULDBLOCK, errno.EAGAIN)
+    finally:
+        os.close(fd)  # also drops the probe's own shared lock
+    return False

@@ -4,6 +4,7 @@ and the parameters of its best checkpoint."""
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,9 @@ from cvae_exp.data import sources
 from cvae_exp.data.pipeline import PIXELS, Splits, condition_dim, make_splits
 from cvae_exp.errors import UserError
 from cvae_exp.models import build_model
+from cvae_exp.rundir import RunLock
+
+log = logging.getLogger("cvae_exp")
 
 
 @dataclass
@@ -127,11 +131,11 @@ def load_run(run_dir: str | Path, sharding=None, seed_index: int = 0) -> Trained
     steps = checkpoint.best_first(manager)
     if not steps:
         raise UserError(f"run_dir={run_dir} holds no checkpoint.")
-    # The config the weights were trained with, as the checkpoint recorded it: Hydra rewrites
-    # .hydra/config.yaml at every launch in the directory, even one that is then refused.
-    saved = checkpoint.first_config(manager, steps)
-    if saved and saved[1]:
-        cfg = onto_schema(saved[1])
+    # The config the weights were trained with, as the checkpoint recorded it (.hydra/config.yaml is the
+    # latest launch's, which may have changed cadences on resume).
+    saved = checkpoint.first_meta(manager, steps)
+    if saved and saved[1].get("config"):
+        cfg = onto_schema(saved[1]["config"])
 
     k = cfg.trainer.num_seeds
     if not 0 <= seed_index < k:
@@ -141,11 +145,28 @@ def load_run(run_dir: str | Path, sharding=None, seed_index: int = 0) -> Trained
         )
 
     exp = build_experiment(cfg)
+    restored = checkpoint.restore_first(manager, state_target(exp, cfg, sharding), steps)
+    if restored.damaged:
+        _set_aside(run_dir, manager, restored.damaged)
+    manager.close()
+    state = restored.state
+    params = trainer.member(state["params"], seed_index) if k > 1 else state["params"]
+    return TrainedRun(cfg, restored.step, exp.graphdef, params, exp.task, exp.splits)
+
+
+def state_target(exp: Experiment, cfg: DictConfig, sharding=None) -> Any:
+    """The abstract state a checkpoint of this run restores onto (with the seed axis of a K-seed run)."""
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.eval_shape(lambda: exp.init_state(cfg.seed, pretrained=False))
-    lead = (k,) if k > 1 else ()  # the seed axis of a vmapped run
-    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(lead + a.shape, a.dtype, sharding=sharding), target)
-    step, state, _ = checkpoint.restore_first(manager, target, steps)
-    manager.close()
-    params = trainer.member(state["params"], seed_index) if k > 1 else state["params"]
-    return TrainedRun(cfg, step, exp.graphdef, params, exp.task, exp.splits)
+    lead = (cfg.trainer.num_seeds,) if cfg.trainer.num_seeds > 1 else ()  # the seed axis of a vmapped run
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(lead + a.shape, a.dtype, sharding=sharding), target)
+
+
+def _set_aside(run_dir: Path, manager, steps: list[int]) -> None:
+    """Damaged checkpoints found while loading go to damaged_checkpoints/, unless the run is live (a
+    training process holds its lock and still owns its checkpoints): then they stay, reported."""
+    try:
+        with RunLock(run_dir, grace_s=0):
+            checkpoint.set_aside(manager, steps)
+    except UserError:
+        log.warning("The damaged checkpoints stay in place: a live run holds %s.", run_dir)

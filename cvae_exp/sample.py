@@ -28,8 +28,10 @@ import numpy as np
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
+from cvae_exp import launch
+from cvae_exp.config import check_keys, require_run_dir
 from cvae_exp.errors import UserError
-from cvae_exp.train import CONF_DIR, exit_on_user_error
+from cvae_exp.train import CONF_DIR, exit_on_user_error, no_wait_after_storage_failure
 
 for _name in ("absl", "jax._src.xla_bridge"):  # read-only checkpoint notices and backend probing, not news here
     logging.getLogger(_name).setLevel(logging.ERROR)
@@ -161,6 +163,7 @@ def sample_run(run_dir: str, opts, seed: int = 0) -> list[Path]:
     from cvae_exp.tensorboard import Writer
 
     run = load_run(run_dir)
+    launch.release_log()  # accepted: the log may reach <run dir>/sample.log
     out = Path(run_dir).resolve() / opts.out
     out.mkdir(parents=True, exist_ok=True)
     grids = draw(run, opts, seed)
@@ -175,9 +178,12 @@ def sample_run(run_dir: str, opts, seed: int = 0) -> list[Path]:
     return written
 
 
+@no_wait_after_storage_failure
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="sample")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
+    require_run_dir(cfg, "cvae-sample")
+    check_keys(cfg, SampleApp)
     validate(cfg.sample)
     for file in sample_run(cfg.run_dir, cfg.sample, cfg.seed):
         print(file)

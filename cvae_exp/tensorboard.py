@@ -6,6 +6,7 @@ curve never doubles back on itself.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -24,14 +25,33 @@ class Writer:
             purge = resume_step + 1 if resume_step is not None else None
             self._w = SummaryWriter(str(run_dir / "tb" / name if name else run_dir / "tb"), purge_step=purge)
 
+    def _check_alive(self) -> None:
+        """tensorboardX writes events on a thread; when a write fails there (a full disk) that thread ends
+        and the next events would fill its queue and block this thread forever. Raise instead: the failure
+        itself, as cvae_exp.launch noted it, or one naming the event folder."""
+        events = getattr(self._w.file_writer, "event_writer", None) if self._w.file_writer else None
+        worker = getattr(events, "_worker", None)
+        if worker is None or worker.is_alive():
+            return
+        queue = getattr(events, "_event_queue", None)
+        if queue is not None:
+            queue.cancel_join_thread()  # its events can no longer be written: do not wait for them at exit
+        self._w = None
+        from cvae_exp.launch import check_background_writes
+
+        check_background_writes()
+        raise OSError(errno.EIO, "TensorBoard's event writer stopped", events.get_logdir())
+
     def scalars(self, metrics: Mapping[str, float], step: int) -> None:
         if self._w:
+            self._check_alive()
             for tag, value in metrics.items():
                 self._w.add_scalar(tag, float(value), step)
 
     def image(self, tag: str, grid: np.ndarray, step: int) -> None:
         """`grid`: a [H, W] array in [0, 1]."""
         if self._w:
+            self._check_alive()
             self._w.add_image(tag, np.clip(grid, 0.0, 1.0)[None], step, dataformats="CHW")
 
     def hparams(self, hparams: Mapping[str, object], metrics: Mapping[str, float]) -> None:

@@ -26,6 +26,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from cvae_exp.data.pipeline import Split, eval_batches, make_sampler, prepare
+from cvae_exp.errors import Interrupted
 from cvae_exp.objectives import kl_weight, per_example_loss
 from cvae_exp.optim import Optimizer
 from cvae_exp.parallel import put_batch
@@ -257,6 +258,7 @@ class StopRequest:
     def __init__(self):
         self.requested = False
         self.signum: int | None = None  # the first signal, for the exit code (128 + signum)
+        self.started = False  # the first step has run (a signal before that stops the start-up instead)
         self._previous = {}
 
     def __enter__(self):
@@ -275,10 +277,11 @@ class StopRequest:
             signal.raise_signal(signum)
             return
         self.requested, self.signum = True, signum
-        log.warning(
-            "Received %s: finishing this step, saving a checkpoint, then stopping (send it again to exit at once).",
-            signal.Signals(signum).name,
-        )
+        if self.started:
+            log.warning(
+                "Received %s: finishing this step, saving a checkpoint, then stopping (send it again to exit at once).",
+                signal.Signals(signum).name,
+            )
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -288,6 +291,17 @@ class StopRequest:
 class NonFinite(Exception):
     def __init__(self, step: int):
         super().__init__(f"The loss became NaN or infinite at step {step}.")
+        self.step = step
+
+
+class TooManySkipped(Exception):
+    """nan_policy=skip discarded more than `skip_limit` of the steps since the last evaluation."""
+
+    def __init__(self, step: int, skipped: int, since: int, limit: float):
+        super().__init__(
+            f"trainer.nan_policy=skip discarded {skipped} of the {step - since} steps since step {since} "
+            f"({skipped / (step - since):.0%}), more than trainer.skip_limit={limit} ({limit:.0%}), by step {step}."
+        )
         self.step = step
 
 
@@ -345,6 +359,7 @@ class Loop:
     on_checkpoint: Callable[[int, Any, dict], None]
     seeds: int = 1  # models trained together (vmapped); metrics carry a seed axis when > 1
     early_stop: EarlyStopping = field(default_factory=EarlyStopping)
+    skip_limit: float = 1.0  # nan_policy=skip: the largest share of skipped steps between evaluations
 
 
 def fit(state, train_step, feed: Callable[[int], Any], loop: Loop):
@@ -357,10 +372,16 @@ def fit(state, train_step, feed: Callable[[int], Any], loop: Loop):
         return state, val, None
     bar = tqdm(total=loop.max_steps, initial=start, disable=not loop.progress, dynamic_ncols=True, unit="step")
     window_start, window_steps = time.perf_counter(), 0
+    skips = SkipCount(state, start, loop.skip_limit) if loop.nan_policy == "skip" else None
     with StopRequest() as stop:
         for step in range(start, loop.max_steps):
             # Host work for the next step overlaps the device's work on this one (async dispatch).
             state, metrics = train_step(state, feed(step))
+            if not stop.started:
+                if stop.requested:  # it came while the first step was compiled: nothing is trained yet
+                    bar.close()
+                    raise Interrupted(stop.signum)
+                stop.started = True
             done = step + 1
             window_steps += 1
             bar.update(1)
@@ -381,6 +402,8 @@ def fit(state, train_step, feed: Callable[[int], Any], loop: Loop):
                 window_start, window_steps = time.perf_counter(), 0
             if done % loop.eval_every == 0 or last:
                 _check_finite(state, loop.nan_policy)
+                if skips is not None:
+                    skips.check(state, done)
                 val = loop.on_eval(done, state)
                 if done % loop.eval_every == 0:
                     loop.early_stop.update(done, val["val/elbo"])
@@ -403,6 +426,25 @@ def fit(state, train_step, feed: Callable[[int], Any], loop: Loop):
                 break
     bar.close()
     return state, val, None
+
+
+class SkipCount:
+    """nan_policy=skip's bound: at each evaluation, the share of the steps since the previous one whose update
+    was discarded (the worst seed's) may not exceed `limit`."""
+
+    def __init__(self, state, step: int, limit: float):
+        self.limit, self.since, self.before = limit, step, self._read(state)
+
+    @staticmethod
+    def _read(state) -> np.ndarray:
+        return np.asarray(jax.device_get(state["nonfinite"])).reshape(-1)  # host sync: evaluation steps only
+
+    def check(self, state, step: int) -> None:
+        now = self._read(state)
+        skipped = int((now - self.before).max())
+        if step > self.since and skipped / (step - self.since) > self.limit:
+            raise TooManySkipped(step, skipped, self.since, self.limit)
+        self.since, self.before = step, now
 
 
 def current_step(state) -> int:

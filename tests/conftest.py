@@ -97,6 +97,31 @@ def cli_env(_private_caches) -> dict[str, str]:
     return env
 
 
+@pytest.fixture(scope="session")
+def xla_env(cli_env, tmp_path_factory) -> dict[str, str]:
+    """The CLI environment plus one persistent XLA compilation cache for the session's tiny runs
+    (cli_runs.tiny): the same program loads the same executable, so results are unchanged, and a run
+    costs seconds rather than tens of them."""
+    from cli_runs import xla_cache_env
+
+    return xla_cache_env(cli_env, tmp_path_factory.mktemp("xla_cache"))
+
+
+LINEAR_STEPS = 80
+LINEAR = {"optimizer.warmup_steps": 60}  # linear warm-up past step 40: resumed steps depend on the restored count
+
+
+@pytest.fixture(scope="session")
+def linear_run(tiny_mnist, xla_env, tmp_path_factory) -> Path:
+    """An uninterrupted tiny run of 80 steps with a linear warm-up (checkpoints and evaluations every 20 steps;
+    kept: 40, 60, 80): what resumed runs must reproduce, and what tests copy to damage."""
+    from cli_runs import ok, tiny, train
+
+    root = tmp_path_factory.mktemp("linear_run")
+    ok(train(tiny(tiny_mnist, root / "run", {"trainer.max_steps": LINEAR_STEPS, **LINEAR}), xla_env, root / "run.log"))
+    return root / "run"
+
+
 def run_module(module: str, args, *, env: dict[str, str], cwd, timeout: float = CLI_TIMEOUT_S):
     """`python -m <module> *args` as a subprocess: how users run every entry point."""
     return subprocess.run(

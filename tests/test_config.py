@@ -159,6 +159,15 @@ def test_cli_mistyped_key_exits_nonzero_naming_it(run_cli, tmp_path):
     assert not (tmp_path / "r").exists()  # refused before the run directory was made
 
 
+def test_cli_unknown_key_added_with_plus_is_refused_by_the_schema(run_cli, tmp_path):
+    # Hydra's own message for a mistyped key suggests `+`, and Hydra then accepts the key; the schema does not.
+    result = run_cli(["+trainer.max_stepz=5", f"hydra.run.dir={tmp_path / 'r'}"])
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == ["error: trainer.max_stepz is not a config key (see docs/configuration.md for the keys there are)."]
+    assert not (tmp_path / "r").exists()  # Hydra made the folder; the refused launch removed it again
+
+
 # ----------------------------------------------------------------------------- impossible values
 
 IDS = [o[-1] for o, _ in IMPOSSIBLE]
@@ -189,7 +198,7 @@ def test_cli_impossible_value_exits_2_with_one_line(run_cli, tmp_path, overrides
     assert len(lines) == 1, result.stderr
     assert named in lines[0]
     assert "Traceback" not in result.stderr + result.stdout
-    assert not (marker / "checkpoints").exists() and not (marker / "tb").exists()
+    assert not marker.exists()  # no run directory left behind: not even the one Hydra made
 
 
 # ----------------------------------------------------------------------------- the optimizer group

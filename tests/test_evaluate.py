@@ -133,3 +133,13 @@ def test_mc_gap_script_writes_nested_estimates_per_sample_count(quadrant_runs, c
             ).read_text()
         )
         assert float(row["ncll_mc"]) == pytest.approx(saved["ncll_mc"], abs=1e-3)
+
+
+def test_eval_without_run_dir_is_one_sentence(cli_env, tmp_path):
+    out = run_module("cvae_exp.evaluate", ["eval.samples=5"], env=cli_env, cwd=tmp_path)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert (
+        out.stderr.strip()
+        == "error: run_dir is missing: cvae-eval run_dir=<a cvae-train run directory> names the run to use."
+    )
+    assert list(tmp_path.iterdir()) == []

@@ -1,5 +1,6 @@
-"""Issue 6, reliability: bit-exact resume, preemption, damaged checkpoints, changed configs on resume,
-numerical faults and run-directory locks, through the real `cvae-train` CLI.
+"""Issues 6 and 15, reliability: bit-exact resume (from the run's own saved config), preemption, damaged
+checkpoints, changed configs on resume, numerical faults and run-directory locks, through the real
+`cvae-train` CLI.
 
 Every training run is tiny (one hidden layer of 32, four latents, batches of 32 on the 1,200-digit
 `tiny_mnist`) and shares one persistent XLA compilation cache, so after the first run a subprocess
@@ -9,165 +10,70 @@ the pickle ban are in test_reliability_inputs.py.
 
 from __future__ import annotations
 
-import json
+import fcntl
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
-import subprocess
-import sys
-import time
+import socket
 from pathlib import Path
 
 import pytest
-import tbevents
+from cli_runs import (
+    assert_curves_contain,
+    curves,
+    file_tree,
+    finish,
+    launch,
+    metrics,
+    ok,
+    steps,
+    tiny,
+    tmp_folders,
+    together,
+    train,
+    tree_digest,
+    wait_for,
+)
+from conftest import LINEAR, LINEAR_STEPS
 
-N = 40  # bit-exact resume: N steps, stop, resume to 2N
+N = LINEAR_STEPS // 2  # bit-exact resume: N steps, stop, resume to 2N
 M = 300  # preemption: the cosine schedule's horizon; long enough that the signal lands well before it
-LINEAR = {"optimizer.warmup_steps": 60}  # linear warm-up past N: the resumed steps depend on the restored count
 COSINE = {"optimizer.schedule": "cosine", "optimizer.warmup_steps": 20}  # decays to 0 at trainer.max_steps
-RUN_TIMEOUT_S = 240
-TMP_MARK = ".orbax-checkpoint-tmp"  # Orbax writes `<step>.orbax-checkpoint-tmp-<n>/` and renames it when done
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def tiny(data: str, run_dir: Path, changes: dict | None = None, *flags: str) -> list[str]:
-    """The overrides of a tiny run in `run_dir`; `changes` replace or add keys, `flags` go last (e.g. -m)."""
-    values = {
-        "data.path": data,
-        "data.val_size": 200,
-        "model.hidden": "[32]",
-        "model.latent_dim": 4,
-        "trainer.batch_size": 32,
-        "trainer.eval_batch_size": 100,
-        "trainer.progress": "false",
-        "logger.images": "false",
-        "trainer.log_every": 10,
-        "trainer.eval_every": 20,
-        "checkpoint.every": 20,
-        "hydra.run.dir": run_dir,
-        **(changes or {}),
-    }
-    return [f"{k}={v}" for k, v in values.items()] + list(flags)
-
-
-def launch(args: list[str], env: dict, log: Path) -> subprocess.Popen:
-    """`python -m cvae_exp.train *args` in the background, stdout and stderr into `log` (no pipe to fill)."""
-    with open(log, "w") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "cvae_exp.train", *map(str, args)],
-            cwd=log.parent,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-
-
-def finish(proc: subprocess.Popen, log: Path, timeout: float = RUN_TIMEOUT_S) -> tuple[int, str]:
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        pytest.fail(f"{' '.join(proc.args[3:])} ran past {timeout} s:\n{log.read_text()[-3000:]}")
-    return proc.returncode, log.read_text()
-
-
-def together(jobs: dict[str, list[str]], env: dict, root: Path) -> dict[str, tuple[int, str]]:
-    """Runs the jobs at the same time (the machine's cores are shared anyway) and returns (code, output) each."""
-    procs = {name: launch(args, env, root / f"{name}.log") for name, args in jobs.items()}
-    return {name: finish(proc, root / f"{name}.log") for name, proc in procs.items()}
-
-
-def train(args: list[str], env: dict, log: Path) -> tuple[int, str]:
-    return finish(launch(args, env, log), log)
-
-
-def ok(result: tuple[int, str]) -> str:
-    code, text = result
-    assert code == 0, text[-3000:]
-    assert "Traceback" not in text, text[-3000:]
-    return text
-
-
-def wait_for(predicate, proc: subprocess.Popen, log: Path, timeout: float = RUN_TIMEOUT_S, poll: float = 0.01):
-    """Polls `predicate()` until it returns something truthy; fails if the process ends first."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = predicate()
-        if found:
-            return found
-        if proc.poll() is not None:
-            pytest.fail(f"the run ended (code {proc.returncode}) before it was interrupted:\n{log.read_text()[-3000:]}")
-        time.sleep(poll)
-    proc.kill()
-    pytest.fail(f"timed out waiting:\n{log.read_text()[-3000:]}")
-
-
-def steps(run_dir: Path) -> list[int]:
-    """The finished checkpoints in a run directory (Orbax's temporary folders are not steps)."""
-    folder = run_dir / "checkpoints"
-    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
-
-
-def tmp_folders(run_dir: Path) -> list[str]:
-    folder = run_dir / "checkpoints"
-    return [p.name for p in folder.iterdir() if TMP_MARK in p.name] if folder.is_dir() else []
-
-
-def metrics(run_dir: Path) -> dict:
-    return json.loads((run_dir / "metrics.json").read_text())
-
-
-def curves(run_dir: Path) -> dict[str, dict[int, float]]:
-    """TensorBoard scalars as {tag: {step: value}}, purges applied; throughput is wall-clock, so left out."""
-    return {
-        tag: dict(points)
-        for tag, points in tbevents.scalars(run_dir / "tb").items()
-        if not tag.endswith("examples_per_s")
-    }
-
-
-def assert_curves_contain(resumed: dict, straight: dict) -> None:
-    """Every point of the uninterrupted run is in the resumed run, with the same value bit for bit."""
-    assert set(resumed) == set(straight)
-    for tag, points in straight.items():
-        assert {s: resumed[tag].get(s) for s in points} == points, tag
-
-
-def file_tree(folder: Path) -> dict[str, int]:
-    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
-def env(cli_env, tmp_path_factory) -> dict[str, str]:
-    """The CLI environment plus a persistent XLA compilation cache shared by this module's runs
-    (the same program loads the same executable, so results are unchanged; runs take seconds, not tens)."""
-    cache = tmp_path_factory.mktemp("xla_cache")
-    return {
-        **cli_env,
-        "JAX_COMPILATION_CACHE_DIR": str(cache),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-    }
+def env(xla_env) -> dict[str, str]:
+    """The CLI environment with the session's persistent XLA compilation cache."""
+    return xla_env
 
 
 @pytest.fixture(scope="module")
-def straight(tiny_mnist, env, tmp_path_factory) -> dict[str, Path]:
-    """Uninterrupted runs that tests compare with or copy: 'linear' (2N steps, linear warm-up) and
-    'cosine' (M steps, warm-up then cosine decay)."""
+def straight(tiny_mnist, env, linear_run, tmp_path_factory) -> dict[str, Path]:
+    """Uninterrupted runs that tests compare with or copy: 'linear' (2N steps, linear warm-up; conftest's
+    linear_run) and 'cosine' (M steps, warm-up then cosine decay)."""
     root = tmp_path_factory.mktemp("straight")
-    jobs = {
-        "linear": tiny(tiny_mnist, root / "linear", {"trainer.max_steps": 2 * N, **LINEAR}),
-        "cosine": tiny(tiny_mnist, root / "cosine", {"trainer.max_steps": M, **COSINE}),
-    }
-    for result in together(jobs, env, root).values():
-        ok(result)
-    return {name: root / name for name in jobs}
+    ok(train(tiny(tiny_mnist, root / "cosine", {"trainer.max_steps": M, **COSINE}), env, root / "cosine.log"))
+    return {"linear": linear_run, "cosine": root / "cosine"}
+
+
+def verifies(run_dir: Path, step: int) -> bool:
+    """Whether a checkpoint restores onto the run's state, carries a content hash and matches it, with
+    finite parameters (what resume, cvae-eval and cvae-sample check)."""
+    from cvae_exp import checkpoint
+    from cvae_exp.runs import build_experiment, run_config, state_target
+
+    cfg = run_config(run_dir)
+    manager = checkpoint.make_manager(run_dir, 1, read_only=True)
+    try:
+        restored = checkpoint.restore_first(manager, state_target(build_experiment(cfg), cfg), [step])
+    except Exception:  # UserError: it did not restore or verify
+        return False
+    finally:
+        manager.close()
+    return restored.step == step and checkpoint.DIGEST in restored.meta
 
 
 def copy_run(source: Path, dest: Path) -> Path:
@@ -183,10 +89,16 @@ def test_n_steps_then_resume_to_2n_is_bit_exact(tiny_mnist, env, straight, tmp_p
     run = tmp_path / "run"
     ok(train(tiny(tiny_mnist, run, {"trainer.max_steps": N, **LINEAR}), env, tmp_path / "first.log"))
     assert steps(run)[-1] == N
-    # The resume changes what may change: max_steps, a cadence (checkpoint.every) and logging (progress).
-    changed = {"trainer.max_steps": 2 * N, "checkpoint.every": 10, "trainer.progress": "true", "resume": "true"}
-    text = ok(train(tiny(tiny_mnist, run, {**LINEAR, **changed}), env, tmp_path / "second.log"))
+    # The resume names only what it changes: max_steps, a cadence (checkpoint.every) and logging (progress);
+    # data, model, optimizer and cadences come from the run's own saved config, not the defaults.
+    changed = ["trainer.max_steps=80", "checkpoint.every=10", "trainer.progress=true", "resume=true"]
+    text = ok(train([f"hydra.run.dir={run}", *changed], env, tmp_path / "second.log"))
     assert f"Resumed from step {N}" in text
+    # The run's record is what it trained: its launch overrides, with the resume's merged in.
+    record = (run / ".hydra" / "overrides.yaml").read_text()
+    for line in ("optimizer.warmup_steps=60", f"data.path={tiny_mnist}", "model.hidden=[32]", *changed):
+        assert f"- {line}\n" in record, record
+    assert "trainer.max_steps=40" not in record and "max_steps: 80" in (run / ".hydra" / "config.yaml").read_text()
 
     assert metrics(run)["params_sha256"] == metrics(straight["linear"])["params_sha256"]
     assert metrics(run)["step"] == 2 * N
@@ -217,13 +129,13 @@ def test_sigterm_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(tiny
     assert 10 <= k < M
     assert Path(stop.group(2)) == run / "checkpoints" / str(k) and k == steps(run)[-1]  # saved at that step
     assert not tmp_folders(run)  # Orbax's save completed before the exit
-    assert f"cvae-train hydra.run.dir={run} resume=true" in text
+    printed = re.search(r"Continue with: cvae-train (.+)$", text, re.MULTILINE)
+    assert printed and printed.group(1) == f"hydra.run.dir={run} resume=true", text[-3000:]
     assert k in curves(run)["train/loss"]  # TensorBoard was flushed up to the stop
     assert not (run / "metrics.json").exists() and not (run / ".lock").exists()
 
-    text = ok(
-        train(tiny(tiny_mnist, run, {"trainer.max_steps": M, **COSINE, "resume": "true"}), env, tmp_path / "r.log")
-    )
+    # Exactly the printed command: the run's own config (including its every-step cadences) is the base.
+    text = ok(train(shlex.split(printed.group(1)), env, tmp_path / "r.log"))
     assert f"Resumed from step {k}" in text
     assert metrics(run)["params_sha256"] == metrics(straight["cosine"])["params_sha256"]
     assert_curves_contain(curves(run), curves(straight["cosine"]))
@@ -257,11 +169,12 @@ def test_sigkill_while_a_checkpoint_is_written_then_resume(tiny_mnist, env, tmp_
     assert tmp_folders(run), "the kill landed after the write finished"
     newest = steps(run)[-1]
 
+    # The killed run could not remove its lock file, but the kernel released its lock: nothing to take over.
+    assert (run / ".lock").read_text().split() == [str(proc.pid), socket.gethostname()]
     end = newest + 10  # max_steps may change on resume
     text = ok(
         train(tiny(tiny_mnist, run, {**often, "trainer.max_steps": end, "resume": "true"}), env, tmp_path / "r.log")
     )
-    assert "Taking over the stale lock" in text  # the killed run could not remove its lock
     assert f"Resumed from step {newest}" in text
     assert metrics(run)["step"] == end
 
@@ -350,18 +263,22 @@ def test_resume_refuses_changed_shapes_and_names_the_keys(tiny_mnist, env, strai
 
 
 def test_nan_stops_with_the_step_or_is_skipped_and_counted(tiny_mnist, env, tmp_path):
-    # Adam's step is about lr per parameter whatever the gradient: warming up to lr=10 blows the model up
-    # after a few dozen steps (checked: step 62 here), so a few checkpoints come first.
+    # Adam's step is about lr per parameter whatever the gradient: a warm-up towards lr=100 blows the model up
+    # after a few dozen steps (checked: step 42 on the 2026-12-03 machine; warming up to lr=10 over 100 steps,
+    # which did on an earlier one, grew the loss to 1e24 there without overflowing), so checkpoints come first.
     blowup = {
-        "optimizer.lr": 10,
-        "optimizer.warmup_steps": 100,
-        "trainer.max_steps": 100,
+        "optimizer.lr": 100,
+        "optimizer.warmup_steps": 400,
+        "trainer.max_steps": 60,
         "checkpoint.every": 5,
         "trainer.log_every": 1,
     }
     jobs = {
         "stop": tiny(tiny_mnist, tmp_path / "stop", blowup),
-        "skip": tiny(tiny_mnist, tmp_path / "skip", {**blowup, "trainer.nan_policy": "skip"}),
+        # no bound on the share of skipped steps: the run goes on to the end
+        "skip": tiny(tiny_mnist, tmp_path / "skip", {**blowup, "trainer.nan_policy": "skip", "trainer.skip_limit": 1}),
+        # the default bound, 10% of the steps since the last evaluation (every 20 steps)
+        "bounded": tiny(tiny_mnist, tmp_path / "bounded", {**blowup, "trainer.nan_policy": "skip"}),
     }
     results = together(jobs, env, tmp_path)
 
@@ -378,40 +295,73 @@ def test_nan_stops_with_the_step_or_is_skipped_and_counted(tiny_mnist, env, tmp_
     assert saved and max(saved) == good < bad  # kept, and nothing saved after the NaN
     assert bad - good <= 5  # the last checkpoint before the NaN was not lost either
     assert Path(found.group(3)) == tmp_path / "stop" / "checkpoints"
+    assert verifies(tmp_path / "stop", good)  # restores, matches its content hash, finite parameters
     assert max(curves(tmp_path / "stop")["train/loss"]) < bad
 
     text = ok(results["skip"])
     skipped = metrics(tmp_path / "skip")["skipped_steps"]
     counted = curves(tmp_path / "skip")["train/skipped_steps"]
-    assert metrics(tmp_path / "skip")["step"] == 100
-    assert 0 < skipped < 100 and counted[100] == skipped
+    assert metrics(tmp_path / "skip")["step"] == 60
+    assert 0 < skipped < 60 and counted[60] == skipped
     assert counted[1] == 0 and list(counted.values()) == sorted(counted.values())  # counted as they happen
     # The skipped updates never reached the parameters (applied, their NaN gradients would make them NaN).
     assert math.isfinite(metrics(tmp_path / "skip")["val/recon"])
+
+    code, text = results["bounded"]
+    assert code == 2 and "Traceback" not in text, text[-3000:]
+    found = re.search(
+        r"error: trainer\.nan_policy=skip discarded (\d+) of the 20 steps since step (\d+) \((\d+)%\), more than "
+        r"trainer\.skip_limit=0\.1 \(10%\), by step (\d+)\. Training stopped; the last good checkpoint is step (\d+) in",
+        text,
+    )
+    assert found, text[-3000:]
+    skipped, since, share, at, good = map(int, found.groups())
+    assert at == since + 20 and skipped > 2 and share == round(100 * skipped / 20)
+    assert counted[at] - counted[since] == skipped  # the same count as the unbounded run's, up to there
+    assert max(steps(tmp_path / "bounded")) == good < at and verifies(tmp_path / "bounded", good)
 
 
 # ----------------------------------------------------------------------------- run directories
 
 
-def test_a_live_lock_refuses_and_is_left_alone(tiny_mnist, run_cli, tmp_path):
+def test_a_held_lock_refuses_and_is_left_alone(tiny_mnist, run_cli, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    (run / ".lock").write_text(str(os.getpid()))  # this test process: alive
-    result = run_cli(tiny(tiny_mnist, run, {"trainer.max_steps": 5}))
+    with open(run / ".lock", "w") as held:  # this test process holds the kernel lock, as a live run would
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write(f"{os.getpid()} {socket.gethostname()}\n")
+        held.flush()
+        before = tree_digest(run)
+        result = run_cli(tiny(tiny_mnist, run, {"trainer.max_steps": 5}))
     assert result.returncode == 2, result.stderr[-3000:]
-    assert f"is in use by a live run (PID {os.getpid()})" in result.stderr
+    assert f"is in use by a live run (PID {os.getpid()} on {socket.gethostname()})" in result.stderr
     assert "Traceback" not in result.stderr
-    assert (run / ".lock").read_text() == str(os.getpid())
-    assert not (run / "checkpoints").exists()
-    # The stale case (the PID is gone): see test_sigkill_while_a_checkpoint_is_written_then_resume.
+    assert tree_digest(run) == before  # the lock file as it was; no .hydra/, no log, no checkpoints/
+    # A lock file whose holder is gone is no lock: see test_sigkill_while_a_checkpoint_is_written_then_resume.
 
 
-def test_multirun_jobs_get_their_own_directories(tiny_mnist, env, tmp_path):
+def test_multirun_jobs_get_their_own_directories_and_resume_with_auto(tiny_mnist, env, tmp_path):
     sweep = tmp_path / "sweep"
-    args = tiny(tiny_mnist, tmp_path / "unused", {"trainer.max_steps": 2, "hydra.sweep.dir": sweep}, "seed=0,1", "-m")
-    ok(train(args, env, tmp_path / "multirun.log"))
+    sweep_args = {"hydra.sweep.dir": sweep, "resume": "auto"}  # auto: a fresh start where no checkpoint is
+    args = tiny(tiny_mnist, tmp_path / "unused", {"trainer.max_steps": 2, **sweep_args}, "seed=0,1", "-m")
+    text = ok(train(args, env, tmp_path / "multirun.log"))
+    assert "Resumed" not in text
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
     assert [p.name for p in jobs] == ["0", "1"]
     hashes = {metrics(job)["params_sha256"] for job in jobs}
     assert len(hashes) == 2  # each job wrote its own result
     assert all(steps(job) == [2] for job in jobs)
+
+    # The same sweep launched again, further: each job continues its own run (a requeued sweep).
+    text = ok(
+        train(
+            [f"hydra.sweep.dir={sweep}", "resume=auto", "trainer.max_steps=4", "seed=0,1", "-m"],
+            env,
+            tmp_path / "again.log",
+        )
+    )
+    assert text.count("Resumed from step 2") == 2
+    assert all(steps(job) == [2, 4] and metrics(job)["step"] == 4 for job in jobs)
+    for seed, job in enumerate(jobs):
+        record = (job / ".hydra" / "overrides.yaml").read_text()
+        assert f"- seed={seed}\n" in record and "- trainer.max_steps=4\n" in record and "max_steps=2" not in record

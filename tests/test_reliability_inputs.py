@@ -42,6 +42,27 @@ def write_parquet(root: Path, side: int = 28, label_column: str = "label") -> Pa
     return root
 
 
+def write_broken(root: Path, *, image: bytes | None = None, label: int | None = None, garbage: bool = False) -> Path:
+    """A Hub-layout folder whose train split has, at row 7, `image` bytes and/or the `label`; or (`garbage`)
+    a train "Parquet" file that is not Parquet at all."""
+    import datasets
+
+    write_parquet(root)
+    train = root / "mnist" / "train-00000-of-00001.parquet"
+    if garbage:
+        train.write_bytes(b"PAR1" + bytes(range(256)) * 8)  # the magic number, then nothing Parquet
+        return root
+    ds = datasets.Dataset.from_parquet(str(train))
+    rows = ds.cast_column("image", datasets.Image(decode=False)).to_dict()
+    if image is not None:
+        rows["image"][7] = {"bytes": image, "path": None}
+    if label is not None:
+        rows["label"][7] = label
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(train))
+    return root
+
+
 @pytest.fixture(scope="module")
 def bad_data(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("bad_data")
@@ -49,6 +70,9 @@ def bad_data(tmp_path_factory) -> dict[str, str]:
         "missing": str(root / "no_such_folder"),
         "nolabel": str(write_parquet(root / "nolabel", label_column="digit")),
         "big": str(write_parquet(root / "big", side=32)),
+        "garbage": str(write_broken(root / "garbage", garbage=True)),
+        "undecodable": str(write_broken(root / "undecodable", image=b"\x89PNG\r\n\x1a\n but then nothing")),
+        "label": str(write_broken(root / "label", label=2**40)),  # an int32 cast would make it 0
     }
 
 
@@ -60,6 +84,13 @@ CASES = [
     (["data.path=<missing>"], "data.path=<missing> does not exist"),
     (["data.path=<nolabel>"], "data.path=<nolabel> has no 'label' column"),
     (["data.path=<big>"], "data.path=<big> holds 32x32 images"),
+    (
+        ["data.path=<garbage>"],
+        "data.path=<garbage>: <garbage>/mnist/train-00000-of-00001.parquet is not a readable Parquet file",
+    ),
+    # Hydra accepts a new key added with +; the schema does not
+    (["+trainer.max_stepz=5"], "trainer.max_stepz is not a config key"),
+    (["+seedz=1"], "seedz is not a config key"),
     (["optimizer._target_=builtins.eval"], "optimizer._target_=builtins.eval is refused"),
     # past the prefix check: an attribute chain from an allowed module to os.system
     (["optimizer.transform._target_=cvae_exp.data.sources.os.system"], "sources.os.system is refused"),
@@ -109,6 +140,22 @@ def test_cli_refuses_bad_data_with_one_sentence(tiny_mnist, bad_data, cli_env, t
         "batch": (
             [f"data.path={tiny_mnist}", "trainer.batch_size=2000"],
             "trainer.batch_size=2000 is larger than the training split (1000 digits)",
+        ),
+        "garbage": (
+            [f"data.path={bad_data['garbage']}"],
+            f"data.path={bad_data['garbage']}: {bad_data['garbage']}/mnist/train-00000-of-00001.parquet is not a "
+            "readable Parquet file (ArrowInvalid: ",
+        ),
+        # Found while decoding, before anything is compiled: the file and the row are named.
+        "undecodable": (
+            [f"data.path={bad_data['undecodable']}"],
+            f"data.path={bad_data['undecodable']}: row 7 of {bad_data['undecodable']}/mnist/train-00000-of-00001.parquet "
+            "is not a decodable image (",
+        ),
+        "label": (
+            [f"data.path={bad_data['label']}"],
+            f"data.path={bad_data['label']} has a train label 1099511627776 at row 7 of "
+            f"{bad_data['label']}/mnist/train-00000-of-00001.parquet, outside 0..9.",
         ),
     }
     procs = {

@@ -4,9 +4,11 @@ running jobs; bad input; and `--paper sohn2015` on a synthetic sweep dir with kn
 from __future__ import annotations
 
 import csv
+import fcntl
 import json
 import os
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 
@@ -106,8 +108,10 @@ def test_failed_and_running_jobs_are_listed_not_fatal(sweep, cli_env, tmp_path):
     shutil.copytree(sweep, copy, ignore=shutil.ignore_patterns("tb", "report.*"))
     (copy / "1" / "metrics.json").unlink()
     (copy / "2" / "metrics.json").unlink()
-    (copy / "2" / ".lock").write_text(str(os.getpid()))  # a live process holds job 2
-    proc = run_report([copy], cli_env)
+    (copy / "1" / ".lock").write_text(f"{os.getpid()} {socket.gethostname()}\n")  # left by a killed run: no lock
+    with open(copy / "2" / ".lock", "w") as held:  # a live process holds job 2's lock
+        fcntl.flock(held, fcntl.LOCK_EX)
+        proc = run_report([copy], cli_env)
     assert proc.returncode == 0, proc.stderr
     _, rows = first_table(proc.stdout)
     assert len(rows) == 4

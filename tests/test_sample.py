@@ -116,3 +116,9 @@ def test_not_a_run_dir_is_one_sentence_and_exit_2(tmp_path, cli_env):
     proc = run_sample([f"run_dir={tmp_path / 'x'}", "sample.walk=0"], cli_env, tmp_path)
     assert proc.returncode == 2 and "sample.walk=0" in proc.stderr
     assert not (tmp_path / "x").exists(), "a mistyped run_dir is refused, not created"
+    proc = run_sample([], cli_env, tmp_path)  # no run_dir at all
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip() == (
+        "error: run_dir is missing: cvae-sample run_dir=<a cvae-train run directory> names the run to use."
+    )
+    assert not (tmp_path / "sample.log").exists()  # a refused command writes no log

@@ -69,6 +69,8 @@ def scenario(session_cli, small_overrides, tmp_path_factory):
         "checkpoints": tree_digest(run / "checkpoints"),
         "tb": tree_digest(run / "tb"),
         "metrics": (run / "metrics.json").read_bytes(),
+        "record": tree_digest(run / ".hydra"),  # the run's config and overrides, as trained
+        "log": (run / "train.log").read_bytes(),
     }
 
     s["refused"] = cli(small_overrides(run, f"trainer.max_steps={TOTAL}"))
@@ -76,6 +78,8 @@ def scenario(session_cli, small_overrides, tmp_path_factory):
         "checkpoints": tree_digest(run / "checkpoints"),
         "tb": tree_digest(run / "tb"),
         "metrics": (run / "metrics.json").read_bytes(),
+        "record": tree_digest(run / ".hydra"),
+        "log": (run / "train.log").read_bytes(),
     }
     s["before_refusal"] = before
 

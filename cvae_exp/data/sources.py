@@ -7,6 +7,7 @@ repeat per training step, so decoded arrays are also cached as an `.npz` keyed b
 from __future__ import annotations
 
 import contextlib
+import functools
 import gzip
 import hashlib
 import io
@@ -90,22 +91,42 @@ def check_path(path: str | None) -> None:
 
 
 def _check_parquet(path: str, files: list[Path]) -> None:
-    """Each Parquet file's columns (from its footer) and first image: a folder of the wrong data is refused
-    before anything is loaded or decoded."""
+    """Each Parquet file's columns (from its footer) and first image: a folder of the wrong data, or a file
+    that is not Parquet at all, is refused before anything is loaded or decoded."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     for file in files:
-        if missing := [c for c in ("image", "label") if c not in pq.read_schema(file).names]:
-            raise UserError(f"data.path={path} has no {' or '.join(map(repr, missing))} column in {file.name}.")
-        first = next(pq.ParquetFile(file).iter_batches(batch_size=1, columns=["image"]), None)
+        try:
+            names = pq.read_schema(file).names
+            if missing := [c for c in ("image", "label") if c not in names]:
+                raise UserError(f"data.path={path} has no {' or '.join(map(repr, missing))} column in {file.name}.")
+            first = next(pq.ParquetFile(file).iter_batches(batch_size=1, columns=["image"]), None)
+        except (pa.ArrowException, OSError) as err:
+            raise UserError(f"data.path={path}: {file} is not a readable Parquet file ({_first_line(err)}).") from None
         cell = first.column(0)[0].as_py() if first is not None and first.num_rows else None
         if isinstance(cell, dict) and cell.get("bytes"):  # the Hub's Image feature: encoded bytes
-            width, height = Image.open(io.BytesIO(cell["bytes"])).size
+            width, height = _open_image(cell, f"data.path={path}: row 0 of {file}").size
             if (width, height) != (_SIDE, _SIDE):
                 raise UserError(
                     f"data.path={path} holds {width}x{height} images ({file.name}); "
                     f"this model needs {_SIDE}x{_SIDE} grayscale digits."
                 )
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:300]}" if text else type(err).__name__
+
+
+def _open_image(cell: dict, where: str) -> Image.Image:
+    """One image cell of the Hub's Image feature, decoded; undecodable bytes are refused naming `where`."""
+    try:
+        image = Image.open(io.BytesIO(cell["bytes"]) if cell["bytes"] is not None else cell["path"])
+        image.load()
+    except Exception as err:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ... for broken bytes
+        raise UserError(f"{where} is not a decodable image ({_first_line(err)}).") from None
+    return image
 
 
 def read_idx(file: str | os.PathLike) -> np.ndarray:
@@ -127,7 +148,8 @@ def read_idx(file: str | os.PathLike) -> np.ndarray:
 
 
 def _checked(where: str, source: str, arrays: dict[str, np.ndarray]) -> RawData:
-    """One place for the invariants the model relies on, whatever the source."""
+    """One place for the invariants the model relies on, whatever the source; labels are checked in their
+    own integer type and only then cast to int32 (a cast first would wrap 2**40 to 0)."""
     for split in ("train", "test"):
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
         if images.ndim != 3 or images.shape[1:] != (_SIDE, _SIDE):
@@ -135,19 +157,29 @@ def _checked(where: str, source: str, arrays: dict[str, np.ndarray]) -> RawData:
             raise UserError(f"{where} holds {size} images; this model needs {_SIDE}x{_SIDE} grayscale digits.")
         if labels.shape != images.shape[:1]:
             raise UserError(f"{where} has {labels.size} {split} labels for {len(images)} {split} images.")
-        if labels.size and not 0 <= labels.min() <= labels.max() < _NUM_CLASSES:
-            raise UserError(f"{where} has {split} labels outside 0..{_NUM_CLASSES - 1}.")
+        _check_labels(labels, f"{where} has", split)
+        arrays[f"{split}_labels"] = labels.astype(np.int32)
     return RawData(**{k: arrays[k] for k in IDX_NAMES}, source=source)
+
+
+def _check_labels(labels: np.ndarray, where: str, split: str, rows: Callable[[int], str] | None = None) -> None:
+    if labels.dtype.kind not in "iu":
+        raise UserError(f"{where} {split} labels of type {labels.dtype}, not integers 0..{_NUM_CLASSES - 1}.")
+    bad = np.flatnonzero((labels < 0) | (labels >= _NUM_CLASSES))
+    if bad.size:
+        at = rows(int(bad[0])) if rows else f"row {bad[0]} of the {split} split"
+        more = f" ({bad.size} such labels)" if bad.size > 1 else ""
+        raise UserError(f"{where} a {split} label {labels[bad[0]]} at {at}, outside 0..{_NUM_CLASSES - 1}{more}.")
 
 
 def _load_idx(root: Path, where: str) -> RawData:
     arrays = {key: read_idx(file) for key, file in _idx_files(root).items()}
-    arrays.update({k: v.astype(np.int32) for k, v in arrays.items() if k.endswith("labels")})
     return _checked(where, f"idx:{root}", arrays)
 
 
-def _decode_split(dd, where: str, split: str) -> dict[str, np.ndarray]:
-    """Decode a split's PNG bytes with PIL in one pass (about twice as fast as datasets' numpy formatting)."""
+def _decode_split(dd, where: str, split: str, files: Callable[[str], list[Path]]) -> dict[str, np.ndarray]:
+    """Decode a split's PNG bytes with PIL in one pass (about twice as fast as datasets' numpy formatting).
+    An undecodable image or a label outside 0..9 is refused naming the row (and its file, `files(split)`)."""
     import datasets
 
     if split not in dd:
@@ -157,20 +189,62 @@ def _decode_split(dd, where: str, split: str) -> dict[str, np.ndarray]:
         raise UserError(f"{where} has no {' or '.join(map(repr, missing))} column in its {split} split.")
     if not isinstance(ds.features["image"], datasets.Image):
         raise UserError(f"{where} stores {split} 'image' as {type(ds.features['image']).__name__}, not as images.")
+
+    def row(i: int) -> str:
+        return _row_in_files(i, split, files(split))
+
     cells = ds.cast_column("image", datasets.Image(decode=False)).with_format("arrow")["image"].to_pylist()
     images = np.empty((len(cells), _SIDE, _SIDE), np.uint8)
     for i, cell in enumerate(cells):
-        image = Image.open(io.BytesIO(cell["bytes"]) if cell["bytes"] is not None else cell["path"])
+        image = _open_image(cell, f"{where}: {row(i)}")
         if image.size != (_SIDE, _SIDE) or image.mode != "L":
             size = f"{image.size[0]}x{image.size[1]} {image.mode}"
             raise UserError(f"{where} holds {size} images; this model needs {_SIDE}x{_SIDE} grayscale (L) digits.")
         images[i] = np.asarray(image)
-    labels = np.asarray(ds.with_format("arrow")["label"], dtype=np.int32)
+    labels = np.asarray(ds.with_format("arrow")["label"])  # as stored: checked before any cast
+    _check_labels(labels, f"{where} has", split, row)
     return {f"{split}_images": images, f"{split}_labels": labels}
 
 
-def _decode(dd, where: str, source: str) -> RawData:
-    return _checked(where, source, {**_decode_split(dd, where, "train"), **_decode_split(dd, where, "test")})
+def _row_in_files(i: int, split: str, files: list[Path]) -> str:
+    """Where row `i` of a split comes from: 'row 17 of <file>' when the split's Parquet files are known."""
+    import pyarrow.parquet as pq
+
+    start = 0
+    for file in files:
+        if file.suffix.lower() != ".parquet":
+            break
+        n = pq.ParquetFile(file).metadata.num_rows
+        if i < start + n:
+            return f"row {i - start} of {file}"
+        start += n
+    return f"row {i} of the {split} split"
+
+
+def _data_files(root: Path | None) -> Callable[[str], list[Path]]:
+    """The files `datasets.load_dataset(root)` reads for each split, in its order (looked up only when a row
+    must be named); none for a Hub dataset."""
+
+    @functools.cache
+    def files(split: str) -> list[Path]:
+        if root is None:
+            return []
+        import datasets
+
+        try:
+            data_files = datasets.load_dataset_builder(str(root)).config.data_files or {}
+            return [Path(f) for f in data_files.get(split, [])]
+        except Exception:  # naming the file is a courtesy; the row is still named
+            return []
+
+    return files
+
+
+def _decode(dd, where: str, source: str, root: Path | None = None) -> RawData:
+    files = _data_files(root)
+    return _checked(
+        where, source, {**_decode_split(dd, where, "train", files), **_decode_split(dd, where, "test", files)}
+    )
 
 
 def _cached(cache_dir: str | None, fingerprint: tuple, source: str, decode: Callable[[], RawData]) -> RawData:
@@ -204,8 +278,8 @@ def _load_folder(root: Path, where: str, source: str, cache_dir: str | None) -> 
         try:
             dd = datasets.load_dataset(str(root))
         except Exception as e:  # whatever datasets fails on, the folder is not a dataset we can read
-            raise UserError(f"{where} could not be read by datasets.load_dataset ({type(e).__name__}: {e}).") from e
-        return _decode(dd, where, source)
+            raise UserError(f"{where} could not be read by datasets.load_dataset ({_first_line(e)}).") from e
+        return _decode(dd, where, source, root)
 
     stats = [(str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(root.rglob("*"))]
     return _cached(cache_dir, ("folder", str(root), stats), source, decode)

@@ -1,0 +1,259 @@
+"""One launch of `cvae-train` as it touches the disk: nothing is written until the run is accepted.
+
+Hydra creates the job's folder and would write `.hydra/` and the job log before the task function runs,
+that is before the command has been checked. conf/config.yaml therefore turns Hydra's own copy off
+(`hydra.output_subdir: null`), points the job log at `RunLog`, which holds its records in memory, and
+registers `LaunchRecord`, a Hydra callback that notes which folders of the job's directory exist before
+Hydra creates them. Then:
+
+- `accept(...)` once the run is accepted (checked, its checkpoint restored, about to train): writes
+  `<run dir>/.hydra/{config,hydra,overrides}.yaml` — for a resumed run its own config, with the resuming
+  command's overrides merged into the ones it was launched with — and lets the log reach its file;
+- `discard()` when the command is refused or interrupted before that: drops the held log records and
+  removes the folders this launch created, if they are still empty. Nothing else was written.
+
+Writes that fail on a background thread (TensorBoard's event writer, the log file) are remembered by
+`watch_background_writes` and raised on the main thread by `check_background_writes`, at the loop's
+log steps, so a full disk ends the run there with one sentence (cvae_exp.errors.storage_error).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from cvae_exp.errors import STORAGE_EXIT_CODE, Interrupted, storage_error
+
+RECORD_DIR = ".hydra"
+
+
+class _Launch:
+    """This process's current run: the folders its launch created, and whether it was accepted."""
+
+    made_by_hydra: list[Path] = []  # noted by LaunchRecord for the next run of this process
+    created: list[Path] = []  # deepest first
+    accepted: bool = False
+    failures: list[BaseException] = []  # background write failures, first first
+
+
+def begin() -> None:
+    """A run starts (cvae_exp.run.run_training): nothing of it is accepted or created yet but what Hydra
+    made for it."""
+    _Launch.created, _Launch.made_by_hydra = _Launch.made_by_hydra, []
+    _Launch.accepted = False
+    _Launch.failures = []
+
+
+def _missing(path: Path) -> list[Path]:
+    """`path` and its ancestors that do not exist yet, deepest first. A file where a folder must be is a
+    file-system failure, reported here because Hydra would create the folder before any check runs."""
+    out, p = [], path.absolute()
+    while not p.exists():
+        out.append(p)
+        p = p.parent
+    if not p.is_dir():
+        print(f"error: {path} cannot be created: {p} is a file, not a folder.", file=sys.stderr)
+        sys.exit(STORAGE_EXIT_CODE)
+    return out
+
+
+class LaunchRecord(Callback):
+    """Hydra callback (conf/config.yaml `hydra.callbacks`): which folders of the job's directory this
+    launch creates, known before Hydra creates them."""
+
+    def __init__(self) -> None:
+        self.missing: list[Path] = []
+        self.sweep: Path | None = None
+        self.sweep_children: set[str] = set()
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        self.missing = _missing(Path(str(config.hydra.run.dir)))
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        self.sweep = Path(str(config.hydra.sweep.dir)).absolute()
+        self.missing = _missing(self.sweep)
+        self.sweep_children = set(os.listdir(self.sweep)) if self.sweep.is_dir() else set()
+
+    def on_job_start(self, config: DictConfig, **kwargs) -> None:
+        created = list(self.missing)
+        job = Path(config.hydra.runtime.output_dir)
+        if self.sweep is not None and job.is_relative_to(self.sweep) and job != self.sweep:
+            parts = job.relative_to(self.sweep).parts
+            if parts[0] not in self.sweep_children:  # Hydra makes the job's folders below the sweep dir
+                created += [self.sweep.joinpath(*parts[: i + 1]) for i in range(len(parts))]
+        _Launch.made_by_hydra = sorted(set(created), key=lambda p: len(p.parts), reverse=True)
+
+
+class RunLog(logging.FileHandler):
+    """The job's log file (conf/config.yaml puts it in Hydra's job_logging): records wait in memory until
+    the run is accepted, so a refused command leaves no log; a write that fails later is remembered for
+    the main thread (one sentence, exit 74) instead of logging's own traceback."""
+
+    def __init__(self, filename, mode: str = "a", encoding=None, delay: bool = True, errors=None):
+        super().__init__(filename, mode, encoding, delay=True, errors=errors)
+        self._held: list[logging.LogRecord] | None = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._held is not None:
+            self._held.append(record)
+        else:
+            super().emit(record)
+
+    def accept(self) -> None:
+        held, self._held = self._held or [], None
+        for record in held:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        err = sys.exc_info()[1]
+        if err is not None and storage_error(err) is not None:
+            _note_failure(err)
+        else:
+            super().handleError(record)
+
+
+def _run_logs() -> list[RunLog]:
+    return [h for h in logging.getLogger().handlers if isinstance(h, RunLog)]
+
+
+def _write(file: Path, text: str) -> None:
+    """Replaces `file` whole (a temporary file renamed), so a record is never half written."""
+    tmp = file.with_name(f".{file.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, file)
+
+
+def accept(
+    run_dir: Path,
+    cfg: DictConfig,
+    overrides: list[str] | None = None,
+    choices: dict | None = None,
+    write_record: bool = True,
+) -> None:
+    """The run is accepted: its record goes to `<run dir>/.hydra/` (`write_record`: process 0 of a run)
+    and the held log to its file.
+
+    `overrides` and `choices` (config-group choices) describe the run as trained; by default this
+    launch's own. Without Hydra (train(cfg) called directly) only the log is released."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if write_record and HydraConfig.initialized():
+        hydra_cfg = OmegaConf.to_container(
+            HydraConfig.instance().cfg, resolve=False
+        )  # {"hydra": ...}, as Hydra saves it
+        if overrides is not None:
+            hydra_cfg["hydra"]["overrides"]["task"] = list(overrides)
+        if choices:
+            hydra_cfg["hydra"]["runtime"]["choices"].update(choices)
+        out = run_dir / RECORD_DIR
+        out.mkdir(parents=True, exist_ok=True)
+        _write(out / "config.yaml", OmegaConf.to_yaml(cfg))
+        _write(out / "hydra.yaml", OmegaConf.to_yaml(OmegaConf.create(hydra_cfg)))
+        _write(out / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(hydra_cfg["hydra"]["overrides"]["task"])))
+    release_log()
+    _Launch.accepted = True
+
+
+def release_log() -> None:
+    """The held log records go to their file, and so do the next ones (also cvae-eval and cvae-sample,
+    once the run they read has loaded)."""
+    for handler in _run_logs():
+        handler.accept()
+
+
+def discard() -> None:
+    """A refused or interrupted command: its held log records go, and so do the folders its launch
+    created (still empty: nothing else was written). An accepted run keeps everything."""
+    if _Launch.accepted:
+        return
+    for handler in _run_logs():
+        handler._held = []
+    for folder in _Launch.created:
+        with contextlib.suppress(OSError):  # not empty, or gone: leave it
+            folder.rmdir()
+    _Launch.created = []
+
+
+def created(folder: Path) -> None:
+    """A folder this launch is about to create: `discard` removes it again (if still empty)."""
+    _Launch.created.insert(0, folder)
+
+
+def _note_failure(err: BaseException) -> None:
+    if not _Launch.failures:
+        _Launch.failures.append(err)
+
+
+def watch_background_writes() -> None:
+    """File-system failures on other threads (TensorBoard's event writer) are remembered, not printed."""
+    previous = threading.excepthook
+    if getattr(previous, "watches_writes", False):
+        return
+
+    def hook(args):
+        if storage_error(args.exc_value) is not None:
+            _note_failure(args.exc_value)
+        else:
+            previous(args)
+
+    hook.watches_writes = True
+    threading.excepthook = hook
+
+
+def check_background_writes() -> None:
+    """Raises, on the main thread, the first write that failed on another thread."""
+    if _Launch.failures:
+        raise _Launch.failures.pop(0)
+
+
+class Interruptible:
+    """SIGTERM and SIGINT outside the training loop (start-up; the final evaluation) end the command at once:
+    the handler raises `Interrupted` wherever the main thread is, so the run lock and the rest unwind. The
+    loop installs its own handler (checkpoint, then stop) over this one. A second signal kills the process.
+
+    A library may swallow the exception (code that catches everything); `check()`, called between the
+    phases of a run, raises it again. `after_training`, once set, is the message for a signal after the
+    loop (`{signal}` stands for its name); before it, nothing is trained."""
+
+    def __init__(self) -> None:
+        self.after_training: str | None = None
+        self.received: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> Interruptible:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (some launchers): no handler
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        for sig in self._previous:
+            signal.signal(sig, signal.SIG_DFL)  # a second signal ends the process at once
+        self.received = signum
+        self.check()
+
+    def check(self) -> None:
+        if self.received is not None:
+            after, name = self.after_training, signal.Signals(self.received).name
+            raise Interrupted(self.received, after.format(signal=name) if after else startup_message(self.received))
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def startup_message(signum: int) -> str:
+    return (
+        f"Stopped by {signal.Signals(signum).name} during start-up, before the first training step: "
+        "nothing was trained yet and no checkpoint was written."
+    )

@@ -1,0 +1,336 @@
+"""Issue 15, a run's record is exactly what was trained, through the real `cvae-train`, `cvae-eval` CLI:
+
+- a refused command changes nothing on disk (not the run's `.hydra/`, its log or checkpoints; no new folder);
+- a resume on other data (`data.*`, or the data itself: source, split sizes) is refused unless asked for;
+- checkpoints carry a content hash: flipped bits are detected on resume and by cvae-eval, reported by
+  step and path, set aside in `damaged_checkpoints/`, and the next valid checkpoint is used;
+- a file-system failure (a full disk, a folder that cannot be made) ends the run with one sentence and exit
+  code 74, the lock released and the earlier checkpoints intact;
+- SIGTERM / SIGINT during start-up exit with 143 / 130 and one sentence: nothing was trained.
+
+The runs are the tiny ones of test_reliability.py (cli_runs.tiny): copies of conftest's linear_run (80 steps,
+checkpoints kept at 40, 60 and 80), sharing the session's XLA compilation cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cli_runs import (
+    finish,
+    launch,
+    metrics,
+    steps,
+    tiny,
+    tmp_folders,
+    train,
+    tree_digest,
+    wait_for,
+)
+from conftest import LINEAR_STEPS as STEPS  # the base run's; its checkpoints: 40, 60, 80
+from conftest import run_module, write_hub_layout
+
+
+@pytest.fixture(scope="module")
+def env(xla_env) -> dict[str, str]:
+    return xla_env
+
+
+@pytest.fixture(scope="module")
+def base(tiny_mnist, env, linear_run, tmp_path_factory) -> dict[str, Path]:
+    """'run': conftest's linear_run; 'own_data': 20 steps on a private copy of tiny_mnist (which a test changes)."""
+    root = tmp_path_factory.mktemp("base")
+    data = root / "data"
+    shutil.copytree(tiny_mnist, data)
+    code, text = train(tiny(str(data), root / "own_data", {"trainer.max_steps": 20}), env, root / "own_data.log")
+    assert code == 0, text[-3000:]
+    return {"run": linear_run, "own_data": root / "own_data", "data": data}
+
+
+def copy_run(source: Path, dest: Path) -> Path:
+    shutil.copytree(source, dest)
+    return dest
+
+
+def one_line(text: str) -> str:
+    """The single non-empty line of a command's stderr (asserting that there is exactly one)."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert len(lines) == 1, text[-3000:]
+    return lines[0]
+
+
+def flip_one_bit(checkpoint: Path, rng: random.Random) -> None:
+    """One bit of the checkpoint's array data (the largest file of its TensorStore database) inverted."""
+    data = max(
+        (f for f in (checkpoint / "state").rglob("*") if f.is_file() and f.parent.name == "d"), key=os.path.getsize
+    )
+    raw = bytearray(data.read_bytes())
+    raw[rng.randrange(len(raw))] ^= 1 << rng.randrange(8)
+    data.write_bytes(bytes(raw))
+
+
+# ----------------------------------------------------------------------------- refusals change nothing
+
+
+def test_refused_commands_change_nothing_on_disk(tiny_mnist, base, env, tmp_path):
+    # Each refusal of the run gets its own copy (started together, they would find each other's lock).
+    runs = {name: copy_run(base["run"], tmp_path / name) for name in ("no_resume", "shapes", "plus_key", "data")}
+    before = {name: tree_digest(run) for name, run in runs.items()}  # .hydra/, train.log, tb/, checkpoints/, ...
+    (tmp_path / "fresh").mkdir()
+    (tmp_path / "a_file").write_text("not a folder")
+    jobs = {
+        # the run's directory again without resume=true
+        "no_resume": tiny(tiny_mnist, runs["no_resume"], {"trainer.max_steps": 60}),
+        # a resume that changes what the saved arrays' shapes depend on
+        "shapes": [f"hydra.run.dir={runs['shapes']}", "resume=true", "model.hidden=[16]"],
+        # a key the schema does not have, added with +
+        "plus_key": [f"hydra.run.dir={runs['plus_key']}", "resume=true", "+trainer.max_stepz=5"],
+        # a resume that changes the data
+        "data": [f"hydra.run.dir={runs['data']}", "resume=true", "data.binarize=static"],
+        # resume=true where there is no run (a mistyped directory)
+        "missing": [f"hydra.run.dir={tmp_path / 'no_such_run'}", "resume=true"],
+        # a bad value in a fresh run with the default outputs/<date>/<time>/ directory
+        "fresh": ["optimizer.lr=0", f"data.path={tiny_mnist}"],
+        # a run directory that cannot be made: a file where a folder must be (a file-system failure)
+        "under_a_file": tiny(tiny_mnist, tmp_path / "a_file" / "run"),
+    }
+    logs = {name: (tmp_path / "fresh" if name == "fresh" else tmp_path) / f"{name}.log" for name in jobs}
+    procs = {name: launch(args, env, logs[name]) for name, args in jobs.items()}
+    results = {name: finish(proc, logs[name]) for name, proc in procs.items()}
+    checkpoints = runs["shapes"] / "checkpoints"
+    expected = {
+        "no_resume": (
+            2,
+            f"error: {runs['no_resume']} already holds checkpoints (newest step {STEPS}); pass resume=true",
+        ),
+        "shapes": (
+            2,
+            f"error: The checkpoint at step {STEPS} in {checkpoints} was trained with different model.hidden;",
+        ),
+        "plus_key": (2, "error: trainer.max_stepz is not a config key"),
+        "data": (
+            2,
+            f"error: Resuming the run in {runs['data']} with data.binarize=static (trained with dynamic) would",
+        ),
+        "missing": (2, f"error: resume=true, but {tmp_path / 'no_such_run' / 'checkpoints'} holds no checkpoint"),
+        "fresh": (2, "error: optimizer.lr=0.0 must be positive."),
+        "under_a_file": (
+            74,
+            f"error: {tmp_path / 'a_file' / 'run'} cannot be created: {tmp_path / 'a_file'} is a file",
+        ),
+    }
+    for name, (code, text) in results.items():
+        assert code == expected[name][0], f"{name}: {text[-3000:]}"
+        assert "Traceback" not in text, f"{name}: {text[-3000:]}"
+        assert one_line(_errors(text)).startswith(expected[name][1]), f"{name}: {text[-3000:]}"
+    assert {name: tree_digest(run) for name, run in runs.items()} == before
+    assert not (tmp_path / "no_such_run").exists()
+    assert sorted(p.name for p in (tmp_path / "fresh").iterdir()) == ["fresh.log"]  # no outputs/<date>/<time>/
+    assert (tmp_path / "a_file").read_text() == "not a folder"
+
+
+def _errors(text: str) -> str:
+    """The lines of a command's output that are not log records (its stderr sentence)."""
+    return "\n".join(line for line in text.splitlines() if not line.startswith("[20"))
+
+
+# ----------------------------------------------------------------------------- the data a run trained on
+
+
+def test_a_resume_on_changed_data_is_refused_unless_asked(base, env, tmp_path):
+    run = copy_run(base["own_data"], tmp_path / "run")
+    before = tree_digest(run)
+    # The same data.path, other contents: 800 training digits instead of 1,200 (600 after validation).
+    shutil.rmtree(base["data"])
+    write_hub_layout(base["data"], n_train=800, seed=1)
+
+    code, text = train([f"hydra.run.dir={run}", "resume=true", "trainer.max_steps=30"], env, tmp_path / "r.log")
+    assert code == 2 and "Traceback" not in text, text[-3000:]
+    assert one_line(_errors(text)).startswith(
+        "error: The data differs from what the checkpoint at step 20 was trained on (train 600 instead of 1000); "
+    ), text[-3000:]
+    assert tree_digest(run) == before
+
+
+def test_resume_data_change_lets_other_data_through_for_this_launch_only():
+    """The opt-in, without a second training run: the data check passes with it and not without, and the
+    saved run's own value of it is never the base (PER_LAUNCH)."""
+    from omegaconf import OmegaConf
+
+    from cvae_exp import resume
+    from cvae_exp.errors import UserError
+
+    saved = resume.SavedRun({"resume_data_change": True}, 20, {"source": "a", "train": 1000}, [], {})
+    now = {"source": "a", "train": 600}
+    with pytest.raises(UserError, match=r"\(train 600 instead of 1000\)"):
+        resume.check_data(resume.Resumed(OmegaConf.create({"resume_data_change": False}), saved), now)
+    resume.check_data(resume.Resumed(OmegaConf.create({"resume_data_change": True}), saved), now)
+    assert "resume_data_change" in resume.PER_LAUNCH
+
+
+# ----------------------------------------------------------------------------- verified checkpoints
+
+
+def test_flipped_bits_are_detected_on_resume_and_the_older_checkpoint_continues(base, env, tmp_path):
+    run = copy_run(base["run"], tmp_path / "run")
+    (run / "metrics.json").unlink()
+    flip_one_bit(run / "checkpoints" / str(STEPS), random.Random(0))
+    damaged = tree_digest(run / "checkpoints" / str(STEPS))
+
+    code, text = train([f"hydra.run.dir={run}", "resume=true"], env, tmp_path / "r.log")
+    assert code == 0 and "Traceback" not in text, text[-3000:]
+    assert (
+        f"Checkpoint at step {STEPS} ({run / 'checkpoints' / str(STEPS)}) failed verification and is skipped: "
+        "its arrays do not match the content hash saved with them" in text
+    )
+    assert f"Resumed from step {STEPS - 20}" in text
+    assert tree_digest(run / "damaged_checkpoints" / str(STEPS)) == damaged  # moved as it was, not deleted
+    # Trained again from the older checkpoint, it is the uninterrupted run, bit for bit.
+    assert metrics(run)["params_sha256"] == metrics(base["run"])["params_sha256"]
+
+
+def test_cvae_eval_skips_a_damaged_best_checkpoint(base, env, tmp_path):
+    run = copy_run(base["run"], tmp_path / "run")
+    val = {
+        s: json.loads((run / "checkpoints" / str(s) / "meta" / "metadata").read_text())["val/elbo"] for s in steps(run)
+    }
+    best, second = sorted(val, key=val.get)[:2]
+    flip_one_bit(run / "checkpoints" / str(best), random.Random(1))
+
+    proc = run_module(
+        "cvae_exp.evaluate", [f"run_dir={run}", "eval.samples=5", "eval.split=val"], env=env, cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (
+        f"Checkpoint at step {best} ({run / 'checkpoints' / str(best)}) failed verification"
+        in proc.stderr + proc.stdout
+    )
+    assert json.loads((run / "eval_val.json").read_text())["checkpoint_step"] == second
+    assert best not in steps(run) and (run / "damaged_checkpoints" / str(best)).is_dir()
+
+
+def test_single_bit_flips_in_array_data_are_always_detected(base, tmp_path):
+    """In process, many flips: each one either fails to restore or fails verification, unless it left every
+    value as it was (then there is nothing to detect). Before content hashes, 28 of 30 restored silently."""
+    import jax
+    import numpy as np
+
+    from cvae_exp import checkpoint
+    from cvae_exp.runs import build_experiment, run_config, state_target
+
+    cfg = run_config(base["run"])
+    target = state_target(build_experiment(cfg), cfg)
+    reference = checkpoint.restore_first(checkpoint.make_manager(base["run"], 1, read_only=True), target, [STEPS])
+    values = jax.tree.leaves(jax.device_get(reference.state))
+    rng, silent, unchanged = random.Random(2), 0, 0
+    for trial in range(30):
+        run = copy_run(base["run"], tmp_path / f"run{trial}")
+        flip_one_bit(run / "checkpoints" / str(STEPS), rng)
+        manager = checkpoint.make_manager(run, 1, read_only=True)
+        try:
+            restored = checkpoint.restore_first(manager, target, [STEPS])
+        except Exception:  # UserError: did not restore or did not verify: detected
+            continue
+        finally:
+            manager.close()
+        same = all(
+            np.array_equal(a, b) for a, b in zip(values, jax.tree.leaves(jax.device_get(restored.state)), strict=True)
+        )
+        unchanged += same
+        silent += not same
+        shutil.rmtree(run)
+    assert silent == 0 and unchanged < 30
+
+
+# ----------------------------------------------------------------------------- file-system failures
+
+
+def test_a_full_disk_ends_the_run_with_one_sentence_and_exit_74(base, env, tmp_path):
+    run = copy_run(base["run"], tmp_path / "run")
+    (run / "metrics.json").unlink()
+    earlier = {s: tree_digest(run / "checkpoints" / str(s)) for s in steps(run)}
+    biggest = max(f.stat().st_size for f in (run / "checkpoints" / str(STEPS) / "state").rglob("*") if f.is_file())
+    limit = biggest // 2  # no file may grow past this: a checkpoint's array data cannot be written
+
+    # What a full disk does to a write, for this process only (root ignores permissions, and tests cannot
+    # mount a small file system): no file may grow past `limit`, and the write fails with EFBIG (SIGXFSZ
+    # ignored) instead of killing the process.
+    full_disk = (
+        "import resource, runpy, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
+        "sys.argv[0] = 'cvae-train'; runpy.run_module('cvae_exp.train', run_name='__main__')"
+    )
+    args = [f"hydra.run.dir={run}", "resume=true", "trainer.max_steps=1000"]  # from step 80
+    proc = subprocess.run(
+        [sys.executable, "-c", full_disk, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240
+    )
+    assert proc.returncode == 74, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr + proc.stdout
+    line = one_line(proc.stderr)
+    assert re.fullmatch(
+        rf"error: The file system refused {re.escape(str(run / 'checkpoints'))}/\S+: File too large \(EFBIG\)\.", line
+    ), line
+    # The failed save was the first after the resume (step 100); the run stopped at a log step once the save
+    # had failed, or at the latest when the next save (step 120) waited for it.
+    assert [name.split(".")[0] for name in tmp_folders(run)] == [str(STEPS + 20)]
+    assert f"step {STEPS + 60}:" not in proc.stdout
+    assert not (run / ".lock").exists()
+    assert {s: tree_digest(run / "checkpoints" / str(s)) for s in steps(run)} == earlier
+
+
+def test_a_checkpoint_folder_that_refuses_writes_ends_the_run_at_once(tiny_mnist, monkeypatch, capsys, tmp_path):
+    """A read-only (or vanished) checkpoints folder, in process: the second checkpoint's folder cannot be made.
+    (Tests run as root, which permissions do not stop: the refusal is os.makedirs raising as it would.)"""
+    from conftest import compose_config, shrunk
+
+    from cvae_exp.train import exit_on_user_error, train
+
+    real = os.makedirs
+    refused = []
+
+    def makedirs(name, *args, **kwargs):
+        if ".orbax-checkpoint-tmp" in str(name) and str(name).split("/")[-1].startswith("60"):
+            refused.append(name)
+            raise PermissionError(13, "Permission denied", str(name))
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(os, "makedirs", makedirs)
+    monkeypatch.chdir(tmp_path)  # the run directory of a run without Hydra
+    cfg = compose_config(shrunk(tiny_mnist, None, "trainer.max_steps=1000", "logger.images=false"))
+    with pytest.raises(SystemExit) as exit_:
+        exit_on_user_error(train)(cfg)
+    assert exit_.value.code == 74 and refused
+    line = one_line(capsys.readouterr().err)
+    assert line == f"error: The file system refused {refused[0]}: Permission denied (EACCES)."
+    assert steps(tmp_path) == [30] and not (tmp_path / ".lock").exists()
+
+
+# ----------------------------------------------------------------------------- signals during start-up
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_during_start_up_exits_at_once_with_nothing_trained(tiny_mnist, env, sig, tmp_path):
+    # Private data caches, so that the start-up reads and decodes the data (and compiles) after "Devices:".
+    private = {"CVAE_EXP_CACHE": str(tmp_path / "cache"), "HF_DATASETS_CACHE": str(tmp_path / "hf")}
+    run, log = tmp_path / "run", tmp_path / "run.log"
+    proc = launch(tiny(tiny_mnist, run, {"trainer.max_steps": 1000}), {**env, **private}, log)
+    wait_for(lambda: "Devices:" in log.read_text(), proc, log, poll=0.005)
+    proc.send_signal(sig)
+    code, text = finish(proc, log, timeout=60)
+    assert code == 128 + sig, text[-3000:]
+    assert "Traceback" not in text
+    assert (
+        f"Stopped by {signal.Signals(sig).name} during start-up, before the first training step: "
+        "nothing was trained yet and no checkpoint was written." in text
+    )
+    assert not steps(run) and not (run / ".lock").exists()
+    assert (run / ".hydra").exists() or not run.exists()  # a launch not yet accepted leaves nothing
