@@ -20,8 +20,8 @@ import time
 import hydra
 from omegaconf import DictConfig
 
+from cvae_exp.cli import CONF_DIR, exit_on_user_error
 from cvae_exp.config import check_keys, validate
-from cvae_exp.train import CONF_DIR, exit_on_user_error
 
 WINDOW = 10  # steps between host syncs while timing; step_ms is the median over windows
 

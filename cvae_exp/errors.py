@@ -8,7 +8,7 @@
 - `Interrupted`: SIGTERM / SIGINT outside the training loop (start-up, the final evaluation): exit code
   128 + the signal's number, like the loop's own stop.
 
-Entry points catch them (`cvae_exp.train.exit_on_user_error`) and print the message on stderr.
+Entry points catch them (`cvae_exp.cli.exit_on_user_error`) and print the message on stderr.
 """
 
 from __future__ import annotations

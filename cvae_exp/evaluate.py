@@ -20,8 +20,8 @@ import hydra
 from omegaconf import DictConfig
 
 from cvae_exp import launch
+from cvae_exp.cli import CONF_DIR, exit_on_user_error, no_wait_after_storage_failure
 from cvae_exp.config import EvalApp, check_keys, register_configs, require_run_dir, validate_eval
-from cvae_exp.train import CONF_DIR, exit_on_user_error, no_wait_after_storage_failure
 
 register_configs()
 

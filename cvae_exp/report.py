@@ -26,9 +26,9 @@ from pathlib import Path
 
 import yaml
 
+from cvae_exp.cli import exit_on_user_error
 from cvae_exp.errors import UserError
 from cvae_exp.rundir import is_locked
-from cvae_exp.train import exit_on_user_error
 
 EVAL_FILES = ("eval", "eval_val", "eval_test")  # <name>.json -> keys "<name>/<field>"
 SKIP_DIRS = {"checkpoints", "tb", "samples", ".submitit", ".hydra", "__pycache__"}

@@ -29,9 +29,9 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
 from cvae_exp import launch
+from cvae_exp.cli import CONF_DIR, exit_on_user_error, no_wait_after_storage_failure
 from cvae_exp.config import check_keys, require_run_dir
 from cvae_exp.errors import UserError
-from cvae_exp.train import CONF_DIR, exit_on_user_error, no_wait_after_storage_failure
 
 for _name in ("absl", "jax._src.xla_bridge"):  # read-only checkpoint notices and backend probing, not news here
     logging.getLogger(_name).setLevel(logging.ERROR)

@@ -19,7 +19,7 @@ from conftest import compose_config as compose_cfg
 from conftest import run_module
 from omegaconf import OmegaConf
 
-import cvae_exp.train  # noqa: F401  (registers the schemas in Hydra's ConfigStore)
+import cvae_exp.cli  # noqa: F401  (registers the schemas in Hydra's ConfigStore)
 from cvae_exp.config import ModelConfig, validate
 from cvae_exp.errors import UserError
 from cvae_exp.models import build_model

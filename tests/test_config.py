@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-import cvae_exp.train  # noqa: F401  (registers the schemas in Hydra's ConfigStore)
+import cvae_exp.cli  # noqa: F401  (registers the schemas in Hydra's ConfigStore)
 from cvae_exp.config import validate
 from cvae_exp.errors import UserError
 from cvae_exp.optim import Optimizer

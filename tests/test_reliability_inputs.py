@@ -20,7 +20,8 @@ from conftest import IMPOSSIBLE
 from conftest import compose_config as make_cfg
 
 import cvae_exp.run
-from cvae_exp.train import exit_on_user_error, train
+from cvae_exp.cli import exit_on_user_error
+from cvae_exp.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"

@@ -292,7 +292,8 @@ def test_a_checkpoint_folder_that_refuses_writes_ends_the_run_at_once(tiny_mnist
     (Tests run as root, which permissions do not stop: the refusal is os.makedirs raising as it would.)"""
     from conftest import compose_config, shrunk
 
-    from cvae_exp.train import exit_on_user_error, train
+    from cvae_exp.cli import exit_on_user_error
+    from cvae_exp.train import train
 
     real = os.makedirs
     refused = []

@@ -17,7 +17,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
-import cvae_exp.train  # noqa: F401  (registers the schemas in Hydra's ConfigStore)
+import cvae_exp.cli  # noqa: F401  (registers the schemas in Hydra's ConfigStore)
 from cvae_exp.config import validate
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"

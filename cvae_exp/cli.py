@@ -1,0 +1,76 @@
+"""What every entry point shares: the config directory, logging set-up, the schemas, and the way a command
+ends on a documented failure (one sentence on stderr and its exit code). Entry points import this module
+and nothing of each other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import sys
+from pathlib import Path
+
+from cvae_exp.config import register_configs
+from cvae_exp.errors import STORAGE_EXIT_CODE, Interrupted, UserError, storage_error
+
+log = logging.getLogger("cvae_exp")
+logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save and restore at INFO
+# Orbax also logs, with a traceback, a save that failed in the background; the run reports it itself, once.
+logging.getLogger("absl").addFilter(lambda r: not (r.exc_info and storage_error(r.exc_info[1]) is not None))
+# The configs: cvae_exp/conf in an installed package (pyproject maps the repository's conf/ there), the
+# repository's conf/ beside the package in a checkout or an editable install (as `make` does).
+_PACKAGE = Path(__file__).resolve().parent
+CONF_DIR = _PACKAGE / "conf" if (_PACKAGE / "conf").is_dir() else _PACKAGE.parent / "conf"
+register_configs()
+
+
+def exit_on_user_error(fn):
+    """Runs an entry point; its documented failures become one sentence on stderr and an exit code: a
+    UserError 2, a refused file-system operation 74, a stop signal outside the loop 128 + its number.
+    Whatever a refused or interrupted launch created is removed (cvae_exp.launch.discard)."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as err:
+            _exit(f"error: {err}", 2)
+        except Interrupted as err:
+            _exit(err.message, 128 + err.signum)
+        except Exception as err:
+            storage = storage_error(err)
+            if storage is None:
+                raise
+            _exit(f"error: {storage}", STORAGE_EXIT_CODE)
+
+    return wrapped
+
+
+def _exit(message: str, code: int) -> None:
+    from cvae_exp import launch
+
+    launch.discard()
+    print(message, file=sys.stderr)
+    sys.exit(code)
+
+
+def no_wait_after_storage_failure(app):
+    """Wraps a console script: after a file-system failure (exit code 74) the process ends at once, without
+    the interpreter's wait for writer threads (TensorBoard's, Orbax's) that may be stuck on the failed file
+    system, so the command never hangs. The run lock is released by then; nothing else waits to be written."""
+
+    @functools.wraps(app)
+    def run(*args, **kwargs):
+        try:
+            return app(*args, **kwargs)
+        except SystemExit as exit_:
+            if exit_.code == STORAGE_EXIT_CODE:
+                for stream in (sys.stdout, sys.stderr):
+                    with contextlib.suppress(Exception):
+                        stream.flush()
+                os._exit(STORAGE_EXIT_CODE)
+            raise
+
+    return run
