@@ -97,7 +97,8 @@ class RunLog(logging.FileHandler):
     the run is accepted, so a refused command leaves no log; a write that fails later is remembered for
     the main thread (one sentence, exit 74) instead of logging's own traceback."""
 
-    def __init__(self, filename, mode: str = "a", encoding=None, delay: bool = True, errors=None):
+    def __init__(self, filename=os.devnull, mode: str = "a", encoding=None, delay: bool = True, errors=None):
+        # (no filename: `hydra/job_logging=disabled` or `none`, which keep a file handler without one, unused)
         super().__init__(filename, mode, encoding, delay=True, errors=errors)
         self._held: list[logging.LogRecord] | None = []
 
