@@ -113,6 +113,11 @@ class RunLog(logging.FileHandler):
         for record in held:
             super().emit(record)
 
+    def drop(self) -> None:
+        """The held records go: the command was refused."""
+        if self._held is not None:
+            self._held = []
+
     def handleError(self, record: logging.LogRecord) -> None:
         err = sys.exc_info()[1]
         if err is not None and storage_error(err) is not None:
@@ -176,7 +181,7 @@ def discard() -> None:
     if _Launch.accepted:
         return
     for handler in _run_logs():
-        handler._held = []
+        handler.drop()
     for folder in _Launch.created:
         with contextlib.suppress(OSError):  # not empty, or gone: leave it
             folder.rmdir()
