@@ -18,6 +18,13 @@ import os
 import re
 
 STORAGE_EXIT_CODE = 74  # EX_IOERR in sysexits.h: "an error occurred while doing I/O on some file"
+# The OS errors that mean the file system refused (network and other OSErrors are not reported as such).
+_FS_ERRNOS = {
+    getattr(errno, name)
+    for name in "ENOSPC EDQUOT EFBIG EROFS EACCES EPERM ENOENT ENOTDIR EISDIR EEXIST ENOTEMPTY EIO ENAMETOOLONG "
+    "EMFILE ENFILE EXDEV ESTALE EBUSY ETXTBSY ELOOP".split()
+    if hasattr(errno, name)
+}
 
 
 class UserError(Exception):
@@ -48,13 +55,13 @@ def storage_error(err: BaseException) -> StorageError | None:
     """`err` as one sentence naming the path and the OS error, or None when it is not a file-system failure."""
     if isinstance(err, StorageError):
         return err
-    if isinstance(err, OSError) and err.errno is not None:
+    if isinstance(err, OSError) and err.errno in _FS_ERRNOS:
         paths = [p for p in (err.filename, err.filename2) if p]
         where = " -> ".join(map(str, paths)) or "a file of the run"
         return StorageError(f"The file system refused {where}: {_describe(err.errno)}.")
     text = str(err)
     code = _TS_ERRNO.search(text)
-    if code:  # TensorStore (Orbax's array store) reports OS errors as ValueError / RuntimeError text
+    if code and int(code.group(1)) in _FS_ERRNOS:  # TensorStore (under Orbax) reports OS errors as text
         path = _TS_PATH.findall(text)
         where = path[-1] if path else "a checkpoint file"
         return StorageError(f"The file system refused {where}: {_describe(int(code.group(1)))}.")

@@ -97,7 +97,8 @@ class RunLog(logging.FileHandler):
     the run is accepted, so a refused command leaves no log; a write that fails later is remembered for
     the main thread (one sentence, exit 74) instead of logging's own traceback."""
 
-    def __init__(self, filename, mode: str = "a", encoding=None, delay: bool = True, errors=None):
+    def __init__(self, filename=os.devnull, mode: str = "a", encoding=None, delay: bool = True, errors=None):
+        # (no filename: `hydra/job_logging=disabled` or `none`, which keep a file handler without one, unused)
         super().__init__(filename, mode, encoding, delay=True, errors=errors)
         self._held: list[logging.LogRecord] | None = []
 
@@ -111,6 +112,11 @@ class RunLog(logging.FileHandler):
         held, self._held = self._held or [], None
         for record in held:
             super().emit(record)
+
+    def drop(self) -> None:
+        """The held records go: the command was refused."""
+        if self._held is not None:
+            self._held = []
 
     def handleError(self, record: logging.LogRecord) -> None:
         err = sys.exc_info()[1]
@@ -175,7 +181,7 @@ def discard() -> None:
     if _Launch.accepted:
         return
     for handler in _run_logs():
-        handler._held = []
+        handler.drop()
     for folder in _Launch.created:
         with contextlib.suppress(OSError):  # not empty, or gone: leave it
             folder.rmdir()

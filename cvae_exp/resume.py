@@ -99,8 +99,12 @@ def resumed_config(cfg: DictConfig, saved: SavedRun, overrides: list[str], choic
         raise UserError(
             f"The run's saved config cannot be read by this version ({type(err).__name__}: {str(err).splitlines()[0]})."
         ) from None
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    merged = {_key(o): o.input_line for o in OverridesParser.create().parse_overrides(saved.overrides)}
+    parser = OverridesParser.create()
+    parsed = parser.parse_overrides(overrides)
+    try:
+        merged = {_key(o): o.input_line for o in parser.parse_overrides(saved.overrides)}
+    except Exception:  # an overrides.yaml this Hydra cannot parse: kept as it is, the new ones after it
+        merged = {f"<saved {i}>": line for i, line in enumerate(saved.overrides)}
     applied_choices = {}
     with open_dict(out):
         for o in parsed:

@@ -170,3 +170,5 @@ def _set_aside(run_dir: Path, manager, steps: list[int]) -> None:
             checkpoint.set_aside(manager, steps)
     except UserError:
         log.warning("The damaged checkpoints stay in place: a live run holds %s.", run_dir)
+    except OSError as err:  # a run directory this command may only read: reported, and left as it is
+        log.warning("The damaged checkpoints stay in place: %s cannot be changed (%s).", run_dir, err.strerror)

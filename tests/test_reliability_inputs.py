@@ -142,21 +142,11 @@ def test_cli_refuses_bad_data_with_one_sentence(tiny_mnist, bad_data, cli_env, t
             [f"data.path={tiny_mnist}", "trainer.batch_size=2000"],
             "trainer.batch_size=2000 is larger than the training split (1000 digits)",
         ),
-        "garbage": (
-            [f"data.path={bad_data['garbage']}"],
-            f"data.path={bad_data['garbage']}: {bad_data['garbage']}/mnist/train-00000-of-00001.parquet is not a "
-            "readable Parquet file (ArrowInvalid: ",
-        ),
         # Found while decoding, before anything is compiled: the file and the row are named.
         "undecodable": (
             [f"data.path={bad_data['undecodable']}"],
             f"data.path={bad_data['undecodable']}: row 7 of {bad_data['undecodable']}/mnist/train-00000-of-00001.parquet "
             "is not a decodable image (",
-        ),
-        "label": (
-            [f"data.path={bad_data['label']}"],
-            f"data.path={bad_data['label']} has a train label 1099511627776 at row 7 of "
-            f"{bad_data['label']}/mnist/train-00000-of-00001.parquet, outside 0..9.",
         ),
     }
     procs = {
@@ -173,6 +163,21 @@ def test_cli_refuses_bad_data_with_one_sentence(tiny_mnist, bad_data, cli_env, t
         assert "Data:" not in out  # the data was never handed to training
         assert not (tmp_path / name / "tb").exists()
         assert not any((tmp_path / name / "checkpoints").glob("*"))
+
+
+def test_data_found_bad_while_decoding_names_the_file_and_row(bad_data, tmp_path):
+    """In process (the CLI case above covers the undecodable image): what is found only while the data is
+    decoded, and a label that an int32 cast would have wrapped to 0."""
+    from cvae_exp.data import sources
+    from cvae_exp.errors import UserError
+
+    for name, named in [
+        ("undecodable", "<undecodable>: row 7 of <undecodable>/mnist/train-00000-of-00001.parquet is not a decodable"),
+        ("label", "<label> has a train label 1099511627776 at row 7 of <label>/mnist/train-00000-of-00001.parquet, "),
+    ]:
+        with pytest.raises(UserError) as err:
+            sources.load(path=bad_data[name], cache_dir=str(tmp_path))
+        assert fill(f"data.path={named}", bad_data) in str(err.value) and "\n" not in str(err.value)
 
 
 def test_nothing_in_the_package_unpickles():
