@@ -272,9 +272,11 @@ def test_a_full_disk_ends_the_run_with_one_sentence_and_exit_74(base, env, tmp_p
     assert re.fullmatch(
         rf"error: The file system refused {re.escape(str(run / 'checkpoints'))}/\S+: File too large \(EFBIG\)\.", line
     ), line
-    # The failed save was the first after the resume (step 100); the run stopped at a log step once the save
-    # had failed, or at the latest when the next save (step 120) waited for it.
-    assert [name.split(".")[0] for name in tmp_folders(run)] == [str(STEPS + 20)]
+    # The failed save was one of the first after the resume (step 100, or under load 120, whose save starts
+    # before the failure of the one in the background surfaces); the run stopped at a log step once the save
+    # had failed, or at the latest when the next save waited for it. Its unfinished folder stays, set apart.
+    failed = [name.split(".")[0] for name in tmp_folders(run)]
+    assert failed and set(failed) <= {str(STEPS + 20), str(STEPS + 40)}, failed
     assert f"step {STEPS + 60}:" not in proc.stdout
     assert not (run / ".lock").exists()
     assert {s: tree_digest(run / "checkpoints" / str(s)) for s in steps(run)} == earlier
