@@ -48,7 +48,7 @@ def test_table_script_trains_cell_by_cell_reports_and_resumes(tiny_mnist, cli_en
         saved = yaml.safe_load((sweep / f"cvae_n1_s{seed}" / ".hydra" / "config.yaml").read_text())
         assert saved["model"]["kind"] == "cvae" and saved["data"]["n_given"] == 1 and saved["seed"] == seed
         assert saved["model"]["baseline_run"] == f"{sweep.resolve()}/baseline_n1_s{seed}"  # its own seed's baseline
-        assert saved["data"]["binarize"] == "static"  # experiment=sohn2015's protocol
+        assert saved["data"]["binarize"] == "dynamic"  # experiment=sohn2015's protocol
     for cell in cells:
         for split in ("val", "test"):
             result = json.loads((sweep / cell / f"eval_{split}.json").read_text())
