@@ -204,10 +204,6 @@ def main_table(found: dict) -> str:
     return markdown_table(header, rows)
 
 
-def _mean(cell: Cell | None) -> float | None:
-    return cell.mean if cell else None
-
-
 def gap_lines(found: dict) -> list[str]:
     """Ours minus the recalled figures on test (positive: ours is higher), and whether the CVAE beats the
     baseline in each column."""
