@@ -133,14 +133,3 @@ def tree_digest(root: Path) -> dict[str, str]:
         for f in sorted(root.rglob("*"))
         if f.is_file()
     }
-
-
-def xla_cache_env(cli_env: dict, cache: Path) -> dict[str, str]:
-    """The CLI environment plus a persistent XLA compilation cache shared by a module's runs (the same
-    program loads the same executable, so results are unchanged; runs take seconds, not tens)."""
-    return {
-        **cli_env,
-        "JAX_COMPILATION_CACHE_DIR": str(cache),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-    }

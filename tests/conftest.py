@@ -68,7 +68,11 @@ def tiny_mnist(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session", autouse=True)
 def _private_caches(tmp_path_factory):
-    """Points every cache this process or its children might write into a temporary folder, and goes offline."""
+    """Points every cache this process or its children might write into a temporary folder, and goes offline.
+
+    One persistent XLA compilation cache serves the whole session, this process and every CLI subprocess
+    (and, under pytest-xdist, every worker: it sits beside their temporary folders): the same program loads
+    the same executable, so results are unchanged, and most tiny runs skip their compile time."""
     root = tmp_path_factory.mktemp("caches")
     values = {
         "CVAE_EXP_CACHE": str(root / "cvae_exp"),
@@ -76,9 +80,16 @@ def _private_caches(tmp_path_factory):
         "HF_DATASETS_CACHE": str(root / "hf" / "datasets"),
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
+        **xla_cache(_session_folder(tmp_path_factory) / "xla_cache"),
     }
     before = {k: os.environ.get(k) for k in values}
     os.environ.update(values)
+    import jax
+
+    # JAX read its environment when it was imported (at collection); the cache is switched on here too.
+    jax.config.update("jax_compilation_cache_dir", values["JAX_COMPILATION_CACHE_DIR"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     yield values
     for k, v in before.items():
         if v is None:
@@ -97,14 +108,19 @@ def cli_env(_private_caches) -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="session")
-def xla_env(cli_env, tmp_path_factory) -> dict[str, str]:
-    """The CLI environment plus one persistent XLA compilation cache for the session's tiny runs
-    (cli_runs.tiny): the same program loads the same executable, so results are unchanged, and a run
-    costs seconds rather than tens of them."""
-    from cli_runs import xla_cache_env
+def _session_folder(tmp_path_factory) -> Path:
+    """This session's temporary folder: the one above the workers' under pytest-xdist."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
-    return xla_cache_env(cli_env, tmp_path_factory.mktemp("xla_cache"))
+
+def xla_cache(folder: Path) -> dict[str, str]:
+    """The environment of a persistent XLA compilation cache in `folder` that keeps every executable."""
+    return {
+        "JAX_COMPILATION_CACHE_DIR": str(folder),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    }
 
 
 LINEAR_STEPS = 80
@@ -112,13 +128,13 @@ LINEAR = {"optimizer.warmup_steps": 60}  # linear warm-up past step 40: resumed 
 
 
 @pytest.fixture(scope="session")
-def linear_run(tiny_mnist, xla_env, tmp_path_factory) -> Path:
+def linear_run(tiny_mnist, cli_env, tmp_path_factory) -> Path:
     """An uninterrupted tiny run of 80 steps with a linear warm-up (checkpoints and evaluations every 20 steps;
     kept: 40, 60, 80): what resumed runs must reproduce, and what tests copy to damage."""
     from cli_runs import ok, tiny, train
 
     root = tmp_path_factory.mktemp("linear_run")
-    ok(train(tiny(tiny_mnist, root / "run", {"trainer.max_steps": LINEAR_STEPS, **LINEAR}), xla_env, root / "run.log"))
+    ok(train(tiny(tiny_mnist, root / "run", {"trainer.max_steps": LINEAR_STEPS, **LINEAR}), cli_env, root / "run.log"))
     return root / "run"
 
 

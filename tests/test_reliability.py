@@ -45,9 +45,9 @@ COSINE = {"optimizer.schedule": "cosine", "optimizer.warmup_steps": 20}  # decay
 
 
 @pytest.fixture(scope="module")
-def env(xla_env) -> dict[str, str]:
+def env(cli_env) -> dict[str, str]:
     """The CLI environment with the session's persistent XLA compilation cache."""
-    return xla_env
+    return cli_env
 
 
 @pytest.fixture(scope="module")

@@ -41,8 +41,8 @@ from conftest import run_module, write_hub_layout
 
 
 @pytest.fixture(scope="module")
-def env(xla_env) -> dict[str, str]:
-    return xla_env
+def env(cli_env) -> dict[str, str]:
+    return cli_env
 
 
 @pytest.fixture(scope="module")

@@ -48,16 +48,7 @@ def scenario(session_cli, small_overrides, tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     run, straight = root / "run", root / "straight"
     s = {"run": run, "straight": straight}
-    # One persistent XLA compilation cache for the four runs: the same programs load the same executables,
-    # so results are unchanged and the later runs skip most of their compile time.
-    xla_cache = {
-        "JAX_COMPILATION_CACHE_DIR": str(root / "xla_cache"),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-    }
-
-    def cli(args):
-        return session_cli(args, env=xla_cache)
+    cli = session_cli  # the session's XLA compilation cache (conftest) serves the four runs
 
     s["first"] = cli(small_overrides(run, f"trainer.max_steps={FIRST}"))
     if s["first"].returncode != 0:
