@@ -160,16 +160,16 @@ def framework_loop(exp, cfg: DictConfig, mesh, warmup: int):
     import jax
 
     from cvae_exp import parallel
-    from cvae_exp.trainer import make_feed, make_train_step
+    from cvae_exp.experiment import on_devices
+    from cvae_exp.trained_run import baseline_params
+    from cvae_exp.trainer import make_train_step
 
-    t, k = cfg.trainer, cfg.trainer.num_seeds
-    seeds = list(range(cfg.seed, cfg.seed + k))
-    replicated, sharded = parallel.replicated(mesh), parallel.data_sharded(mesh, k)
-    feed = make_feed(exp.splits.train, t.batch_size, seeds, replicated, sharded, t.data_on_device)
-    state = jax.device_put(exp.initial_state(seeds), replicated)
-    train_step = make_train_step(exp.graphdef, exp.opt, exp.task, replicated, k, feed)
-    first = parallel.put_batch(feed.sampler.batch(0), sharded)  # the bare loop's one batch
-    flops_per_example = step_flops(train_step, state, feed(0)) / (t.batch_size * k)
+    num_seeds = cfg.trainer.num_seeds
+    placed = on_devices(exp, cfg, mesh, baseline_params(cfg.model.baseline_run))
+    feed, state = placed.feed, placed.state
+    train_step = make_train_step(exp.graphdef, exp.opt, exp.task, placed.state_sharding, num_seeds, feed)
+    first = parallel.put_batch(feed.sampler.batch(0), placed.batch_sharding)  # the bare loop's one batch
+    flops_per_example = step_flops(train_step, state, feed(0)) / (cfg.trainer.batch_size * num_seeds)
     initial = jax.tree.map(lambda a: a.copy(), state)  # the loop donates its own
     count, metrics = 0, None
 
@@ -194,12 +194,11 @@ def bench(cfg: DictConfig) -> dict:
     parallel.initialize_distributed(cfg.cluster)
     import jax
 
+    from cvae_exp.experiment import build_experiment, training_mesh
     from cvae_exp.rundir import current_run_dir
-    from cvae_exp.runs import build_experiment
 
     t, b = cfg.trainer, cfg.bench
-    mesh = parallel.make_mesh(t.devices)
-    parallel.check_batch("trainer.batch_size", t.batch_size, mesh)
+    mesh = training_mesh(cfg)
     k = t.num_seeds
     exp = build_experiment(cfg)
     launch.accept(current_run_dir(), cfg)  # checked and loaded: .hydra/ and the log may reach the run dir

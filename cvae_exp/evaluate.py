@@ -69,7 +69,7 @@ def evaluate_run(
 
     from cvae_exp import parallel
     from cvae_exp.data.pipeline import Split, eval_batches
-    from cvae_exp.runs import load_run
+    from cvae_exp.trained_run import load_run
     from cvae_exp.trainer import evaluate
 
     mesh = parallel.make_mesh("all")

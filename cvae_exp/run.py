@@ -60,8 +60,9 @@ def _train(cfg: DictConfig, run_dir: Path, mode: str, signals: launch.Interrupti
     import jax
 
     from cvae_exp import checkpoint, resume, trainer
-    from cvae_exp.runs import build_experiment
+    from cvae_exp.experiment import build_experiment, on_devices, training_mesh
     from cvae_exp.tensorboard import Writer, tile
+    from cvae_exp.trained_run import baseline_params
 
     launch.watch_background_writes()
     t0 = time.perf_counter()
@@ -75,9 +76,7 @@ def _train(cfg: DictConfig, run_dir: Path, mode: str, signals: launch.Interrupti
     plain = OmegaConf.to_container(cfg, resolve=True)
 
     # ---- devices
-    mesh = parallel.make_mesh(t.devices)
-    parallel.check_batch("trainer.batch_size", t.batch_size, mesh)
-    state_sharding, batch_sharding = parallel.replicated(mesh), parallel.data_sharded(mesh, k)
+    mesh = training_mesh(cfg)
     eval_sharding = parallel.data_sharded(mesh)  # every seed is evaluated on the same batch
     eval_batch = -(-t.eval_batch_size // mesh.size) * mesh.size
     log.info(
@@ -101,12 +100,12 @@ def _train(cfg: DictConfig, run_dir: Path, mode: str, signals: launch.Interrupti
     # ---- data, model and optimizer
     exp = build_experiment(cfg)
     splits, task, graphdef, opt = exp.splits, exp.task, exp.graphdef, exp.opt
-    feed = trainer.make_feed(splits.train, t.batch_size, seeds, state_sharding, batch_sharding, t.data_on_device)
     # What a checkpoint records it was trained on; a resume on other data is refused (resume_data_change).
     data = {"source": exp.source, **{name: len(getattr(splits, name).images) for name in ("train", "val", "test")}}
     log.info("Data: %s; train %d, val %d, test %d", exp.source, data["train"], data["val"], data["test"])
     resume.check_data(resumed, data)
-    state = jax.device_put(exp.initial_state(seeds), state_sharding)
+    placed = on_devices(exp, cfg, mesh, baseline_params(cfg.model.baseline_run))
+    feed, state, state_sharding = placed.feed, placed.state, placed.state_sharding
     target = checkpoint.abstract(state)
 
     # ---- restore (verified), then the run is accepted: its record and its log go to disk

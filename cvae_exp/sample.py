@@ -159,8 +159,8 @@ def draw(run, opts, seed: int) -> dict[str, np.ndarray]:
 
 
 def sample_run(run_dir: str, opts, seed: int = 0) -> list[Path]:
-    from cvae_exp.runs import load_run
     from cvae_exp.tensorboard import Writer
+    from cvae_exp.trained_run import load_run
 
     run = load_run(run_dir)
     launch.release_log()  # accepted: the log may reach <run dir>/sample.log
