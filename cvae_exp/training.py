@@ -444,6 +444,7 @@ def _image_fns(graphdef, task, val_split):
     import jax
 
     from cvae_exp import images
+    from cvae_exp.kinds import kind
 
     few = {"image": val_split.images[:8], "label": val_split.labels[:8]}
     recon = jax.jit(lambda p, k: images.reconstructions(graphdef, p, few, k, task=task))
@@ -453,9 +454,7 @@ def _image_fns(graphdef, task, val_split):
         second = ("val/samples", jax.jit(lambda p, k: images.class_samples(graphdef, p, k, task=task)))
 
     def draw(params, key):
-        out = (
-            {"val/reconstructions": recon(params, key).swapaxes(0, 1)} if task.kind not in ("gsnn", "baseline") else {}
-        )
+        out = {"val/reconstructions": recon(params, key).swapaxes(0, 1)} if kind(task.kind).recognition else {}
         out[second[0]] = second[1](params, key)
         return jax.device_get(out)
 
