@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import re
 from pathlib import Path
 
 import pytest
@@ -48,7 +49,7 @@ def imports_of(name: str) -> set[str]:
         else:
             continue
         for target in targets:
-            if target.split(".")[0] == "cvae_exp" and target in MODULES:
+            if target.startswith("cvae_exp.") and target in MODULES:  # the empty top-level package left out
                 found.update(_with_packages(target, name))
     found.discard(name)
     return found
@@ -107,3 +108,25 @@ def test_no_entry_point_reaches_another(entry):
 def test_the_objectives_never_reach_the_models():
     assert not {name for name in reachable("cvae_exp.objectives") if name.startswith("cvae_exp.models")}
     assert not {name for name in reachable("cvae_exp.distributions") if name.startswith("cvae_exp.models")}
+
+
+def test_the_readmes_code_layout_lists_every_module_above_what_it_imports():
+    """README.md's "Code layout" names each module (a package by its folder) from the entry points down: every
+    module is there, and each imports only modules listed below it (or inside its own package)."""
+    text = (PACKAGE.parent / "README.md").read_text()
+    block = text[text.index("## Code layout") :].split("\n## ", 1)[0]
+    listed = [
+        "cvae_exp." + m.group(1).replace("/", ".")
+        for m in (re.match(r"cvae_exp/([\w/]+?)(?:\.py|/)\s", line) for line in block.splitlines())
+        if m
+    ]
+    position = {name: i for i, name in enumerate(listed)}
+
+    def place(module: str) -> int | None:
+        owner = next((n for n in listed if module == n or module.startswith(n + ".")), None)
+        return position.get(owner)
+
+    modules = [name for name in MODULES if name != "cvae_exp"]
+    assert [name for name in modules if place(name) is None] == [], "modules missing from the README's layout"
+    upward = [f"{name} -> {target}" for name in modules for target in GRAPH[name] if place(target) < place(name)]
+    assert upward == [], "imports of a module listed above the importer"
