@@ -21,6 +21,7 @@ from cvae_exp import launch
 from cvae_exp.config import RESUME, check_keys, check_targets, resume_mode, validate
 from cvae_exp.data import sources
 from cvae_exp.errors import Interrupted, UserError
+from cvae_exp.metrics import final_metrics, flat, per_seed_results, prefixed, seed_values, strict, summarize
 from cvae_exp.rundir import RunLock, current_run_dir
 
 log = logging.getLogger("cvae_exp")
@@ -75,12 +76,12 @@ def _train(cfg: DictConfig, run_dir: Path, mode: str, signals: launch.Interrupti
     # ---- final evaluation and metrics.json
     steps_run = trainer.current_step(state) - start_step
     if steps_run == 0:  # a finished run resumed once more: report it as it stands
-        val = _summary(_prefixed("val", hooks.evaluate(state["params"], exp.splits.val)))
-    test = _prefixed("test", hooks.evaluate(state["params"], exp.splits.test))
+        val = summarize(prefixed("val", hooks.evaluate(state["params"], exp.splits.val)))
+    test = prefixed("test", hooks.evaluate(state["params"], exp.splits.test))
     previous = _read_json(run_dir / "metrics.json")
     train_seconds = time.perf_counter() - train_start
-    per_seed = _per_seed_results(state, val, test, placed.seeds)
-    metrics = _final_metrics(
+    per_seed = per_seed_results(state, val, test, placed.seeds)
+    metrics = final_metrics(
         step=trainer.current_step(state),
         val=val,
         test=test,
@@ -99,7 +100,7 @@ def _train(cfg: DictConfig, run_dir: Path, mode: str, signals: launch.Interrupti
     manager.close()
     launch.check_background_writes()
     if _process_index() == 0:
-        (run_dir / "metrics.json").write_text(json.dumps(_strict(metrics), indent=2) + "\n")
+        (run_dir / "metrics.json").write_text(json.dumps(strict(metrics), indent=2) + "\n")
     log.info("Done: %s", json.dumps(metrics))
     return metrics
 
@@ -271,7 +272,6 @@ class _Hooks:
         from cvae_exp.tensorboard import Writer
 
         num_seeds = cfg.trainer.num_seeds
-        seeds = range(cfg.seed, cfg.seed + num_seeds)
         eval_step = trainer.make_eval_step(exp.graphdef, exp.task, placed.state_sharding, num_seeds)
         evaluate = _Validation(
             eval_step,
@@ -287,7 +287,7 @@ class _Hooks:
                 resume_step=resumed_from,
                 name=f"seed_{seed}" if num_seeds > 1 else "",
             )
-            for seed in seeds
+            for seed in placed.seeds
         ]
         draw = _image_fns(exp.graphdef, exp.task, exp.splits.val)
         plain = OmegaConf.to_container(cfg, resolve=True)
@@ -299,7 +299,7 @@ class _Hooks:
         checkpoint.raise_failed_save(self.manager)  # a write that failed in the background ends the run here
         launch.check_background_writes()
         for i, writer in enumerate(self.writers):
-            seed_metrics = _seed_values(metrics, i)
+            seed_metrics = seed_values(metrics, i)
             seed_metrics["examples_per_s"] = metrics["examples_per_s"] / self.num_seeds  # this seed's share
             writer.scalars({f"train/{name}": v for name, v in seed_metrics.items()}, step)
 
@@ -309,15 +309,15 @@ class _Hooks:
         from cvae_exp import trainer
         from cvae_exp.tensorboard import tile
 
-        val = _prefixed("val", self.evaluate(state["params"], self.val_split))
+        val = prefixed("val", self.evaluate(state["params"], self.val_split))
         for i, writer in enumerate(self.writers):
-            writer.scalars(_seed_values(val, i), step)
+            writer.scalars(seed_values(val, i), step)
             if self.cfg.logger.images:
                 params = state["params"] if self.num_seeds == 1 else trainer.member(state["params"], i)
                 key = self.evaluate.key if self.num_seeds == 1 else self.evaluate.key[i]
                 for tag, grid in self.draw(params, jax.random.fold_in(key, step)).items():
                     writer.image(tag, tile(grid), step)
-        summary = _summary(val)
+        summary = summarize(val)
         log.info("step %d: %s", step, ", ".join(f"{name}={summary[name]:.3f}" for name in val))
         return summary
 
@@ -335,7 +335,7 @@ class _Hooks:
     def close(self, per_seed: list[dict] | None = None) -> None:
         """Closes the writers, after each seed's hparams summary when the run finished (`per_seed`).
         The same metric names in every job, whatever its model kind, so the HPARAMS view compares them all."""
-        hparams = _flat(self.plain, ("model", "data", "optimizer", "trainer", "seed"))
+        hparams = flat(self.plain, ("model", "data", "optimizer", "trainer", "seed"))
         for i, writer in enumerate(self.writers):
             if per_seed is not None:
                 result = per_seed[i]
@@ -461,122 +461,8 @@ def _image_fns(graphdef, task, val_split):
     return draw
 
 
-# ----------------------------------------------------------------------------- final metrics
-
-
-def _final_metrics(
-    *,
-    step: int,
-    val: dict,
-    test: dict,
-    per_seed: list[dict],
-    steps_run: int,
-    batch_size: int,
-    train_seconds: float,
-    wall_seconds: float,
-    previous: dict,
-    source: str,
-    train_examples: int,
-    early,
-    machine: dict,
-) -> dict:
-    """What metrics.json holds (before NaNs become null): the last validation summary, the test means, and
-    how the run went. `val` is a summary (`_summary`), `test` the test pass's values (floats, or arrays over
-    K seeds), `per_seed` each seed's results (`_per_seed_results`), `previous` the metrics.json already there
-    (a finished run resumed again trains nothing and keeps its examples_per_s), `early` the early stopping
-    state, `machine` the devices, processes and hardware line (`_machine`). Pure: no JAX, no files."""
-    num_seeds = len(per_seed)
-    metrics = {
-        "step": step,
-        **{name: v for name, v in val.items() if name != "per_seed"},
-        **_summary(test, per_seed=False),
-        "devices": machine["devices"],
-        "processes": machine["processes"],
-        # all seeds together
-        "examples_per_s": (
-            steps_run * batch_size * num_seeds / train_seconds if steps_run else previous.get("examples_per_s")
-        ),
-        "skipped_steps": sum(result["skipped_steps"] for result in per_seed),
-        "params_sha256": per_seed[0]["params_sha256"],
-        "wall_s": wall_seconds,
-        "data_source": source,
-        "train_examples": train_examples,
-        # early stopping (trainer.patience): whether it ended the run, and the step of the best val/elbo
-        "stopped_early": early.done,
-        "best_step": early.best_step,
-        "hardware": machine["hardware"],
-    }
-    if num_seeds > 1:  # top-level values are means over the seeds; each seed's own values here
-        metrics |= {"num_seeds": num_seeds, "seeds": per_seed}
-    return metrics
-
-
-def _prefixed(split: str, values: dict) -> dict:
-    return {f"{split}/{name}": v for name, v in values.items()}
-
-
-def _seed_values(metrics: dict, i: int) -> dict:
-    """Seed i's values from metrics that are floats (one seed) or per-seed arrays."""
-    import numpy as np
-
-    return {name: float(np.asarray(v)[i]) if np.ndim(v) else float(v) for name, v in metrics.items()}
-
-
-def _summary(metrics: dict, per_seed: bool = True) -> dict:
-    """Floats: a single run's values, or the mean over the seeds (plus each seed's under "per_seed")."""
-    import numpy as np
-
-    out = {name: float(np.mean(v)) for name, v in metrics.items()}
-    if per_seed and any(np.ndim(v) for v in metrics.values()):
-        out["per_seed"] = {name: [float(x) for x in v] for name, v in metrics.items()}
-    return out
-
-
-def _per_seed_results(state, val: dict, test: dict, seeds: list[int]) -> list[dict]:
-    """Each seed's final values, parameters' hash and skipped steps, for metrics.json."""
-    import jax
-    import numpy as np
-
-    from cvae_exp import trainer
-
-    val = val.get("per_seed", val)
-    skipped = np.asarray(jax.device_get(state["nonfinite"])).reshape(-1)
-    results = []
-    for i, seed in enumerate(seeds):
-        params = state["params"] if len(seeds) == 1 else trainer.member(state["params"], i)
-        results.append(
-            {
-                "seed": seed,
-                **_seed_values(val, i),
-                **_seed_values(test, i),
-                "skipped_steps": int(skipped[i]),
-                "params_sha256": trainer.params_sha256(params),
-            }
-        )
-    return results
-
-
 def _read_json(file: Path) -> dict:
     try:
         return json.loads(file.read_text())
     except (OSError, ValueError):
         return {}
-
-
-def _strict(metrics: dict) -> dict:
-    """NaN and infinities as null: metrics.json stays strict JSON whatever the run went through."""
-    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
-
-
-def _flat(tree: dict, keys: tuple[str, ...], prefix: str = "") -> dict:
-    """Dotted keys for the hparams summary, for the groups a sweep varies."""
-    out = {}
-    for k, v in tree.items():
-        if prefix == "" and k not in keys:
-            continue
-        name = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flat(v, keys, f"{name}."))
-        else:
-            out[name] = v
-    return out

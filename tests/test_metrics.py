@@ -1,4 +1,4 @@
-"""What a finished training run writes to metrics.json (`cvae_exp.training._final_metrics`), without training:
+"""What a finished training run writes to metrics.json (`cvae_exp.training.final_metrics`), without training:
 its inputs are made by hand, so each rule of the file has its own check. No JAX."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from cvae_exp.training import _final_metrics, _strict, _summary
+from cvae_exp.metrics import final_metrics, strict, summarize
 
 MACHINE = {"devices": 2, "processes": 1, "hardware": "2 x cpu (cpu), 2 CPU cores"}
 
@@ -44,7 +44,7 @@ def metrics(per_seed, val, test, **changes) -> dict:
         early=Early(False, None),
         machine=MACHINE,
     )
-    return _final_metrics(**(args | changes))
+    return final_metrics(**(args | changes))
 
 
 def test_one_seed_reports_its_values_and_no_seed_list():
@@ -60,7 +60,7 @@ def test_one_seed_reports_its_values_and_no_seed_list():
 
 def test_several_seeds_report_means_every_seed_and_the_first_seeds_hash():
     per_seed = [seed_result(5, 180.0, 1), seed_result(6, 190.0, 2)]
-    val = _summary({"val/elbo": np.array([180.0, 190.0])})  # as the loop's last evaluation leaves it
+    val = summarize({"val/elbo": np.array([180.0, 190.0])})  # as the loop's last evaluation leaves it
     out = metrics(per_seed, val, {"test/elbo": np.array([181.0, 191.0])}, early=Early(True, 40))
     assert out["val/elbo"] == 185.0 and out["test/elbo"] == 186.0
     assert "per_seed" not in out  # the seeds' own values are under "seeds"
@@ -78,5 +78,5 @@ def test_a_run_that_trained_nothing_keeps_the_throughput_it_had():
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_non_finite_values_are_written_as_null(bad):
-    out = _strict(metrics([seed_result(5, bad, 0)], {"val/elbo": bad}, {"test/elbo": 1.0}))
+    out = strict(metrics([seed_result(5, bad, 0)], {"val/elbo": bad}, {"test/elbo": 1.0}))
     assert out["val/elbo"] is None and out["test/elbo"] == 1.0
