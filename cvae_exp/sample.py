@@ -119,7 +119,7 @@ def draw(run, opts, seed: int) -> dict[str, np.ndarray]:
     from cvae_exp.data.pipeline import NUM_CLASSES, prepare_for
     from cvae_exp.tensorboard import tile
 
-    task, g, p = run.task, run.graphdef, run.params
+    task, graphdef, params = run.task, run.graphdef, run.params
     key = jax.random.key(seed)
     split = run.splits.val if opts.split == "val" else run.splits.test
     n = min(opts.inputs, len(split.images))
@@ -128,7 +128,7 @@ def draw(run, opts, seed: int) -> dict[str, np.ndarray]:
 
     def stack(fn, *args, **static) -> np.ndarray:
         """[rows, cols, 784] from one of cvae_exp.images' drawings, jitted with its static arguments bound."""
-        return np.asarray(jax.jit(functools.partial(fn, g, task=task, **static))(p, *args))
+        return np.asarray(jax.jit(functools.partial(fn, graphdef, task=task, **static))(params, *args))
 
     if task.condition == "quadrants":
         completions = stack(images.completions, few, jax.random.fold_in(key, 0), samples=int(opts.completions))
@@ -146,8 +146,8 @@ def draw(run, opts, seed: int) -> dict[str, np.ndarray]:
             conditions = [x]
         else:
             conditions = [jnp.zeros((1, 0), jnp.float32)]
-        walk = jax.jit(lambda params, x: latent_walk(g, params, x, int(opts.walk)))  # compiled once for all digits
-        panels = [tile(np.asarray(walk(p, x))) for x in conditions]
+        walk = jax.jit(lambda p, x: latent_walk(graphdef, p, x, int(opts.walk)))  # compiled once for all digits
+        panels = [tile(np.asarray(walk(params, x))) for x in conditions]
         grids["latent_walk"] = mosaic(panels, cols=5)
     return grids
 
