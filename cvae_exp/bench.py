@@ -160,16 +160,16 @@ def framework_loop(exp, cfg: DictConfig, mesh, warmup: int):
     import jax
 
     from cvae_exp import parallel
-    from cvae_exp.trainer import make_feed, make_train_step
+    from cvae_exp.experiment import on_devices
+    from cvae_exp.trained_run import baseline_params
+    from cvae_exp.trainer import make_train_step
 
-    t, k = cfg.trainer, cfg.trainer.num_seeds
-    seeds = list(range(cfg.seed, cfg.seed + k))
-    replicated, sharded = parallel.replicated(mesh), parallel.data_sharded(mesh, k)
-    feed = make_feed(exp.splits.train, t.batch_size, seeds, replicated, sharded, t.data_on_device)
-    state = jax.device_put(exp.initial_state(seeds), replicated)
-    train_step = make_train_step(exp.graphdef, exp.opt, exp.task, replicated, k, feed)
-    first = parallel.put_batch(feed.sampler.batch(0), sharded)  # the bare loop's one batch
-    flops_per_example = step_flops(train_step, state, feed(0)) / (t.batch_size * k)
+    num_seeds = cfg.trainer.num_seeds
+    placed = on_devices(exp, cfg, mesh, baseline_params(cfg.model.baseline_run))
+    feed, state = placed.feed, placed.state
+    train_step = make_train_step(exp.graphdef, exp.opt, exp.task, placed.state_sharding, num_seeds, feed)
+    first = parallel.put_batch(feed.sampler.batch(0), placed.batch_sharding)  # the bare loop's one batch
+    flops_per_example = step_flops(train_step, state, feed(0)) / (cfg.trainer.batch_size * num_seeds)
     initial = jax.tree.map(lambda a: a.copy(), state)  # the loop donates its own
     count, metrics = 0, None
 
@@ -194,29 +194,28 @@ def bench(cfg: DictConfig) -> dict:
     parallel.initialize_distributed(cfg.cluster)
     import jax
 
+    from cvae_exp.experiment import build_experiment, training_mesh
     from cvae_exp.rundir import current_run_dir
-    from cvae_exp.runs import build_experiment
 
-    t, b = cfg.trainer, cfg.bench
-    mesh = parallel.make_mesh(t.devices)
-    parallel.check_batch("trainer.batch_size", t.batch_size, mesh)
-    k = t.num_seeds
+    train, options = cfg.trainer, cfg.bench
+    mesh = training_mesh(cfg)
+    num_seeds = train.num_seeds
     exp = build_experiment(cfg)
     launch.accept(current_run_dir(), cfg)  # checked and loaded: .hydra/ and the log may reach the run dir
-    framework, flops_per_example, first, initial = framework_loop(exp, cfg, mesh, b.warmup)
+    framework, flops_per_example, first, initial = framework_loop(exp, cfg, mesh, options.warmup)
     runners = {"framework": framework}
-    if b.reference:
-        runners["reference"] = bare_loop(exp, initial, first, b.warmup, k)
-        if t.precision == "bf16":  # the same loop in fp32, timed in the same alternating windows
+    if options.reference:
+        runners["reference"] = bare_loop(exp, initial, first, options.warmup, num_seeds)
+        if train.precision == "bf16":  # the same loop in fp32, timed in the same alternating windows
             fp32_cfg = cfg.copy()
             fp32_cfg.trainer.precision = "fp32"
-            runners["fp32"] = framework_loop(build_experiment(fp32_cfg), fp32_cfg, mesh, b.warmup)[0]
-    per_step = timed_windows(runners, b.steps)
-    examples_per_s = {name: t.batch_size * k / statistics.median(times) for name, times in per_step.items()}
+            runners["fp32"] = framework_loop(build_experiment(fp32_cfg), fp32_cfg, mesh, options.warmup)[0]
+    per_step = timed_windows(runners, options.steps)
+    examples_per_s = {name: train.batch_size * num_seeds / statistics.median(times) for name, times in per_step.items()}
     step_s = statistics.median(per_step["framework"])
     device = jax.devices()[0]
     achieved = examples_per_s["framework"] * flops_per_example
-    device_peak, peak_source = peak(t.precision, device, achieved / mesh.size)
+    device_peak, peak_source = peak(train.precision, device, achieved / mesh.size)
     peak_flops = device_peak * mesh.size
     result = {
         "examples_per_s": examples_per_s["framework"],  # all seeds together
@@ -228,15 +227,15 @@ def bench(cfg: DictConfig) -> dict:
         "device": f"{device.platform}:{device.device_kind}",
         "devices": mesh.size,
         "processes": jax.process_count(),
-        "batch_size": t.batch_size,
-        "precision": t.precision,
-        "num_seeds": k,
-        "steps": b.steps,
+        "batch_size": train.batch_size,
+        "precision": train.precision,
+        "num_seeds": num_seeds,
+        "steps": options.steps,
         "model": cfg.model.kind,
         "hidden": list(cfg.model.hidden),
         "latent_dim": cfg.model.latent_dim,
     }
-    if b.reference:
+    if options.reference:
         ref = examples_per_s["reference"]
         result |= {"reference_examples_per_s": ref, "ratio_to_reference": examples_per_s["framework"] / ref}
     if "fp32" in examples_per_s:

@@ -17,6 +17,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from cvae_exp.errors import UserError
+from cvae_exp.kinds import KINDS, NAMES, kind
 
 
 def log_dir(run_dir: str | None) -> str:
@@ -29,7 +30,6 @@ def log_dir(run_dir: str | None) -> str:
 
 OmegaConf.register_new_resolver("cvae_log_dir", log_dir, replace=True)
 
-MODEL_KINDS = ("cvae", "vae", "gsnn", "hybrid", "baseline")
 PRIORS = ("learned", "standard")
 LIKELIHOODS = ("bernoulli", "gaussian")
 BINARIZE = ("static", "dynamic", "threshold", "none")
@@ -261,7 +261,7 @@ def check_baseline_run(cfg: DictConfig) -> None:
     if m.baseline_run is None:
         return
     key = f"model.baseline_run={m.baseline_run}"
-    if m.kind not in ("cvae", "gsnn", "hybrid") or m.prior != "learned":
+    if not kind(m.kind).aided or m.prior != "learned":
         raise UserError(
             f"{key} feeds a baseline's prediction to the learned prior network of a cvae, gsnn or hybrid, "
             f"but model.kind={m.kind} with model.prior={m.prior} has none."
@@ -272,7 +272,7 @@ def check_baseline_run(cfg: DictConfig) -> None:
     if not run.is_dir():
         raise UserError(f"{key} does not exist: train the model=baseline run first, or fix the path.")
     saved = read_run_config(run, key)
-    if saved.model.kind != "baseline":
+    if saved.model.kind not in KINDS or kind(saved.model.kind).latent:  # the baseline network has no z
         raise UserError(f"{key} is a model.kind={saved.model.kind} run; it must be a model=baseline run.")
     for name in ("name", "condition", "n_given", "quadrant_layout"):
         if saved.data[name] != d[name]:
@@ -334,7 +334,7 @@ def validate_eval(cfg: DictConfig) -> None:
 def validate(cfg: DictConfig) -> None:
     """Refuses impossible values with one sentence naming the key; cheap, runs before any work."""
     m, d, o, t = cfg.model, cfg.data, cfg.optimizer, cfg.trainer
-    _choice("model.kind", m.kind, MODEL_KINDS)
+    _choice("model.kind", m.kind, NAMES)
     _choice("model.prior", m.prior, PRIORS)
     _choice("model.likelihood", m.likelihood, LIKELIHOODS)
     _at_least("model.latent_dim", m.latent_dim, 1)
@@ -349,9 +349,9 @@ def validate(cfg: DictConfig) -> None:
     _choice("data.quadrant_layout", d.quadrant_layout, QUADRANT_LAYOUTS)
     if d.condition == "quadrants" and d.n_given not in (1, 2, 3):
         raise UserError(f"data.n_given={d.n_given} must be 1, 2 or 3.")
-    if m.kind in ("gsnn", "hybrid", "baseline") and d.condition == "none":
+    if kind(m.kind).conditional and d.condition == "none":
         raise UserError(f"model.kind={m.kind} predicts y from a condition, but data.condition=none.")
-    if m.kind in ("gsnn", "hybrid") and m.prior != "learned":
+    if kind(m.kind).prior_term and m.prior != "learned":
         raise UserError(f"model.kind={m.kind} trains through the prior network and needs model.prior=learned.")
     _choice("model.baseline_into", m.baseline_into, BASELINE_INTO)
     for i, width in enumerate(m.baseline_hidden or []):

@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from cvae_exp import launch
 from cvae_exp.cli import CONF_DIR, exit_on_user_error, no_wait_after_storage_failure
 from cvae_exp.config import EvalApp, check_keys, register_configs, require_run_dir, validate_eval
+from cvae_exp.kinds import kind
 
 register_configs()
 
@@ -32,20 +33,20 @@ def make_ncll_step(graphdef, task, samples: int, chunk: int):
     import jax.numpy as jnp
     from flax import nnx
 
-    from cvae_exp.data.pipeline import prepare
+    from cvae_exp.data.pipeline import prepare_for
     from cvae_exp.distributions import log_likelihood
     from cvae_exp.objectives import conditional_nll
 
+    has = kind(task.kind)
+
     def step(params, batch, key):
         model = nnx.merge(graphdef, params)
-        x, y, mask = prepare(
-            batch, key, dynamic=False, condition=task.condition, n_given=task.n_given, layout=task.layout
-        )
-        if task.kind == "baseline":
+        x, y, mask = prepare_for(batch, key, task)
+        if not has.latent:
             per_example = {"ncll_exact": -log_likelihood(y, model(x), mask)}
         else:
             per_example = conditional_nll(
-                model, x, y, mask, key, samples=samples, chunk=min(chunk, samples), has_q=task.kind != "gsnn"
+                model, x, y, mask, key, samples=samples, chunk=min(chunk, samples), has_q=has.recognition
             )
         w = batch["weight"]
         sums = {k: jnp.sum(v * w) for k, v in per_example.items()}
@@ -69,7 +70,7 @@ def evaluate_run(
 
     from cvae_exp import parallel
     from cvae_exp.data.pipeline import Split, eval_batches
-    from cvae_exp.runs import load_run
+    from cvae_exp.trained_run import load_run
     from cvae_exp.trainer import evaluate
 
     mesh = parallel.make_mesh("all")
@@ -92,12 +93,13 @@ def evaluate_run(
     pixels = result.pop("pixels")  # scored pixels per example
     n = len(data.images)
     squares = {k[: -len("_sq")]: result.pop(k) for k in list(result) if k.endswith("_sq")}
-    result["ncll"] = result.get("ncll_is", result.get("ncll_exact", result.get("ncll_mc")))
+    headline = kind(run.task.kind).headline  # IS with q, MC without, exact for the baseline
+    result["ncll"] = result.get(f"ncll_{headline}")
     result |= {f"{k}_per_pixel": v / pixels for k, v in result.items()}
     # Standard error over the digits: the sample standard deviation of the per-digit values over sqrt(n).
     sems = {f"{k}_sem": math.sqrt(max(sq - result[k] ** 2, 0.0) * n / max(n - 1, 1) / n) for k, sq in squares.items()}
     result |= sems
-    result["ncll_sem"] = sems.get("ncll_is_sem", sems.get("ncll_exact_sem", sems.get("ncll_mc_sem")))
+    result["ncll_sem"] = sems.get(f"ncll_{headline}_sem")
     result |= {
         "model": run.cfg.model.kind,
         "condition": run.task.condition,
@@ -105,7 +107,7 @@ def evaluate_run(
         "checkpoint_step": run.step,
         "seed": run.cfg.seed + seed_index,  # the model's training seed
         "split": split,
-        "samples": samples if run.task.kind != "baseline" else 0,
+        "samples": samples if kind(run.task.kind).latent else 0,
         "examples": n,
         "scored_pixels_per_example": pixels,
         "seconds": seconds,  # the evaluation pass, compilation excluded

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cvae_exp.data.pipeline import NUM_CLASSES, prepare
+from cvae_exp.data.pipeline import NUM_CLASSES, prepare_for
 from cvae_exp.distributions import reparameterize
 from cvae_exp.kinds import kind
 
@@ -33,7 +33,7 @@ def _predict(model, x, y, key, name: str) -> jax.Array:
 def reconstructions(graphdef, params, batch, key, *, task) -> jax.Array:
     """Rows of (input, reconstruction) pairs: [n, 2, 784]."""
     model = nnx.merge(graphdef, params)
-    x, y, _ = prepare(batch, key, dynamic=False, condition=task.condition, n_given=task.n_given, layout=task.layout)
+    x, y, _ = prepare_for(batch, key, task)
     return jnp.stack([y, _predict(model, x, y, key, task.kind)], axis=1)
 
 
@@ -48,7 +48,7 @@ def class_samples(graphdef, params, key, *, task, cols: int = 10) -> jax.Array:
 def completions(graphdef, params, batch, key, *, task, samples: int = 6) -> jax.Array:
     """Quadrant task, one row per input: the condition, `samples` completions, the truth."""
     model = nnx.merge(graphdef, params)
-    x, y, mask = prepare(batch, key, dynamic=False, condition=task.condition, n_given=task.n_given, layout=task.layout)
+    x, y, mask = prepare_for(batch, key, task)
     keys = jax.random.split(key, samples)
     draws = jnp.stack([_predict(model, x, None, k, task.kind) for k in keys], 1)  # y unknown: through p
     observed = 1.0 - mask

@@ -14,7 +14,6 @@ binarize, samples) into the sweep dir.
 from __future__ import annotations
 
 import csv
-import json
 import os
 import platform
 import re
@@ -22,10 +21,8 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from cvae_exp.errors import UserError
-from cvae_exp.report import Job, markdown_table
+from cvae_exp.sweep import Job, markdown_table
 
 # Sohn et al. (2015) Table 1, test set, as recalled in the project's design notes: NOT read from the paper,
 # whose Table 1 we could not consult; printed only under a label that says so. GSNN and hybrid: not recalled.
@@ -73,15 +70,13 @@ class PaperJob:
     hardware: str
 
 
-def _evals(path: Path) -> dict:
+def _evals(job: Job) -> dict:
+    """split -> the job's evaluation of it: eval_<split>.json, else eval.json when that one is of this split."""
     out = {}
     for split in SPLITS:
-        for name in (f"eval_{split}.json", "eval.json"):
-            try:
-                data = json.loads((path / name).read_text())
-            except (OSError, ValueError):
-                continue
-            if data.get("split", split) == split:
+        for stem in (f"eval_{split}", "eval"):
+            data = job.evals.get(stem)
+            if data is not None and data.get("split", split) == split:
                 out[split] = data
                 break
     return out
@@ -118,12 +113,11 @@ def hardware(job: Job) -> str:
 def collect(jobs: list[Job]) -> list[PaperJob]:
     out = []
     for job in jobs:
-        try:
-            cfg = yaml.safe_load((job.path / ".hydra" / "config.yaml").read_text()) or {}
-        except (OSError, yaml.YAMLError):
+        cfg = job.config
+        if cfg is None:  # no readable .hydra/config.yaml
             continue
         data, model = cfg.get("data", {}), cfg.get("model", {})
-        evals = _evals(job.path)
+        evals = _evals(job)
         if data.get("condition") != "quadrants" or not evals:
             continue
         size, steps = train_size(cfg, job), job.metrics.get("step")

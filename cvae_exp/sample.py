@@ -32,6 +32,7 @@ from cvae_exp import launch
 from cvae_exp.cli import CONF_DIR, exit_on_user_error, no_wait_after_storage_failure
 from cvae_exp.config import check_keys, require_run_dir
 from cvae_exp.errors import UserError
+from cvae_exp.kinds import kind
 
 for _name in ("absl", "jax._src.xla_bridge"):  # read-only checkpoint notices and backend probing, not news here
     logging.getLogger(_name).setLevel(logging.ERROR)
@@ -115,10 +116,10 @@ def draw(run, opts, seed: int) -> dict[str, np.ndarray]:
     import jax.numpy as jnp
 
     from cvae_exp import images
-    from cvae_exp.data.pipeline import NUM_CLASSES, prepare
+    from cvae_exp.data.pipeline import NUM_CLASSES, prepare_for
     from cvae_exp.tensorboard import tile
 
-    task, g, p = run.task, run.graphdef, run.params
+    task, graphdef, params = run.task, run.graphdef, run.params
     key = jax.random.key(seed)
     split = run.splits.val if opts.split == "val" else run.splits.test
     n = min(opts.inputs, len(split.images))
@@ -127,7 +128,7 @@ def draw(run, opts, seed: int) -> dict[str, np.ndarray]:
 
     def stack(fn, *args, **static) -> np.ndarray:
         """[rows, cols, 784] from one of cvae_exp.images' drawings, jitted with its static arguments bound."""
-        return np.asarray(jax.jit(functools.partial(fn, g, task=task, **static))(p, *args))
+        return np.asarray(jax.jit(functools.partial(fn, graphdef, task=task, **static))(params, *args))
 
     if task.condition == "quadrants":
         completions = stack(images.completions, few, jax.random.fold_in(key, 0), samples=int(opts.completions))
@@ -135,32 +136,25 @@ def draw(run, opts, seed: int) -> dict[str, np.ndarray]:
     else:
         name = "class_samples" if task.condition == "label" else "samples"  # a VAE's are unconditional
         grids[name] = tile(stack(images.class_samples, jax.random.fold_in(key, 1), cols=int(opts.cols)))
-    if task.kind not in ("gsnn", "baseline"):  # inputs on the top row, reconstructions below
+    if kind(task.kind).recognition:  # inputs on the top row, reconstructions below
         grids["reconstructions"] = tile(stack(images.reconstructions, few, jax.random.fold_in(key, 2)).swapaxes(0, 1))
-    if task.kind != "baseline" and run.cfg.model.latent_dim == 2:
+    if kind(task.kind).latent and run.cfg.model.latent_dim == 2:
         if task.condition == "label":
             conditions = [jax.nn.one_hot(jnp.array([d]), NUM_CLASSES) for d in range(NUM_CLASSES)]
         elif task.condition == "quadrants":
-            x, _, _ = prepare(
-                {k: v[:1] for k, v in few.items()},
-                key,
-                dynamic=False,
-                condition="quadrants",
-                n_given=task.n_given,
-                layout=task.layout,
-            )
+            x, _, _ = prepare_for({name: v[:1] for name, v in few.items()}, key, task)
             conditions = [x]
         else:
             conditions = [jnp.zeros((1, 0), jnp.float32)]
-        walk = jax.jit(lambda params, x: latent_walk(g, params, x, int(opts.walk)))  # compiled once for all digits
-        panels = [tile(np.asarray(walk(p, x))) for x in conditions]
+        walk = jax.jit(lambda p, x: latent_walk(graphdef, p, x, int(opts.walk)))  # compiled once for all digits
+        panels = [tile(np.asarray(walk(params, x))) for x in conditions]
         grids["latent_walk"] = mosaic(panels, cols=5)
     return grids
 
 
 def sample_run(run_dir: str, opts, seed: int = 0) -> list[Path]:
-    from cvae_exp.runs import load_run
     from cvae_exp.tensorboard import Writer
+    from cvae_exp.trained_run import load_run
 
     run = load_run(run_dir)
     launch.release_log()  # accepted: the log may reach <run dir>/sample.log

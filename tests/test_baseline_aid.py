@@ -90,10 +90,11 @@ def test_a_frozen_baseline_keeps_its_parameters_and_the_rest_trains(tmp_path, sm
 
 
 def test_baseline_submodule_starts_from_the_baseline_runs_best_params(runs):
-    from cvae_exp.runs import build_experiment, load_run, run_config
+    from cvae_exp.experiment import build_experiment
+    from cvae_exp.trained_run import baseline_params, load_run, run_config
 
     exp = build_experiment(run_config(runs["cvae"]))
-    start = exp.init_state(0)["params"]["baseline"]
+    start = exp.init_state(0, baseline=baseline_params(exp.baseline_run))["params"]["baseline"]
     best = load_run(runs["baseline"]).params
     assert jax.tree.structure(start) == jax.tree.structure(best)
     for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(best), strict=True):

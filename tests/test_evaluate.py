@@ -78,7 +78,7 @@ def test_standard_error_and_subset_match_the_per_digit_values(quadrant_runs):
     from cvae_exp.data.pipeline import prepare
     from cvae_exp.distributions import log_likelihood
     from cvae_exp.evaluate import evaluate_run
-    from cvae_exp.runs import load_run
+    from cvae_exp.trained_run import load_run
 
     result = evaluate_run(str(quadrant_runs["baseline"]), 1, "test", 1, 16, examples=40)
     assert result["examples"] == 40

@@ -63,7 +63,8 @@ def verifies(run_dir: Path, step: int) -> bool:
     """Whether a checkpoint restores onto the run's state, carries a content hash and matches it, with
     finite parameters (what resume, cvae-eval and cvae-sample check)."""
     from cvae_exp import checkpoint
-    from cvae_exp.runs import build_experiment, run_config, state_target
+    from cvae_exp.experiment import build_experiment
+    from cvae_exp.trained_run import run_config, state_target
 
     cfg = run_config(run_dir)
     manager = checkpoint.make_manager(run_dir, 1, read_only=True)

@@ -217,7 +217,8 @@ def test_single_bit_flips_in_array_data_are_always_detected(base, tmp_path):
     import numpy as np
 
     from cvae_exp import checkpoint
-    from cvae_exp.runs import build_experiment, run_config, state_target
+    from cvae_exp.experiment import build_experiment
+    from cvae_exp.trained_run import run_config, state_target
 
     cfg = run_config(base["run"])
     target = state_target(build_experiment(cfg), cfg)

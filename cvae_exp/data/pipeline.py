@@ -194,6 +194,20 @@ def prepare(
     return x, y, jnp.broadcast_to(1.0 - given, y.shape)
 
 
+def prepare_for(batch, key, task, train: bool = False):
+    """`prepare` as a task (`trainer.Task`) asks for it: its condition and quadrants, and in training
+    (`train`) its dynamic binarization and omitted squares; evaluations and drawings see neither."""
+    return prepare(
+        batch,
+        key,
+        dynamic=task.dynamic and train,
+        condition=task.condition,
+        n_given=task.n_given,
+        layout=task.layout,
+        omission_rate=task.omission_rate if train else 0.0,
+    )
+
+
 def _omission(key, b: int, rate: float) -> jax.Array:
     """Per example, with probability `rate`, a random 7 x 7 square to blank out of the condition."""
     k_on, k_r, k_c = jax.random.split(key, 3)

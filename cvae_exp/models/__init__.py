@@ -35,7 +35,7 @@ def build_model(model_cfg, x_dim: int, y_dim: int, *, precision: str = "fp32", s
             prior="standard" if what.fixed_prior else model_cfg.prior,
             recognition=what.recognition,
             # model.baseline_run: the baseline network inside the CVAE (its parameters come from that run's
-            # checkpoint later, in cvae_exp.runs; only the architecture is decided here, from this config alone).
+            # checkpoint later, in cvae_exp.trained_run; only the architecture is decided here, from this config alone).
             baseline_hidden=list(model_cfg.baseline_hidden or model_cfg.hidden) if model_cfg.baseline_run else None,
             baseline_into=model_cfg.baseline_into,
             baseline_frozen=model_cfg.baseline_frozen,
