@@ -15,6 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# The tests' own process computes on the CPU, as the CLI subprocesses do (cli_env), before anything imports JAX.
+os.environ["JAX_PLATFORMS"] = "cpu"
+
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
 
@@ -169,13 +172,77 @@ def run_cli(cli_env, tmp_path) -> Callable[..., subprocess.CompletedProcess]:
     return run
 
 
+def in_process(module: str, args, *, env: dict[str, str], cwd) -> subprocess.CompletedProcess:
+    """`<module>.main()` in this process, as `python -m <module> *args` would run it (Hydra's run directory,
+    `.hydra/`, the job log, the exit code), its stdout and stderr captured: a trained fixture without a new
+    interpreter's start-up (JAX, Hydra, datasets imported once) and with the executables this process has
+    already compiled. For runs whose environment this process can take on: `env` may change variables
+    that are read at run time (caches, TQDM_DISABLE), not those read when JAX starts (JAX_PLATFORMS,
+    XLA_FLAGS: those runs stay subprocesses)."""
+    import importlib
+    import io
+    import logging
+    import threading
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    for name in ("XLA_FLAGS", "JAX_PLATFORMS"):
+        if env.get(name) != os.environ.get(name):
+            raise ValueError(f"{name} is read when JAX starts: run this command as a subprocess")
+    main = importlib.import_module(module).main
+    saved_env, saved_argv, saved_cwd = dict(os.environ), sys.argv, os.getcwd()
+    root = logging.getLogger()
+    saved_handlers, saved_level, saved_hook = root.handlers[:], root.level, threading.excepthook
+    out, err = io.StringIO(), io.StringIO()
+    # Hydra's logging set-up shuts the existing handlers down, and absl's (Orbax logs through absl) closes its
+    # stream unless that is the current sys.stderr: while the run's output is captured, it writes there.
+    absl = sys.modules.get("absl.logging")
+    absl_handler = absl.get_absl_handler().python_handler if absl else None
+    saved_absl_stream = absl_handler.stream if absl_handler else None
+    os.environ.update(env)
+    sys.argv = [module, *map(str, args)]
+    os.chdir(cwd)
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            if absl_handler:
+                absl_handler.stream = err
+            try:
+                main()
+                code = 0
+            except SystemExit as exit_:
+                code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    finally:
+        for handler in root.handlers[:]:  # Hydra's (and absl's, once Orbax loads) handlers go; files are closed,
+            if handler not in saved_handlers:  # so the job log is on disk; streams are not (one is pytest's)
+                root.removeHandler(handler)
+                if isinstance(handler, logging.FileHandler):
+                    handler.close()
+        root.handlers[:] = saved_handlers
+        if absl_handler:
+            absl_handler.stream = saved_absl_stream
+        root.setLevel(saved_level)
+        threading.excepthook = saved_hook
+        GlobalHydra.instance().clear()
+        os.chdir(saved_cwd)
+        sys.argv = saved_argv
+        os.environ.clear()
+        os.environ.update(saved_env)
+    return subprocess.CompletedProcess(sys.argv[:1] + list(map(str, args)), code, out.getvalue(), err.getvalue())
+
+
 @pytest.fixture(scope="session")
 def session_cli(cli_env, tmp_path_factory) -> Callable[..., subprocess.CompletedProcess]:
-    """The same runner for module- or session-scoped fixtures (cwd: a session temporary folder)."""
+    """The same runner for module- or session-scoped fixtures (cwd: a session temporary folder), which train
+    what tests then inspect: in this process (`in_process`), unless `env` names what only a new process can
+    take (XLA_FLAGS) or `subprocess=True`."""
     default_cwd = tmp_path_factory.mktemp("cli_cwd")
 
-    def run(args, cwd=None, env=None, timeout: float = CLI_TIMEOUT_S) -> subprocess.CompletedProcess:
-        return _run(list(args), Path(cwd or default_cwd), {**cli_env, **(env or {})}, timeout)
+    def run(args, cwd=None, env=None, timeout: float = CLI_TIMEOUT_S, subprocess=False):
+        full_env = {**cli_env, **(env or {})}
+        if subprocess or "XLA_FLAGS" in (env or {}):
+            return _run(list(args), Path(cwd or default_cwd), full_env, timeout)
+        return in_process("cvae_exp.train", list(args), env=full_env, cwd=Path(cwd or default_cwd))
 
     return run
 
