@@ -126,7 +126,7 @@ def bare_loop(exp, state, batch, warmup: int, seeds: int = 1):
     import jax
     import optax
 
-    from cvae_exp.trainer import loss_fn
+    from cvae_exp.steps import loss_fn
 
     graphdef, tx, task = exp.graphdef, exp.opt.tx, exp.task
 
@@ -160,7 +160,8 @@ def framework_loop(exp, cfg: DictConfig, mesh, warmup: int):
     import jax
 
     from cvae_exp import parallel
-    from cvae_exp.trainer import make_feed, make_train_step
+    from cvae_exp.data.feed import make_feed
+    from cvae_exp.steps import make_train_step
 
     t, k = cfg.trainer, cfg.trainer.num_seeds
     seeds = list(range(cfg.seed, cfg.seed + k))

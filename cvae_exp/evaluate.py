@@ -70,7 +70,7 @@ def evaluate_run(
     from cvae_exp import parallel
     from cvae_exp.data.pipeline import Split, eval_batches
     from cvae_exp.runs import load_run
-    from cvae_exp.trainer import evaluate
+    from cvae_exp.steps import evaluate
 
     mesh = parallel.make_mesh("all")
     run = load_run(run_dir, sharding=parallel.replicated(mesh), seed_index=seed_index)

@@ -59,7 +59,8 @@ def _train(cfg: DictConfig, run_dir: Path, mode: str, signals: launch.Interrupti
 
     import jax
 
-    from cvae_exp import checkpoint, resume, trainer
+    from cvae_exp import checkpoint, loop, resume, steps
+    from cvae_exp.data import feed as feeds
     from cvae_exp.runs import build_experiment
     from cvae_exp.tensorboard import Writer, tile
 
@@ -101,7 +102,7 @@ def _train(cfg: DictConfig, run_dir: Path, mode: str, signals: launch.Interrupti
     # ---- data, model and optimizer
     exp = build_experiment(cfg)
     splits, task, graphdef, opt = exp.splits, exp.task, exp.graphdef, exp.opt
-    feed = trainer.make_feed(splits.train, t.batch_size, seeds, state_sharding, batch_sharding, t.data_on_device)
+    feed = feeds.make_feed(splits.train, t.batch_size, seeds, state_sharding, batch_sharding, t.data_on_device)
     # What a checkpoint records it was trained on; a resume on other data is refused (resume_data_change).
     data = {"source": exp.source, **{name: len(getattr(splits, name).images) for name in ("train", "val", "test")}}
     log.info("Data: %s; train %d, val %d, test %d", exp.source, data["train"], data["val"], data["test"])
@@ -111,7 +112,7 @@ def _train(cfg: DictConfig, run_dir: Path, mode: str, signals: launch.Interrupti
 
     # ---- restore (verified), then the run is accepted: its record and its log go to disk
     resumed_from = None
-    early = trainer.EarlyStopping(t.patience, t.min_delta)
+    early = loop.EarlyStopping(t.patience, t.min_delta)
     if resumed.saved is not None:
         restored = checkpoint.restore_newest(manager, target)  # raises when none restores and verifies
         checkpoint.set_aside(manager, restored.damaged)  # so that their steps can be saved again
@@ -122,9 +123,9 @@ def _train(cfg: DictConfig, run_dir: Path, mode: str, signals: launch.Interrupti
     launch.accept(run_dir, cfg, resumed.overrides, resumed.choices, write_record=jax.process_index() == 0)
 
     # ---- steps, writer, loop
-    train_step = trainer.make_train_step(graphdef, opt, task, state_sharding, k, feed)
-    eval_step = trainer.make_eval_step(graphdef, task, state_sharding, k)
-    eval_key = trainer.eval_keys(cfg.seed, k)
+    train_step = steps.make_train_step(graphdef, opt, task, state_sharding, k, feed)
+    eval_step = steps.make_eval_step(graphdef, task, state_sharding, k)
+    eval_key = steps.eval_keys(cfg.seed, k)
     # One TensorBoard run per seed: <run dir>/tb, or <run dir>/tb/seed_<s> for each of k > 1 seeds.
     writers = [
         Writer(run_dir, enabled=cfg.logger.tensorboard, resume_step=resumed_from, name=f"seed_{s}" if k > 1 else "")
@@ -133,7 +134,7 @@ def _train(cfg: DictConfig, run_dir: Path, mode: str, signals: launch.Interrupti
     draw = _image_fns(graphdef, task, splits.val)
 
     def evaluate(params, split):
-        return trainer.evaluate(eval_step, params, split, eval_batch, eval_sharding, eval_key)
+        return steps.evaluate(eval_step, params, split, eval_batch, eval_sharding, eval_key)
 
     def on_log(step, metrics):
         checkpoint.raise_failed_save(manager)  # a write that failed in the background ends the run here
@@ -148,7 +149,7 @@ def _train(cfg: DictConfig, run_dir: Path, mode: str, signals: launch.Interrupti
         for i, writer in enumerate(writers):
             writer.scalars(_seed_values(val, i), step)
             if cfg.logger.images:
-                params = state["params"] if k == 1 else trainer.member(state["params"], i)
+                params = state["params"] if k == 1 else steps.member(state["params"], i)
                 key = eval_key if k == 1 else eval_key[i]
                 for tag, grid in draw(params, jax.random.fold_in(key, step)).items():
                     writer.image(tag, tile(grid), step)
@@ -161,7 +162,7 @@ def _train(cfg: DictConfig, run_dir: Path, mode: str, signals: launch.Interrupti
             meta = {"step": step, "config": plain, "data": data, **val, "early_stopping": early.state()}
             checkpoint.save(manager, step, state, meta)
 
-    loop = trainer.Loop(
+    cadence = loop.Loop(
         max_steps=t.max_steps,
         log_every=t.log_every,
         eval_every=t.eval_every,
@@ -177,12 +178,12 @@ def _train(cfg: DictConfig, run_dir: Path, mode: str, signals: launch.Interrupti
         on_checkpoint=on_checkpoint,
     )
     train_start = time.perf_counter()
-    start_step = trainer.current_step(state)
+    start_step = loop.current_step(state)
     try:
-        state, val, stopped = trainer.fit(state, train_step, feed, loop)
+        state, val, stopped = loop.fit(state, train_step, feed, cadence)
     except Interrupted as err:  # while the first step compiled
         raise Interrupted(err.signum, launch.startup_message(err.signum)) from None
-    except (trainer.NonFinite, trainer.TooManySkipped) as err:
+    except (loop.NonFinite, loop.TooManySkipped) as err:
         manager.wait_until_finished()
         good = _last_good(manager, target, err.step)
         raise UserError(
@@ -197,8 +198,8 @@ def _train(cfg: DictConfig, run_dir: Path, mode: str, signals: launch.Interrupti
         manager.wait_until_finished()  # Orbax saves are async: the last one must land before exit
         for writer in writers:
             writer.flush()
-    steps_run = trainer.current_step(state) - start_step
-    last = f"the checkpoint at step {trainer.current_step(state)}" if cfg.checkpoint.enabled else "no checkpoint"
+    steps_run = loop.current_step(state) - start_step
+    last = f"the checkpoint at step {loop.current_step(state)}" if cfg.checkpoint.enabled else "no checkpoint"
     signals.after_training = (
         "Stopped by {signal} after training, during the final evaluation, with "
         + last
@@ -208,7 +209,7 @@ def _train(cfg: DictConfig, run_dir: Path, mode: str, signals: launch.Interrupti
         manager.close()
         for writer in writers:
             writer.close()
-        step = trainer.current_step(state)
+        step = loop.current_step(state)
         saved = f"the checkpoint {manager.directory / str(step)}" if cfg.checkpoint.enabled else "no checkpoint"
         log.warning(
             "Stopped by %s at step %d with %s written. Continue with: cvae-train hydra.run.dir=%s resume=true",
@@ -229,7 +230,7 @@ def _train(cfg: DictConfig, run_dir: Path, mode: str, signals: launch.Interrupti
     train_s = time.perf_counter() - train_start
     per_seed = _per_seed_results(state, val, test, seeds)
     metrics = {
-        "step": trainer.current_step(state),
+        "step": loop.current_step(state),
         **{name: v for name, v in val.items() if name != "per_seed"},
         **_summary(test, per_seed=False),
         "devices": mesh.size,
@@ -305,20 +306,20 @@ def _per_seed_results(state, val: dict, test: dict, seeds: list[int]) -> list[di
     import jax
     import numpy as np
 
-    from cvae_exp import trainer
+    from cvae_exp import steps
 
     val = val.get("per_seed", val)
     skipped = np.asarray(jax.device_get(state["nonfinite"])).reshape(-1)
     results = []
     for i, seed in enumerate(seeds):
-        params = state["params"] if len(seeds) == 1 else trainer.member(state["params"], i)
+        params = state["params"] if len(seeds) == 1 else steps.member(state["params"], i)
         results.append(
             {
                 "seed": seed,
                 **_seed_values(val, i),
                 **_seed_values(test, i),
                 "skipped_steps": int(skipped[i]),
-                "params_sha256": trainer.params_sha256(params),
+                "params_sha256": steps.params_sha256(params),
             }
         )
     return results

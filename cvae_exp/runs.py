@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from cvae_exp import checkpoint, trainer
+from cvae_exp import checkpoint, steps
 from cvae_exp.config import check_targets, onto_schema, read_run_config
 from cvae_exp.data import sources
 from cvae_exp.data.pipeline import PIXELS, Splits, condition_dim, make_splits
@@ -32,7 +32,7 @@ class Experiment:
 
     source: str
     splits: Splits
-    task: trainer.Task
+    task: steps.Task
     graphdef: Any
     params: Any  # freshly initialised, on the host
     opt: Any  # cvae_exp.optim.Optimizer
@@ -45,14 +45,14 @@ class Experiment:
         an aided run loads without its baseline run)."""
         params = self.params if params is None else params
         params = with_pretrained_baseline(params, self.baseline_run) if pretrained else params
-        return trainer.init_state(params, self.opt.tx, seed)
+        return steps.init_state(params, self.opt.tx, seed)
 
     def initial_state(self, seeds: list[int]) -> dict:
         """One run's fresh state, or the stacked states of vmapped seeds (trainer.num_seeds > 1):
         seed s starts exactly as a single run with `seed=s` would (its own parameters and root key)."""
         if len(seeds) == 1:
             return self.init_state(seeds[0])
-        return trainer.stack([self.init_state(s, params=self.build_params(s)) for s in seeds])
+        return steps.stack([self.init_state(s, params=self.build_params(s)) for s in seeds])
 
 
 def build_experiment(cfg: DictConfig) -> Experiment:
@@ -66,7 +66,7 @@ def build_experiment(cfg: DictConfig) -> Experiment:
         binarize=cfg.data.binarize,
         binarize_seed=cfg.data.binarize_seed,
     )
-    task = trainer.build_task(cfg, splits.dynamic)
+    task = steps.build_task(cfg, splits.dynamic)
 
     def build_params(seed: int):
         return build_model(cfg.model, condition_dim(task.condition), PIXELS, precision=cfg.trainer.precision, seed=seed)
@@ -112,7 +112,7 @@ class TrainedRun:
     step: int
     graphdef: Any
     params: Any
-    task: trainer.Task
+    task: steps.Task
     splits: Splits
 
 
@@ -128,12 +128,12 @@ def load_run(run_dir: str | Path, sharding=None, seed_index: int = 0) -> Trained
     if not (run_dir / "checkpoints").is_dir():
         raise UserError(f"run_dir={run_dir} holds no checkpoints/ folder.")
     manager = checkpoint.make_manager(run_dir, cfg.checkpoint.keep, read_only=True)
-    steps = checkpoint.best_first(manager)
-    if not steps:
+    ranked = checkpoint.best_first(manager)
+    if not ranked:
         raise UserError(f"run_dir={run_dir} holds no checkpoint.")
     # The config the weights were trained with, as the checkpoint recorded it (.hydra/config.yaml is the
     # latest launch's, which may have changed cadences on resume).
-    saved = checkpoint.first_meta(manager, steps)
+    saved = checkpoint.first_meta(manager, ranked)
     if saved and saved[1].get("config"):
         cfg = onto_schema(saved[1]["config"])
 
@@ -145,12 +145,12 @@ def load_run(run_dir: str | Path, sharding=None, seed_index: int = 0) -> Trained
         )
 
     exp = build_experiment(cfg)
-    restored = checkpoint.restore_first(manager, state_target(exp, cfg, sharding), steps)
+    restored = checkpoint.restore_first(manager, state_target(exp, cfg, sharding), ranked)
     if restored.damaged:
         _set_aside(run_dir, manager, restored.damaged)
     manager.close()
     state = restored.state
-    params = trainer.member(state["params"], seed_index) if k > 1 else state["params"]
+    params = steps.member(state["params"], seed_index) if k > 1 else state["params"]
     return TrainedRun(cfg, restored.step, exp.graphdef, params, exp.task, exp.splits)
 
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from cvae_exp import parallel
+from cvae_exp.data.feed import DeviceFeed, HostFeed, make_feed
 from cvae_exp.data.pipeline import BatchSampler, Split, make_sampler
-from cvae_exp.trainer import DeviceFeed, HostFeed, make_feed
 
 
 def toy_split(n: int = 50) -> Split:
