@@ -62,7 +62,7 @@ def _train(cfg: DictConfig, run_dir: Path, mode: str, signals: launch.Interrupti
     from cvae_exp import checkpoint, loop, resume, steps
     from cvae_exp.data import feed as feeds
     from cvae_exp.runs import build_experiment
-    from cvae_exp.tensorboard import Writer, tile
+    from cvae_exp.tensorboard import Writer, hparams_first, swept_keys, tile
 
     launch.watch_background_writes()
     t0 = time.perf_counter()
@@ -250,7 +250,7 @@ def _train(cfg: DictConfig, run_dir: Path, mode: str, signals: launch.Interrupti
     if k > 1:  # top-level values are means over the seeds; each seed's own values here
         metrics |= {"num_seeds": k, "seeds": per_seed}
     # The same metric names in every job, whatever its model kind, so the HPARAMS view compares them all.
-    hparams = _flat(plain, ("model", "data", "optimizer", "trainer", "seed"))
+    hparams = hparams_first(_flat(plain, ("model", "data", "optimizer", "trainer", "seed")), swept_keys())
     for writer, result in zip(writers, per_seed, strict=True):
         writer.hparams(
             hparams | {"seed": result["seed"]},

@@ -101,48 +101,46 @@ def loss_fn(params, graphdef, batch, key, step, task: Task, train: bool):
     return loss, metrics
 
 
-def make_train_step(graphdef, opt: Optimizer, task: Task, state_sharding, seeds: int = 1, feed=None) -> Callable:
-    """The jitted step `(state, feed(step)) -> (state, metrics)`. With `seeds` > 1 the state and the batch
-    carry a leading seed axis and the step is `jax.vmap`ped over it: K independent models in one program.
-    With a DeviceFeed the step takes the on-device split and cuts its batch itself; otherwise a batch."""
+def train_update(state: dict, batch: dict, *, graphdef, opt: Optimizer, task: Task) -> tuple[dict, dict]:
+    """One model's training step, pure and unjitted: `make_train_step` jits it (vmapped over seeds), and so
+    does a vmap group (cvae_exp.members), with each member's own `task` and `opt`."""
+    step = state["step"]
+    key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
 
-    def train_step(state, batch):
-        step = state["step"]
-        key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
+    def objective(params):
+        loss, metrics = loss_fn(params, graphdef, batch, key, step, task, train=True)
+        return loss.mean(), jax.tree.map(jnp.mean, metrics)
 
-        def objective(params):
-            loss, metrics = loss_fn(params, graphdef, batch, key, step, task, train=True)
-            return loss.mean(), jax.tree.map(jnp.mean, metrics)
+    (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
+    updates, opt_state = opt.tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    if task.frozen_baseline:  # no gradient reaches it, but weight decay would still move it
+        params = {**params, "baseline": state["params"]["baseline"]}
+    finite = jnp.isfinite(loss)
+    if task.nan_policy == "skip":  # keep the old parameters and moments for a non-finite step
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        params, opt_state = keep(params, state["params"]), keep(opt_state, state["opt_state"])
+    bad = (~finite).astype(jnp.int32)
+    new_state = {
+        "step": step + 1,
+        "params": params,
+        "opt_state": opt_state,
+        "rng": state["rng"],
+        "nonfinite": state["nonfinite"] + bad,
+        "first_nonfinite": jnp.where((state["first_nonfinite"] < 0) & (bad > 0), step + 1, state["first_nonfinite"]),
+    }
+    metrics = {**metrics, "loss": loss, "lr": opt.schedule(step)}
+    return new_state, metrics
 
-        (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
-        updates, opt_state = opt.tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        if task.frozen_baseline:  # no gradient reaches it, but weight decay would still move it
-            params = {**params, "baseline": state["params"]["baseline"]}
-        finite = jnp.isfinite(loss)
-        if task.nan_policy == "skip":  # keep the old parameters and moments for a non-finite step
-            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-            params, opt_state = keep(params, state["params"]), keep(opt_state, state["opt_state"])
-        bad = (~finite).astype(jnp.int32)
-        new_state = {
-            "step": step + 1,
-            "params": params,
-            "opt_state": opt_state,
-            "rng": state["rng"],
-            "nonfinite": state["nonfinite"] + bad,
-            "first_nonfinite": jnp.where(
-                (state["first_nonfinite"] < 0) & (bad > 0), step + 1, state["first_nonfinite"]
-            ),
-        }
-        metrics = {**metrics, "loss": loss, "lr": opt.schedule(step)}
-        return new_state, metrics
 
-    step_fn = jax.vmap(train_step) if seeds > 1 else train_step
+def jit_step(step_fn: Callable, task: Task, state_sharding, feed=None, extra: int = 0) -> Callable:
+    """`step_fn(state, batch, *extra)` jitted with donated state; with a DeviceFeed the jitted step takes the
+    on-device split and cuts its own batch (at the newest member's step: every member that trains is there)."""
     if feed is not None and feed.on_device:
         on_batch = step_fn
 
-        def step_fn(state, arrays):
-            return on_batch(state, feed.cut(arrays, state["step"]))
+        def step_fn(state, arrays, *args):
+            return on_batch(state, feed.cut(arrays, state["step"]), *args)
 
     # The old state's buffers are donated to the new one, except for bf16 on a CPU: there XLA's
     # in-place update made the bf16 step ~15% slower (46 vs 40 ms at the paper's size, measured with the
@@ -151,14 +149,30 @@ def make_train_step(graphdef, opt: Optimizer, task: Task, state_sharding, seeds:
     return jax.jit(step_fn, donate_argnums=donate, out_shardings=(state_sharding, state_sharding))
 
 
+def make_train_step(graphdef, opt: Optimizer, task: Task, state_sharding, seeds: int = 1, feed=None) -> Callable:
+    """The jitted step `(state, feed(step)) -> (state, metrics)`. With `seeds` > 1 the state and the batch
+    carry a leading seed axis and the step is `jax.vmap`ped over it: K independent models in one program.
+    With a DeviceFeed the step takes the on-device split and cuts its batch itself; otherwise a batch."""
+
+    def train_step(state, batch):
+        return train_update(state, batch, graphdef=graphdef, opt=opt, task=task)
+
+    return jit_step(jax.vmap(train_step) if seeds > 1 else train_step, task, state_sharding, feed)
+
+
+def eval_sums(params, batch: dict, key, *, graphdef, task: Task) -> dict:
+    """One model's weighted metric sums over an evaluation batch (pure, unjitted)."""
+    _, metrics = loss_fn(params, graphdef, batch, key, jnp.int32(0), task, train=False)
+    w = batch["weight"]
+    return {k: jnp.sum(v * w) for k, v in metrics.items()} | {"count": jnp.sum(w)}
+
+
 def make_eval_step(graphdef, task: Task, out_sharding, seeds: int = 1) -> Callable:
     """(params, batch, key) -> weighted sums; with `seeds` > 1, params and key carry the seed axis and
     every seed sees the same batch."""
 
     def eval_step(params, batch, key):
-        _, metrics = loss_fn(params, graphdef, batch, key, jnp.int32(0), task, train=False)
-        w = batch["weight"]
-        return {k: jnp.sum(v * w) for k, v in metrics.items()} | {"count": jnp.sum(w)}
+        return eval_sums(params, batch, key, graphdef=graphdef, task=task)
 
     step_fn = jax.vmap(eval_step, in_axes=(0, None, 0)) if seeds > 1 else eval_step
     return jax.jit(step_fn, out_shardings=out_sharding)

@@ -18,7 +18,7 @@ class HostFeed:
     on_device = False
 
     def __init__(self, split: Split, batch_size: int, seeds: list[int], batch_sharding):
-        self.sampler = make_sampler(split, batch_size, seeds[0], len(seeds))
+        self.sampler = make_sampler(split, batch_size, seeds)
         self.batch_sharding = batch_sharding
 
     def __call__(self, step: int):
@@ -33,7 +33,7 @@ class DeviceFeed:
     on_device = True
 
     def __init__(self, split: Split, batch_size: int, seeds: list[int], replicated, batch_sharding):
-        self.sampler = make_sampler(split, batch_size, seeds[0], len(seeds))
+        self.sampler = make_sampler(split, batch_size, seeds)
         self.batch_size, self.steps_per_epoch = batch_size, self.sampler.steps_per_epoch
         self.replicated, self.batch_sharding = replicated, batch_sharding
         self.data = jax.device_put({"image": split.images, "label": split.labels}, replicated)
@@ -48,7 +48,7 @@ class DeviceFeed:
 
     def cut(self, arrays: dict, step: jax.Array) -> dict:
         """Inside jit: this step's batch, [B, ...] (or [K, B, ...] with K orders), split along "data"."""
-        step = step.reshape(-1)[0]  # every seed is at the same step
+        step = jnp.max(step)  # every seed is at the same step; in a vmap group, every member still training
         start = (step % self.steps_per_epoch) * self.batch_size
         idx = jax.lax.dynamic_slice_in_dim(arrays["order"], start, self.batch_size, axis=-1)
         batch = {"image": jnp.take(arrays["image"], idx, axis=0), "label": jnp.take(arrays["label"], idx, axis=0)}
