@@ -69,8 +69,10 @@ def check(job) -> None:
 def launch(launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[JobReturn]:
     setup_globals()
     configure_log(launcher.config.hydra.hydra_logging, launcher.config.hydra.verbose)
-    if getattr(launcher.task_function, "__module__", "") != "cvae_exp.train":
+    if not _is_cvae_train(launcher.task_function):
         raise UserError("hydra/launcher=vmap launches cvae-train multiruns only.")
+    if launcher.max_members is not None and launcher.max_members < 1:
+        raise UserError(f"hydra.launcher.max_members={launcher.max_members} must be at least 1 (or null for no cap).")
     jobs = compose_jobs(launcher, job_overrides, initial_job_idx)
     for job in jobs:
         check(job)
@@ -112,3 +114,13 @@ def _job_return(member) -> JobReturn:
     )
     ret.return_value = (member.metrics or {}).get("val/elbo", float("nan"))
     return ret
+
+
+def _is_cvae_train(task_function) -> bool:
+    """Whether Hydra's task function is cvae-train's (also as `python -m cvae_exp.train`, module __main__)."""
+    import inspect
+
+    from cvae_exp import train
+
+    code = getattr(inspect.unwrap(task_function), "__code__", None)
+    return code is not None and Path(code.co_filename).resolve() == Path(train.__file__).resolve()

@@ -13,10 +13,6 @@ from omegaconf import DictConfig
 
 class VmapLauncher(Launcher):
     def __init__(self, max_members: Optional[int] = None) -> None:
-        if max_members is not None and max_members < 1:
-            from cvae_exp.errors import UserError
-
-            raise UserError(f"hydra.launcher.max_members={max_members} must be at least 1 (or null for no cap).")
         self.max_members = max_members
         self.config: Optional[DictConfig] = None
         self.task_function: Optional[TaskFunction] = None
