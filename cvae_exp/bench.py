@@ -2,6 +2,8 @@
 
     cvae-bench experiment=sohn2015 data.path=<mnist> trainer.batch_size=128 bench.steps=150
 
+    cvae-bench experiment=sohn2015 data.path=<mnist> trainer.batch_size=128 bench.members=8   (a vmap group)
+
 Prints one JSON object as its last line (and writes bench.json into the run directory):
 examples_per_s (all seeds together), step_ms (median), flops_per_example (see `step_flops`),
 peak_flops and peak_source (the device's known dense peak where we know it, else the best of repeated
@@ -22,6 +24,7 @@ from omegaconf import DictConfig
 
 from cvae_exp.cli import CONF_DIR, exit_on_user_error
 from cvae_exp.config import check_keys, validate
+from cvae_exp.errors import UserError
 
 WINDOW = 10  # steps between host syncs while timing; step_ms is the median over windows
 
@@ -185,6 +188,52 @@ def framework_loop(exp, cfg: DictConfig, mesh, warmup: int):
     return run, flops_per_example, first, initial
 
 
+def group_loop(exp, cfg: DictConfig, mesh, warmup: int, k: int):
+    """A vmap group's step as a runner (cvae_exp.members): K members with seeds seed..seed+K-1 and, in
+    turn, optimizer.lr and lr / 3, so the learning rate is an injected per-member hyperparameter, as in an
+    lr x seed sweep; with trainer.patience > 0 its step carries the freeze of stopped members. Returns (runner, flops per example, the first batch, the members' states as plain
+    single-run states for the bare loop, the traced keys)."""
+    import jax
+    import numpy as np
+    from omegaconf import OmegaConf
+
+    from cvae_exp import members, parallel, steps
+    from cvae_exp.data.feed import make_feed
+
+    t = cfg.trainer
+    base = OmegaConf.to_container(cfg, resolve=True)
+    plains = []
+    for i in range(k):
+        lr = base["optimizer"]["lr"] / (3 if i % 2 else 1)
+        plains.append({**base, "seed": cfg.seed + i, "optimizer": {**base["optimizer"], "lr": lr}})
+    traced = members.varying(plains)
+    opt, values = members.member_optimizer(base["optimizer"], t.max_steps, traced)
+    txs = [opt.init(values(p["optimizer"])) for p in plains]
+    seeds = [p["seed"] for p in plains]
+    states = [steps.init_state(exp.build_params(s), tx, s) for s, tx in zip(seeds, txs, strict=True)]
+    replicated, sharded = parallel.replicated(mesh), parallel.data_sharded(mesh, k)
+    feed = make_feed(exp.splits.train, t.batch_size, seeds, replicated, sharded, t.data_on_device)
+    state = jax.device_put(steps.stack(states), replicated)
+    hp = jax.device_put({**members.task_values(plains, traced), "until": np.full(k, t.max_steps, np.int32)}, replicated)
+    # as the group of a sweep with these settings: with early stopping on, a stopped member keeps its state
+    freezes = t.patience > 0
+    train_step = members.make_group_train_step(exp.graphdef, opt, txs[0], exp.task, replicated, feed, freezes)
+    first = parallel.put_batch(feed.sampler.batch(0), sharded)
+    flops_per_example = step_flops(train_step, state, feed(0), hp) / (t.batch_size * k)
+    initial = jax.device_put(steps.stack([members.plain_state(s) for s in states]), replicated)
+    count, metrics = 0, None
+
+    def run(n):
+        nonlocal state, metrics, count
+        for _ in range(n):
+            state, metrics = train_step(state, feed(count), hp)
+            count += 1
+        jax.block_until_ready(metrics)
+
+    run(warmup)
+    return run, flops_per_example, first, initial, traced
+
+
 def bench(cfg: DictConfig) -> dict:
     from cvae_exp import launch, parallel
 
@@ -199,19 +248,33 @@ def bench(cfg: DictConfig) -> dict:
     from cvae_exp.runs import build_experiment
 
     t, b = cfg.trainer, cfg.bench
+    if b.members and (b.members < 2 or t.num_seeds != 1):
+        raise UserError(
+            f"bench.members={b.members} times a vmap group of at least 2 members of one model each: "
+            "set it to 2 or more, with trainer.num_seeds=1."
+        )
     mesh = parallel.make_mesh(t.devices)
     parallel.check_batch("trainer.batch_size", t.batch_size, mesh)
-    k = t.num_seeds
+    k = b.members or t.num_seeds
     exp = build_experiment(cfg)
     launch.accept(current_run_dir(), cfg)  # checked and loaded: .hydra/ and the log may reach the run dir
-    framework, flops_per_example, first, initial = framework_loop(exp, cfg, mesh, b.warmup)
+    traced = None
+    if b.members:
+        framework, flops_per_example, first, initial, traced = group_loop(exp, cfg, mesh, b.warmup, k)
+    else:
+        framework, flops_per_example, first, initial = framework_loop(exp, cfg, mesh, b.warmup)
     runners = {"framework": framework}
     if b.reference:
         runners["reference"] = bare_loop(exp, initial, first, b.warmup, k)
         if t.precision == "bf16":  # the same loop in fp32, timed in the same alternating windows
             fp32_cfg = cfg.copy()
             fp32_cfg.trainer.precision = "fp32"
-            runners["fp32"] = framework_loop(build_experiment(fp32_cfg), fp32_cfg, mesh, b.warmup)[0]
+            exp32 = build_experiment(fp32_cfg)
+            runners["fp32"] = (
+                group_loop(exp32, fp32_cfg, mesh, b.warmup, k)
+                if b.members
+                else framework_loop(exp32, fp32_cfg, mesh, b.warmup)
+            )[0]
     per_step = timed_windows(runners, b.steps)
     examples_per_s = {name: t.batch_size * k / statistics.median(times) for name, times in per_step.items()}
     step_s = statistics.median(per_step["framework"])
@@ -220,7 +283,7 @@ def bench(cfg: DictConfig) -> dict:
     device_peak, peak_source = peak(t.precision, device, achieved / mesh.size)
     peak_flops = device_peak * mesh.size
     result = {
-        "examples_per_s": examples_per_s["framework"],  # all seeds together
+        "examples_per_s": examples_per_s["framework"],  # all seeds (or members) together
         "step_ms": step_s * 1e3,
         "flops_per_example": flops_per_example,
         "peak_flops": peak_flops,
@@ -231,7 +294,10 @@ def bench(cfg: DictConfig) -> dict:
         "processes": jax.process_count(),
         "batch_size": t.batch_size,
         "precision": t.precision,
-        "num_seeds": k,
+        "num_seeds": t.num_seeds,
+        "members": b.members or None,  # a vmap group's members (bench.members), all together in examples_per_s
+        "traced": traced,  # the member keys the group traced
+        "freezes": bool(b.members and t.patience > 0),  # the group's step keeps stopped members' state (patience)
         "steps": b.steps,
         "model": cfg.model.kind,
         "hidden": list(cfg.model.hidden),
