@@ -12,6 +12,7 @@ when every member is done.
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import time
@@ -200,7 +201,7 @@ class GroupRun:
             if m.plain["logger"]["images"]:
                 for tag, grid in self._images(i, state, done).items():
                     m.writer.image(tag, tile(grid), done)
-            m.log.info("step %d: %s", done, ", ".join(f"{n}={v:.3f}" for n, v in m.val.items()))
+            m.log.info("job %d, step %d: %s", m.job.num, done, ", ".join(f"{n}={v:.3f}" for n, v in m.val.items()))
             if done % self.eval_every == 0:
                 m.early.update(done, m.val["val/elbo"])
                 if m.early.done and m.until > done:
@@ -289,4 +290,4 @@ class GroupRun:
             )
             m.writer.close()
             write_metrics(m.job.run_dir, metrics)
-            m.log.info("Done: %s", metrics)
+            m.log.info("Done (job %d): %s", m.job.num, json.dumps(metrics))

@@ -68,7 +68,8 @@ MEMBERS = {  # job number: its own overrides
     0: ("seed=0", "optimizer.lr=1e-3", f"trainer.max_steps={STEPS}"),
     1: ("seed=1", "optimizer.lr=3e-4", "model.beta=0.5", "data.n_given=2", "trainer.max_steps=10"),
     2: ("seed=0", "optimizer.lr=1e8", f"trainer.max_steps={STEPS}"),  # diverges: only this job fails
-}
+    3: ("seed=1", "optimizer.lr=1e-3", "trainer.max_steps=40", "trainer.patience=1", "trainer.min_delta=1e9"),
+}  # job 3 stops early at its second evaluation (step 20): nothing can improve by 1e9
 
 
 def make_job(tiny_mnist, run_dir: Path, num: int, overrides: tuple[str, ...]):
@@ -119,29 +120,42 @@ def test_each_member_equals_its_separate_run_and_a_diverging_one_fails_alone(
         assert together["group"] == {
             "partition": 0,
             "index": n,
-            "members": [0, 1, 2],
-            "size": 3,
-            "traced": ["data.n_given", "model.beta", "optimizer.lr", "seed", "trainer.max_steps"],
+            "members": [0, 1, 2, 3],
+            "size": 4,
+            "traced": [
+                "data.n_given",
+                "model.beta",
+                "optimizer.lr",
+                "seed",
+                "trainer.max_steps",
+                "trainer.min_delta",
+                "trainer.patience",
+            ],
         }
         # an ordinary job: its record, log, TensorBoard run, single-run checkpoints
         assert (root / str(n) / ".hydra" / "config.yaml").is_file() and (root / str(n) / "train.log").is_file()
         assert tbevents.load(root / str(n) / "tb").steps("val/elbo") == ([10, 20] if n == 0 else [10])
     assert sorted(int(p.name) for p in (root / "1" / "checkpoints").iterdir()) == [10]  # frozen after its budget
+    stopped = json.loads((root / "3" / "metrics.json").read_text())
+    assert stopped["stopped_early"] and stopped["step"] == 20 and stopped["best_step"] == 10
+    assert sorted(int(p.name) for p in (root / "3" / "checkpoints").iterdir()) == [10, 20]
 
 
 def test_a_killed_group_resumes_bit_for_bit(group_dirs):
     from cvae_exp.group import train_group
 
     root, jobs, _ = group_dirs
-    before = {n: json.loads((root / str(n) / "metrics.json").read_text()) for n in (0, 1)}
-    # as if killed after the step-10 checkpoints: job 0's last one and every metrics.json gone; job 1 had
+    kept = (0, 1, 3)
+    before = {n: json.loads((root / str(n) / "metrics.json").read_text()) for n in kept}
+    # as if killed after the step-10 checkpoints: the step-20 ones and every metrics.json gone; job 1 had
     # finished at 10, so the group restarts from step 10
-    shutil.rmtree(root / "0" / "checkpoints" / str(STEPS))
-    for n in (0, 1):
+    for n in (0, 3):
+        shutil.rmtree(root / str(n) / "checkpoints" / str(STEPS))
+    for n in kept:
         os.remove(root / str(n) / "metrics.json")
-    group = train_group(jobs[:2], 0, [])
-    assert [m.resumed_from for m in group] == [10, 10]
-    for n in (0, 1):
+    group = train_group([jobs[n] for n in kept], 0, [])
+    assert [m.resumed_from for m in group] == [10, 10, 10]
+    for n in kept:
         after = json.loads((root / str(n) / "metrics.json").read_text())
         assert after["params_sha256"] == before[n]["params_sha256"]
         assert after["val/elbo"] == before[n]["val/elbo"]
