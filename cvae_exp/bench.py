@@ -191,10 +191,9 @@ def framework_loop(exp, cfg: DictConfig, mesh, warmup: int):
 def group_loop(exp, cfg: DictConfig, mesh, warmup: int, k: int):
     """A vmap group's step as a runner (cvae_exp.members): K members with seeds seed..seed+K-1 and, in
     turn, optimizer.lr and lr / 3, so the learning rate is an injected per-member hyperparameter, as in an
-    lr x seed sweep; with trainer.patience > 0 its step carries the freeze of stopped members. Returns (runner, flops per example, the first batch, the members' states as plain
+    lr x seed sweep. Returns (runner, flops per example, the first batch, the members' states as plain
     single-run states for the bare loop, the traced keys)."""
     import jax
-    import numpy as np
     from omegaconf import OmegaConf
 
     from cvae_exp import members, parallel, steps
@@ -214,10 +213,8 @@ def group_loop(exp, cfg: DictConfig, mesh, warmup: int, k: int):
     replicated, sharded = parallel.replicated(mesh), parallel.data_sharded(mesh, k)
     feed = make_feed(exp.splits.train, t.batch_size, seeds, replicated, sharded, t.data_on_device)
     state = jax.device_put(steps.stack(states), replicated)
-    hp = jax.device_put({**members.task_values(plains, traced), "until": np.full(k, t.max_steps, np.int32)}, replicated)
-    # as the group of a sweep with these settings: with early stopping on, a stopped member keeps its state
-    freezes = t.patience > 0
-    train_step = members.make_group_train_step(exp.graphdef, opt, txs[0], exp.task, replicated, feed, freezes)
+    hp = jax.device_put(members.task_values(plains, traced), replicated)
+    train_step = members.make_group_train_step(exp.graphdef, opt, txs[0], exp.task, replicated, feed)
     first = parallel.put_batch(feed.sampler.batch(0), sharded)
     flops_per_example = step_flops(train_step, state, feed(0), hp) / (t.batch_size * k)
     initial = jax.device_put(steps.stack([members.plain_state(s) for s in states]), replicated)
@@ -297,7 +294,6 @@ def bench(cfg: DictConfig) -> dict:
         "num_seeds": t.num_seeds,
         "members": b.members or None,  # a vmap group's members (bench.members), all together in examples_per_s
         "traced": traced,  # the member keys the group traced
-        "freezes": bool(b.members and t.patience > 0),  # the group's step keeps stopped members' state (patience)
         "steps": b.steps,
         "model": cfg.model.kind,
         "hidden": list(cfg.model.hidden),

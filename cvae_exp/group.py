@@ -77,6 +77,23 @@ def check_job(cfg: DictConfig) -> None:
         raise UserError("hydra/launcher=vmap trains in one process: leave cluster.* unset.")
 
 
+def check_saved_model(job: Job) -> None:
+    """A job directory that holds checkpoints of another model (a changed shape key) is refused by name
+    before anything is written, rather than having its checkpoints fail to restore and set aside."""
+    if not (job.run_dir / "checkpoints").is_dir():
+        return
+    manager = checkpoint.make_manager(job.run_dir, job.cfg.checkpoint.keep, read_only=True)
+    found = checkpoint.newest_meta(manager)
+    manager.close()
+    saved = (found[1].get("config") if found else None) or {}
+    changed = checkpoint.changed_shape_keys(saved, OmegaConf.to_container(job.cfg, resolve=True)) if saved else []
+    if changed:
+        raise UserError(
+            f"Job {job.num}'s directory {job.run_dir} holds checkpoints of another model ({', '.join(changed)} "
+            "changed): relaunch it with its own overrides, or choose another hydra.sweep.dir."
+        )
+
+
 def member_logger(job: Job, handlers: list) -> logging.Logger:
     """The job's own log (<run dir>/<job name>.log) beside the console; `handlers` collects the file
     handlers, which also receive the group's messages."""

@@ -2,7 +2,7 @@
 
 Per member, as in its separate run: the data order, keys and evaluation keys (its seed), its step budget
 (trainer.max_steps: a member that reaches it keeps its state, and the others train on), early stopping
-(its own patience and min_delta; a stopped member freezes at that step), and the NaN policy (nan_policy=stop:
+(its own patience and min_delta: a member that stops keeps the state of that step), and the NaN policy (nan_policy=stop:
 a member whose loss goes non-finite stops and its job fails with the single run's sentence, the others go
 on; skip: its own steps are skipped, its own skip_limit counted). Per group: the cadences (log, eval,
 checkpoint: one signature), and stop signals (SIGTERM/SIGINT: every member saves a checkpoint at the
@@ -69,29 +69,23 @@ class GroupRun:
     def __post_init__(self):
         state_sharding, eval_sharding = self.shardings
         t = self.cfg.trainer
-        budgets = {m.until for m in self.group}
-        self.freezes = len(budgets) > 1 or any(m.early.patience > 0 for m in self.group)
         self.step_fn = members.make_group_train_step(
-            self.graphdef, self.opt, self.tx, self.task, state_sharding, self.feed, self.freezes
+            self.graphdef, self.opt, self.tx, self.task, state_sharding, self.feed
         )
         self.eval_fn = members.make_group_eval_step(self.graphdef, self.task, state_sharding)
         self.eval_keys = jax.numpy.stack([steps.eval_keys(m.seed) for m in self.group])
         self.log_every, self.eval_every = t.log_every, t.eval_every
         self.checkpoint_every = self.cfg.checkpoint.every
-        self.writers_made = False
+        self.final: dict[int, dict] = {}  # member index -> its state when it finished (it steps on, ignored)
         self._draw: dict = {}
         self.steps_run = 0
         self.train_s = 0.0
 
-    # ---- per-member values on the device
-    def _hp(self):
-        until = np.array([m.until for m in self.group], np.int32)
-        return jax.device_put({**self.hp, "until": until}, self.shardings[0])
-
-    def evaluate(self, state, split) -> dict:
-        hp = self._hp()
+    def evaluate(self, params, split) -> dict:
+        """Per-member means over a split (arrays of K values); `params` stacked over the members."""
+        hp = jax.device_put(self.hp, self.shardings[0])
         fn = lambda p, b, k: self.eval_fn(p, b, k, hp)
-        return steps.evaluate(fn, state["params"], split, self.eval_batch, self.shardings[1], self.eval_keys)
+        return steps.evaluate(fn, params, split, self.eval_batch, self.shardings[1], self.eval_keys)
 
     def _active(self, done: int) -> list[int]:
         """Members that trained the step that ended at `done` (and have not failed)."""
@@ -103,7 +97,10 @@ class GroupRun:
             m.writer = Writer(m.job.run_dir, enabled=m.plain["logger"]["tensorboard"], resume_step=m.resumed_from)
         start = max(m.start_step for m in group)
         end = max(m.until for m in group)
-        hp = self._hp()
+        hp = jax.device_put(self.hp, self.shardings[0])
+        for i, m in enumerate(group):
+            if m.start_step >= m.until:  # finished before this launch: it stays as restored
+                self.final[i] = steps.member(state, i)
         bar = tqdm(total=end, initial=start, disable=not self.cfg.trainer.progress, dynamic_ncols=True, unit="step")
         window, window_steps, t0 = time.perf_counter(), 0, time.perf_counter()
         skipped_before = np.asarray(jax.device_get(state["nonfinite"]))
@@ -145,12 +142,12 @@ class GroupRun:
                         since, skipped_before = self._check_skips(state, active, done, since, skipped_before)
                         active = self._active(done)
                     self._on_eval(state, active, done, last)
-                    if any(group[i].until == done for i in active) and self.freezes:
-                        hp = self._hp()  # early stopping moved some `until`: those members freeze from here
-                    last |= {i for i in active if group[i].until == done}
+                    last |= {i for i in active if group[i].until == done}  # early stopping moved `until`
                 for i in self._active(done):
                     if done % self.checkpoint_every == 0 or i in last:
                         self._save(state, i, done, last)
+                    if done == group[i].until:  # done: keep its state; the group steps it on, ignored
+                        self.final[i] = steps.member(state, i)
                 if stopping:
                     bar.close()
                     self._stopped(state, stop.signum)
@@ -193,7 +190,7 @@ class GroupRun:
     def _on_eval(self, state, active, done, last) -> None:
         if not active:
             return
-        val = self.evaluate(state, self.splits.val)
+        val = self.evaluate(state["params"], self.splits.val)
         for i in active:
             m = self.group[i]
             m.val = {f"val/{n}": float(np.asarray(v)[i]) for n, v in val.items()}
@@ -249,9 +246,10 @@ class GroupRun:
         from cvae_exp.group import hardware, job_metrics, write_metrics
         from cvae_exp.run import _flat
 
-        val = self.evaluate(state, self.splits.val) if any(not m.val for m in self.group) else None
-        test = self.evaluate(state, self.splits.test)
         k = len(self.group)
+        final = steps.stack([self.final.get(i) or steps.member(state, i) for i in range(k)])  # (failed: unused)
+        val = self.evaluate(final["params"], self.splits.val) if any(not m.val for m in self.group) else None
+        test = self.evaluate(final["params"], self.splits.test)
         facts = {
             "devices": self.shardings[0].mesh.size,
             "processes": 1,
@@ -276,7 +274,7 @@ class GroupRun:
                 "traced": self.traced,
             }
             # examples_per_s: this member's share of the group's (all members' together / K)
-            metrics = job_metrics(m, m.val, member_test, steps.member(state, i), facts | {"examples_per_s": rate},
+            metrics = job_metrics(m, m.val, member_test, self.final[i], facts | {"examples_per_s": rate},
                                   entry)  # fmt: skip
             m.metrics = metrics
             hparams = hparams_first(_flat(m.plain, ("model", "data", "optimizer", "trainer", "seed")), self.swept)

@@ -53,7 +53,7 @@ def compose_jobs(launcher, job_overrides: Sequence[Sequence[str]], initial_job_i
 
 def check(job) -> None:
     """A single run's checks, and the launcher's own; nothing is written yet."""
-    from cvae_exp.group import check_job
+    from cvae_exp.group import check_job, check_saved_model
 
     cfg = job.cfg
     check_keys(cfg)
@@ -63,6 +63,7 @@ def check(job) -> None:
     check_job(cfg)
     if resume_mode(cfg) == "true" and not any((job.run_dir / "checkpoints").glob("[0-9]*")):
         raise UserError(f"resume=true, but job {job.num}'s directory {job.run_dir} holds no checkpoint.")
+    check_saved_model(job)
 
 
 @exit_on_user_error

@@ -185,6 +185,12 @@ def test_cli_sweep_writes_ordinary_jobs_in_two_partitions_and_cvae_report_lists_
     assert report.returncode == 0, report.stderr[-2000:]
     assert report.stdout.count(" ok") >= 4
 
+    # relaunched on the same sweep dir with other shapes: refused by name, its checkpoints left where they are
+    other = [*common, "optimizer.lr=1e-3,3e-4", "model.latent_dim=3,5", f"hydra.sweep.dir={sweep}"]
+    other = run_module("cvae_exp.train", other, env=xla_env, cwd=tmp_path)
+    assert other.returncode == 2 and "model.latent_dim" in other.stderr and "another model" in other.stderr
+    assert (sweep / "0" / "checkpoints" / "10").is_dir() and not (sweep / "0" / "damaged_checkpoints").exists()
+
     refused = [*common, "optimizer.lr=1e-3,0", f"hydra.sweep.dir={tmp_path / 'no'}"]
     refused = run_module("cvae_exp.train", refused, env=xla_env, cwd=tmp_path)
     assert refused.returncode == 2, refused.stderr[-2000:]
