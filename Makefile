@@ -9,7 +9,9 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[dev,cluster]"
+	# compat: the repository on sys.path, so Hydra's scan of the hydra_plugins namespace finds our launcher
+	# (setuptools' default editable finder is invisible to pkgutil.walk_packages)
+	$(BIN)/pip install -q -e ".[dev,cluster]" --config-settings editable_mode=compat
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -38,7 +40,7 @@ docs: $(STAMP)
 	$(BIN)/python scripts/gen_config_docs.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check cvae_exp tests scripts
+	$(BIN)/ruff check cvae_exp tests scripts hydra_plugins
 
 clean:
 	rm -rf $(VENV) .pytest_cache

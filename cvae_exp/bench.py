@@ -2,6 +2,8 @@
 
     cvae-bench experiment=sohn2015 data.path=<mnist> trainer.batch_size=128 bench.steps=150
 
+    cvae-bench experiment=sohn2015 data.path=<mnist> trainer.batch_size=128 bench.members=8   (a vmap group)
+
 Prints one JSON object as its last line (and writes bench.json into the run directory):
 examples_per_s (all seeds together), step_ms (median), flops_per_example (see `step_flops`),
 peak_flops and peak_source (the device's known dense peak where we know it, else the best of repeated
@@ -22,6 +24,7 @@ from omegaconf import DictConfig
 
 from cvae_exp.cli import CONF_DIR, exit_on_user_error
 from cvae_exp.config import check_keys, validate
+from cvae_exp.errors import UserError
 
 WINDOW = 10  # steps between host syncs while timing; step_ms is the median over windows
 
@@ -126,7 +129,7 @@ def bare_loop(exp, state, batch, warmup: int, seeds: int = 1):
     import jax
     import optax
 
-    from cvae_exp.trainer import loss_fn
+    from cvae_exp.steps import loss_fn
 
     graphdef, tx, task = exp.graphdef, exp.opt.tx, exp.task
 
@@ -161,8 +164,8 @@ def framework_loop(exp, cfg: DictConfig, mesh, warmup: int):
 
     from cvae_exp import parallel
     from cvae_exp.experiment import on_devices
+    from cvae_exp.steps import make_train_step
     from cvae_exp.trained_run import baseline_params
-    from cvae_exp.trainer import make_train_step
 
     num_seeds = cfg.trainer.num_seeds
     placed = on_devices(exp, cfg, mesh, baseline_params(cfg.model.baseline_run))
@@ -184,6 +187,49 @@ def framework_loop(exp, cfg: DictConfig, mesh, warmup: int):
     return run, flops_per_example, first, initial
 
 
+def group_loop(exp, cfg: DictConfig, mesh, warmup: int, k: int):
+    """A vmap group's step as a runner (cvae_exp.members): K members with seeds seed..seed+K-1 and, in
+    turn, optimizer.lr and lr / 3, so the learning rate is an injected per-member hyperparameter, as in an
+    lr x seed sweep. Returns (runner, flops per example, the first batch, the members' states as plain
+    single-run states for the bare loop, the traced keys)."""
+    import jax
+    from omegaconf import OmegaConf
+
+    from cvae_exp import members, parallel, steps
+    from cvae_exp.data.feed import make_feed
+
+    train = cfg.trainer
+    base = OmegaConf.to_container(cfg, resolve=True)
+    plains = []
+    for i in range(k):
+        lr = base["optimizer"]["lr"] / (3 if i % 2 else 1)
+        plains.append({**base, "seed": cfg.seed + i, "optimizer": {**base["optimizer"], "lr": lr}})
+    traced = members.varying(plains)
+    opt, values = members.member_optimizer(base["optimizer"], train.max_steps, traced)
+    txs = [opt.init(values(p["optimizer"])) for p in plains]
+    seeds = [p["seed"] for p in plains]
+    states = [steps.init_state(exp.build_params(s), tx, s) for s, tx in zip(seeds, txs, strict=True)]
+    replicated, sharded = parallel.replicated(mesh), parallel.data_sharded(mesh, k)
+    feed = make_feed(exp.splits.train, train.batch_size, seeds, replicated, sharded, train.data_on_device)
+    state = jax.device_put(steps.stack(states), replicated)
+    hp = jax.device_put(members.task_values(plains, traced), replicated)
+    train_step = members.make_group_train_step(exp.graphdef, opt, txs[0], exp.task, replicated, feed)
+    first = parallel.put_batch(feed.sampler.batch(0), sharded)
+    flops_per_example = step_flops(train_step, state, feed(0), hp) / (train.batch_size * k)
+    initial = jax.device_put(steps.stack([members.plain_state(s) for s in states]), replicated)
+    count, metrics = 0, None
+
+    def run(n):
+        nonlocal state, metrics, count
+        for _ in range(n):
+            state, metrics = train_step(state, feed(count), hp)
+            count += 1
+        jax.block_until_ready(metrics)
+
+    run(warmup)
+    return run, flops_per_example, first, initial, traced
+
+
 def bench(cfg: DictConfig) -> dict:
     from cvae_exp import launch, parallel
 
@@ -198,27 +244,43 @@ def bench(cfg: DictConfig) -> dict:
     from cvae_exp.rundir import current_run_dir
 
     train, options = cfg.trainer, cfg.bench
+    if options.members and (options.members < 2 or train.num_seeds != 1):
+        raise UserError(
+            f"bench.members={options.members} times a vmap group of at least 2 members of one model each: "
+            "set it to 2 or more, with trainer.num_seeds=1."
+        )
     mesh = training_mesh(cfg)
-    num_seeds = train.num_seeds
+    num_models = options.members or train.num_seeds  # trained together, vmapped: seeds or group members
     exp = build_experiment(cfg)
     launch.accept(current_run_dir(), cfg)  # checked and loaded: .hydra/ and the log may reach the run dir
-    framework, flops_per_example, first, initial = framework_loop(exp, cfg, mesh, options.warmup)
+    traced = None
+    if options.members:
+        framework, flops_per_example, first, initial, traced = group_loop(exp, cfg, mesh, options.warmup, num_models)
+    else:
+        framework, flops_per_example, first, initial = framework_loop(exp, cfg, mesh, options.warmup)
     runners = {"framework": framework}
     if options.reference:
-        runners["reference"] = bare_loop(exp, initial, first, options.warmup, num_seeds)
+        runners["reference"] = bare_loop(exp, initial, first, options.warmup, num_models)
         if train.precision == "bf16":  # the same loop in fp32, timed in the same alternating windows
             fp32_cfg = cfg.copy()
             fp32_cfg.trainer.precision = "fp32"
-            runners["fp32"] = framework_loop(build_experiment(fp32_cfg), fp32_cfg, mesh, options.warmup)[0]
+            fp32_exp = build_experiment(fp32_cfg)
+            runners["fp32"] = (
+                group_loop(fp32_exp, fp32_cfg, mesh, options.warmup, num_models)
+                if options.members
+                else framework_loop(fp32_exp, fp32_cfg, mesh, options.warmup)
+            )[0]
     per_step = timed_windows(runners, options.steps)
-    examples_per_s = {name: train.batch_size * num_seeds / statistics.median(times) for name, times in per_step.items()}
+    examples_per_s = {
+        name: train.batch_size * num_models / statistics.median(times) for name, times in per_step.items()
+    }
     step_s = statistics.median(per_step["framework"])
     device = jax.devices()[0]
     achieved = examples_per_s["framework"] * flops_per_example
     device_peak, peak_source = peak(train.precision, device, achieved / mesh.size)
     peak_flops = device_peak * mesh.size
     result = {
-        "examples_per_s": examples_per_s["framework"],  # all seeds together
+        "examples_per_s": examples_per_s["framework"],  # all seeds (or members) together
         "step_ms": step_s * 1e3,
         "flops_per_example": flops_per_example,
         "peak_flops": peak_flops,
@@ -229,7 +291,9 @@ def bench(cfg: DictConfig) -> dict:
         "processes": jax.process_count(),
         "batch_size": train.batch_size,
         "precision": train.precision,
-        "num_seeds": num_seeds,
+        "num_seeds": train.num_seeds,
+        "members": options.members or None,  # a vmap group's members (bench.members), all together in examples_per_s
+        "traced": traced,  # the member keys the group traced
         "steps": options.steps,
         "model": cfg.model.kind,
         "hidden": list(cfg.model.hidden),

@@ -267,3 +267,16 @@ def changed_shape_keys(saved: dict, current: dict) -> list[str]:
 def _short(err: Exception) -> str:
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0][:200] if text else ''}"
+
+
+def newest_good_before(manager, target, below: int) -> int | None:
+    """The newest checkpoint before step `below` that restores and verifies (damaged ones set aside)."""
+    steps = sorted((s for s in manager.all_steps() if s < below), reverse=True)
+    try:
+        restored = restore_first(manager, target, steps)
+    except UserError:  # none of them verifies
+        return None
+    if restored is None:
+        return None
+    set_aside(manager, restored.damaged)
+    return restored.step

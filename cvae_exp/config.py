@@ -134,6 +134,7 @@ class BenchConfig:
     steps: int = 100  # timed training steps (cvae-bench)
     warmup: int = 10  # untimed steps first (compilation, caches)
     reference: bool = True  # also time a bare jitted loop of the same model, for comparison
+    members: int = 0  # K >= 2: time a vmap group of K members (seeds seed.., two learning rates) instead of one run
 
 
 @dataclass

@@ -33,7 +33,7 @@ def make_ncll_step(graphdef, task, samples: int, chunk: int):
     import jax.numpy as jnp
     from flax import nnx
 
-    from cvae_exp.data.pipeline import prepare_for
+    from cvae_exp.data.pipeline import prepare
     from cvae_exp.distributions import log_likelihood
     from cvae_exp.objectives import conditional_nll
 
@@ -41,7 +41,7 @@ def make_ncll_step(graphdef, task, samples: int, chunk: int):
 
     def step(params, batch, key):
         model = nnx.merge(graphdef, params)
-        x, y, mask = prepare_for(batch, key, task)
+        x, y, mask = prepare(batch, key, task)
         if not has.latent:
             per_example = {"ncll_exact": -log_likelihood(y, model(x), mask)}
         else:
@@ -70,8 +70,8 @@ def evaluate_run(
 
     from cvae_exp import parallel
     from cvae_exp.data.pipeline import Split, eval_batches
+    from cvae_exp.steps import evaluate
     from cvae_exp.trained_run import load_run
-    from cvae_exp.trainer import evaluate
 
     mesh = parallel.make_mesh("all")
     run = load_run(run_dir, sharding=parallel.replicated(mesh), seed_index=seed_index)

@@ -15,8 +15,9 @@ import jax.numpy as jnp
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from cvae_exp import parallel, trainer
+from cvae_exp import parallel, steps
 from cvae_exp.config import check_targets
+from cvae_exp.data import feed as feeds
 from cvae_exp.data import sources
 from cvae_exp.data.pipeline import PIXELS, Splits, condition_dim, make_splits
 from cvae_exp.errors import UserError
@@ -29,7 +30,7 @@ class Experiment:
 
     source: str
     splits: Splits
-    task: trainer.Task
+    task: steps.Task
     graphdef: Any
     params: Any  # freshly initialised, on the host
     opt: Any  # cvae_exp.optim.Optimizer
@@ -44,14 +45,14 @@ class Experiment:
         params = self.params if params is None else params
         if baseline is not None:
             params = with_baseline(params, baseline, self.baseline_run)
-        return trainer.init_state(params, self.opt.tx, seed)
+        return steps.init_state(params, self.opt.tx, seed)
 
     def initial_state(self, seeds: list[int], baseline: Any = None) -> dict:
         """One run's fresh state, or the stacked states of vmapped seeds (trainer.num_seeds > 1):
         seed s starts exactly as a single run with `seed=s` would (its own parameters and root key)."""
         if len(seeds) == 1:
             return self.init_state(seeds[0], baseline=baseline)
-        return trainer.stack([self.init_state(s, self.build_params(s), baseline) for s in seeds])
+        return steps.stack([self.init_state(s, self.build_params(s), baseline) for s in seeds])
 
 
 def build_experiment(cfg: DictConfig) -> Experiment:
@@ -65,7 +66,7 @@ def build_experiment(cfg: DictConfig) -> Experiment:
         binarize=cfg.data.binarize,
         binarize_seed=cfg.data.binarize_seed,
     )
-    task = trainer.build_task(cfg, splits.dynamic)
+    task = steps.build_task(cfg, splits.dynamic)
 
     def build_params(seed: int):
         return build_model(cfg.model, condition_dim(task.condition), PIXELS, precision=cfg.trainer.precision, seed=seed)
@@ -110,7 +111,7 @@ class OnDevices:
     seeds: list[int]  # one model per seed, vmapped when there are several (trainer.num_seeds)
     state_sharding: Any  # replicated over the mesh
     batch_sharding: Any  # split along "data" (with the seed axis in front when there are several)
-    feed: Any  # feed(step): the train step's second argument (trainer.make_feed)
+    feed: Any  # feed(step): the train step's second argument (feeds.make_feed)
     state: dict  # the first state, on the devices
 
 
@@ -121,7 +122,7 @@ def on_devices(exp: Experiment, cfg: DictConfig, mesh, baseline: Any = None) -> 
     seeds = list(range(cfg.seed, cfg.seed + train.num_seeds))
     state_sharding = parallel.replicated(mesh)
     batch_sharding = parallel.data_sharded(mesh, train.num_seeds)
-    feed = trainer.make_feed(
+    feed = feeds.make_feed(
         exp.splits.train, train.batch_size, seeds, state_sharding, batch_sharding, train.data_on_device
     )
     state = jax.device_put(exp.initial_state(seeds, baseline), state_sharding)

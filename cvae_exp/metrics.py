@@ -78,20 +78,20 @@ def per_seed_results(state, val: dict, test: dict, seeds: list[int]) -> list[dic
     """Each seed's final values, parameters' hash and skipped steps, for metrics.json."""
     import jax
 
-    from cvae_exp import trainer
+    from cvae_exp import steps
 
     val = val.get("per_seed", val)
     skipped = np.asarray(jax.device_get(state["nonfinite"])).reshape(-1)
     results = []
     for i, seed in enumerate(seeds):
-        params = state["params"] if len(seeds) == 1 else trainer.member(state["params"], i)
+        params = state["params"] if len(seeds) == 1 else steps.member(state["params"], i)
         results.append(
             {
                 "seed": seed,
                 **seed_values(val, i),
                 **seed_values(test, i),
                 "skipped_steps": int(skipped[i]),
-                "params_sha256": trainer.params_sha256(params),
+                "params_sha256": steps.params_sha256(params),
             }
         )
     return results

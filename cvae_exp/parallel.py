@@ -87,3 +87,9 @@ def put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding):
         return jax.make_array_from_process_local_data(sharding, mine)
 
     return {k: local(v) for k, v in batch.items()}
+
+
+def hardware(mesh_size: int) -> str:
+    """The line metrics.json records as `hardware`: the devices a run used and the host's CPU cores."""
+    device = jax.devices()[0]
+    return f"{mesh_size} x {device.device_kind} ({device.platform}), {os.cpu_count()} CPU cores"

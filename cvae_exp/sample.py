@@ -116,7 +116,7 @@ def draw(run, opts, seed: int) -> dict[str, np.ndarray]:
     import jax.numpy as jnp
 
     from cvae_exp import images
-    from cvae_exp.data.pipeline import NUM_CLASSES, prepare_for
+    from cvae_exp.data.pipeline import NUM_CLASSES, prepare
     from cvae_exp.tensorboard import tile
 
     task, graphdef, params = run.task, run.graphdef, run.params
@@ -142,7 +142,7 @@ def draw(run, opts, seed: int) -> dict[str, np.ndarray]:
         if task.condition == "label":
             conditions = [jax.nn.one_hot(jnp.array([d]), NUM_CLASSES) for d in range(NUM_CLASSES)]
         elif task.condition == "quadrants":
-            x, _, _ = prepare_for({name: v[:1] for name, v in few.items()}, key, task)
+            x, _, _ = prepare({name: v[:1] for name, v in few.items()}, key, task)
             conditions = [x]
         else:
             conditions = [jnp.zeros((1, 0), jnp.float32)]

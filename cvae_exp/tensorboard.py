@@ -14,6 +14,8 @@ import jax
 import numpy as np
 from tensorboardX import SummaryWriter
 
+HPARAMS_PREFIX = "z_hparams/"  # the hparams summary's metric names
+
 
 class Writer:
     """A SummaryWriter under `<run dir>/tb` (or `<run dir>/tb/<name>`, one TensorBoard run per seed of
@@ -55,10 +57,12 @@ class Writer:
             self._w.add_image(tag, np.clip(grid, 0.0, 1.0)[None], step, dataformats="CHW")
 
     def hparams(self, hparams: Mapping[str, object], metrics: Mapping[str, float]) -> None:
-        """The HPARAMS summary (a sub-run); metric names are prefixed `hp/` to differ from scalar tags."""
+        """The HPARAMS summary (a sub-run). TensorBoard shows the first few hparams by default, so pass the
+        swept keys first (`hparams_first`). Metric names are prefixed `z_hparams/`: distinct from the scalar
+        tags, and sorting below train/ and val/ in the Scalars tab, where the summary's one-point series land."""
         if self._w:
             clean = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
-            self._w.add_hparams(clean, {f"hp/{k}": float(v) for k, v in metrics.items()}, name="hparams")
+            self._w.add_hparams(clean, {f"{HPARAMS_PREFIX}{k}": float(v) for k, v in metrics.items()}, name="hparams")
 
     def flush(self) -> None:
         if self._w:
@@ -67,6 +71,36 @@ class Writer:
     def close(self) -> None:
         if self._w:
             self._w.close()
+
+
+def hparams_first(hparams: dict, swept: list[str]) -> dict:
+    """`hparams` with the swept keys first, in sweep order (the ones TensorBoard's HPARAMS shows by default)."""
+    first = [k for k in swept if k in hparams]
+    return {k: hparams[k] for k in first} | {k: v for k, v in hparams.items() if k not in first}
+
+
+def swept_keys() -> list[str]:
+    """In a multirun job: the config keys its sweep varies, read from the sweep's multirun.yaml (the job's own
+    overrides hold one value each); else []."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    if not HydraConfig.initialized() or str(HydraConfig.get().mode) != "RunMode.MULTIRUN":
+        return []
+    record = Path(str(HydraConfig.get().sweep.dir)) / "multirun.yaml"
+    try:
+        return sweep_keys(OmegaConf.load(record).hydra)
+    except (OSError, ValueError, AttributeError):
+        return []
+
+
+def sweep_keys(hydra_cfg) -> list[str]:
+    """The keys a multirun's `hydra` node sweeps: its sweeper's params, then the sweeps on its command line."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(hydra_cfg.overrides.task))
+    params = hydra_cfg.sweeper.get("params") or {}
+    return list(dict.fromkeys([*params, *(o.key_or_group for o in parsed if o.is_sweep_override())]))
 
 
 def tile(images: np.ndarray, pad: int = 1) -> np.ndarray:

@@ -13,7 +13,7 @@ from typing import Any
 import jax
 from omegaconf import DictConfig
 
-from cvae_exp import checkpoint, trainer
+from cvae_exp import checkpoint, steps
 from cvae_exp.config import onto_schema, read_run_config
 from cvae_exp.data.pipeline import Splits
 from cvae_exp.errors import UserError
@@ -29,7 +29,7 @@ class TrainedRun:
     step: int
     graphdef: Any
     params: Any
-    task: trainer.Task
+    task: steps.Task
     splits: Splits
 
 
@@ -45,12 +45,12 @@ def load_run(run_dir: str | Path, sharding=None, seed_index: int = 0) -> Trained
     if not (run_dir / "checkpoints").is_dir():
         raise UserError(f"run_dir={run_dir} holds no checkpoints/ folder.")
     manager = checkpoint.make_manager(run_dir, cfg.checkpoint.keep, read_only=True)
-    steps = checkpoint.best_first(manager)
-    if not steps:
+    ranked = checkpoint.best_first(manager)
+    if not ranked:
         raise UserError(f"run_dir={run_dir} holds no checkpoint.")
     # The config the weights were trained with, as the checkpoint recorded it (.hydra/config.yaml is the
     # latest launch's, which may have changed cadences on resume).
-    saved = checkpoint.first_meta(manager, steps)
+    saved = checkpoint.first_meta(manager, ranked)
     if saved and saved[1].get("config"):
         cfg = onto_schema(saved[1]["config"])
 
@@ -62,12 +62,12 @@ def load_run(run_dir: str | Path, sharding=None, seed_index: int = 0) -> Trained
         )
 
     exp = build_experiment(cfg)
-    restored = checkpoint.restore_first(manager, state_target(exp, cfg, sharding), steps)
+    restored = checkpoint.restore_first(manager, state_target(exp, cfg, sharding), ranked)
     if restored.damaged:
         _set_aside(run_dir, manager, restored.damaged)
     manager.close()
     state = restored.state
-    params = trainer.member(state["params"], seed_index) if num_seeds > 1 else state["params"]
+    params = steps.member(state["params"], seed_index) if num_seeds > 1 else state["params"]
     return TrainedRun(cfg, restored.step, exp.graphdef, params, exp.task, exp.splits)
 
 

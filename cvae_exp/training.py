@@ -41,7 +41,7 @@ def run_training(cfg: DictConfig) -> dict:
 def _train(cfg: DictConfig, run_dir: Path, mode: str, signals: launch.Interruptible) -> dict:
     """The run once its directory is held, section by section."""
     _start_runtime(cfg)
-    from cvae_exp import checkpoint, resume, trainer
+    from cvae_exp import checkpoint, loop, resume
     from cvae_exp.experiment import build_experiment, on_devices
     from cvae_exp.trained_run import baseline_params
 
@@ -63,18 +63,18 @@ def _train(cfg: DictConfig, run_dir: Path, mode: str, signals: launch.Interrupti
     fingerprint = _data_fingerprint(exp, resumed)
     target = checkpoint.abstract(placed.state)  # what a checkpoint of this run restores onto
     # ---- restore (verified), then the run is accepted: its record and its log go to disk
-    early = trainer.EarlyStopping(cfg.trainer.patience, cfg.trainer.min_delta)
+    early = loop.EarlyStopping(cfg.trainer.patience, cfg.trainer.min_delta)
     state, resumed_from = _restore(manager, target, placed.state, resumed, early)
     signals.check()  # a signal during start-up that a library swallowed
     launch.accept(run_dir, cfg, resumed.overrides, resumed.choices, write_record=_process_index() == 0)
     # ---- loop
     hooks = _Hooks.build(cfg, run_dir, exp, mesh, placed, manager, early, fingerprint, resumed_from)
-    start_step = trainer.current_step(state)
+    start_step = loop.current_step(state)
     train_start = time.perf_counter()
     state, val, stopped = _fit(cfg, exp, placed, state, target, hooks, manager)
     _stop_if_signalled(cfg, run_dir, state, stopped, hooks, manager, signals)
     # ---- final evaluation and metrics.json
-    steps_run = trainer.current_step(state) - start_step
+    steps_run = loop.current_step(state) - start_step
     if steps_run == 0:  # a finished run resumed once more: report it as it stands
         val = summarize(prefixed("val", hooks.evaluate(state["params"], exp.splits.val)))
     test = prefixed("test", hooks.evaluate(state["params"], exp.splits.test))
@@ -82,7 +82,7 @@ def _train(cfg: DictConfig, run_dir: Path, mode: str, signals: launch.Interrupti
     train_seconds = time.perf_counter() - train_start
     per_seed = per_seed_results(state, val, test, placed.seeds)
     metrics = final_metrics(
-        step=trainer.current_step(state),
+        step=loop.current_step(state),
         val=val,
         test=test,
         per_seed=per_seed,
@@ -177,11 +177,12 @@ def _machine(mesh) -> dict:
     """What metrics.json records about where the run trained."""
     import jax
 
-    device = jax.devices()[0]
+    from cvae_exp import parallel
+
     return {
         "devices": mesh.size,
         "processes": jax.process_count(),
-        "hardware": f"{mesh.size} x {device.device_kind} ({device.platform}), {os.cpu_count()} CPU cores",
+        "hardware": parallel.hardware(mesh.size),
     }
 
 
@@ -245,9 +246,9 @@ class _Validation:
     key: Any
 
     def __call__(self, params, split) -> dict:
-        from cvae_exp import trainer
+        from cvae_exp import steps
 
-        return trainer.evaluate(self.eval_step, params, split, self.batch_size, self.sharding, self.key)
+        return steps.evaluate(self.eval_step, params, split, self.batch_size, self.sharding, self.key)
 
 
 @dataclass
@@ -259,7 +260,7 @@ class _Hooks:
     plain: dict  # the config as plain Python, recorded in every checkpoint
     data: dict  # the data fingerprint, recorded in every checkpoint
     manager: Any
-    early: Any  # trainer.EarlyStopping
+    early: Any  # loop.EarlyStopping
     evaluate: _Validation
     writers: list
     val_split: Any
@@ -268,16 +269,16 @@ class _Hooks:
 
     @classmethod
     def build(cls, cfg, run_dir, exp, mesh, placed, manager, early, fingerprint, resumed_from) -> _Hooks:
-        from cvae_exp import parallel, trainer
+        from cvae_exp import images, parallel, steps
         from cvae_exp.tensorboard import Writer
 
         num_seeds = cfg.trainer.num_seeds
-        eval_step = trainer.make_eval_step(exp.graphdef, exp.task, placed.state_sharding, num_seeds)
+        eval_step = steps.make_eval_step(exp.graphdef, exp.task, placed.state_sharding, num_seeds)
         evaluate = _Validation(
             eval_step,
             -(-cfg.trainer.eval_batch_size // mesh.size) * mesh.size,
             parallel.data_sharded(mesh),  # every seed is evaluated on the same batch
-            trainer.eval_keys(cfg.seed, num_seeds),
+            steps.eval_keys(cfg.seed, num_seeds),
         )
         # One TensorBoard run per seed: <run dir>/tb, or <run dir>/tb/seed_<s> for each of K > 1 seeds.
         writers = [
@@ -289,7 +290,7 @@ class _Hooks:
             )
             for seed in placed.seeds
         ]
-        draw = _image_fns(exp.graphdef, exp.task, exp.splits.val)
+        draw = images.drawings(exp.graphdef, exp.task, exp.splits.val)
         plain = OmegaConf.to_container(cfg, resolve=True)
         return cls(cfg, plain, fingerprint, manager, early, evaluate, writers, exp.splits.val, draw, num_seeds)
 
@@ -306,14 +307,14 @@ class _Hooks:
     def on_eval(self, step: int, state: dict) -> dict:
         import jax
 
-        from cvae_exp import trainer
+        from cvae_exp import steps
         from cvae_exp.tensorboard import tile
 
         val = prefixed("val", self.evaluate(state["params"], self.val_split))
         for i, writer in enumerate(self.writers):
             writer.scalars(seed_values(val, i), step)
             if self.cfg.logger.images:
-                params = state["params"] if self.num_seeds == 1 else trainer.member(state["params"], i)
+                params = state["params"] if self.num_seeds == 1 else steps.member(state["params"], i)
                 key = self.evaluate.key if self.num_seeds == 1 else self.evaluate.key[i]
                 for tag, grid in self.draw(params, jax.random.fold_in(key, step)).items():
                     writer.image(tag, tile(grid), step)
@@ -334,8 +335,11 @@ class _Hooks:
 
     def close(self, per_seed: list[dict] | None = None) -> None:
         """Closes the writers, after each seed's hparams summary when the run finished (`per_seed`).
-        The same metric names in every job, whatever its model kind, so the HPARAMS view compares them all."""
-        hparams = flat(self.plain, ("model", "data", "optimizer", "trainer", "seed"))
+        The same metric names in every job, whatever its model kind, so the HPARAMS view compares them all;
+        a sweep's swept keys first."""
+        from cvae_exp.tensorboard import hparams_first, swept_keys
+
+        hparams = hparams_first(flat(self.plain, ("model", "data", "optimizer", "trainer", "seed")), swept_keys())
         for i, writer in enumerate(self.writers):
             if per_seed is not None:
                 result = per_seed[i]
@@ -354,13 +358,13 @@ def _fit(cfg: DictConfig, exp, placed, state: dict, target, hooks: _Hooks, manag
     """Trains from `state` to trainer.max_steps (or early stopping, or a stop request); returns the state,
     the last validation summary and the signal that stopped the loop (None: it finished). A NaN stop names
     the last checkpoint that verifies."""
-    from cvae_exp import trainer
+    from cvae_exp import checkpoint, loop, steps
 
     train = cfg.trainer
-    train_step = trainer.make_train_step(
+    train_step = steps.make_train_step(
         exp.graphdef, exp.opt, exp.task, placed.state_sharding, train.num_seeds, placed.feed
     )
-    loop = trainer.Loop(
+    cadence = loop.Loop(
         max_steps=train.max_steps,
         log_every=train.log_every,
         eval_every=train.eval_every,
@@ -376,12 +380,12 @@ def _fit(cfg: DictConfig, exp, placed, state: dict, target, hooks: _Hooks, manag
         on_checkpoint=hooks.on_checkpoint,
     )
     try:
-        state, val, stopped = trainer.fit(state, train_step, placed.feed, loop)
+        state, val, stopped = loop.fit(state, train_step, placed.feed, cadence)
     except Interrupted as err:  # while the first step compiled
         raise Interrupted(err.signum, launch.startup_message(err.signum)) from None
-    except (trainer.NonFinite, trainer.TooManySkipped) as err:
+    except (loop.NonFinite, loop.TooManySkipped) as err:
         manager.wait_until_finished()
-        good = _last_good(manager, target, err.step)
+        good = checkpoint.newest_good_before(manager, target, err.step)
         raise UserError(
             f"{err} Training stopped; the last good checkpoint is "
             + (
@@ -400,9 +404,9 @@ def _stop_if_signalled(cfg, run_dir: Path, state, stopped: int | None, hooks: _H
     """After the loop: a stop request ends the command with 128 + its signal (the run did not finish, so
     `cvae-train && cvae-eval` or a scheduler's afterok dependency must not treat it as done); a signal from
     here on, during the final evaluation, names the checkpoint it leaves."""
-    from cvae_exp import trainer
+    from cvae_exp import loop
 
-    step = trainer.current_step(state)
+    step = loop.current_step(state)
     last = f"the checkpoint at step {step}" if cfg.checkpoint.enabled else "no checkpoint"
     signals.after_training = (
         "Stopped by {signal} after training, during the final evaluation, with "
@@ -422,43 +426,6 @@ def _stop_if_signalled(cfg, run_dir: Path, state, stopped: int | None, hooks: _H
         run_dir,
     )
     raise SystemExit(128 + stopped)
-
-
-def _last_good(manager, target, below: int) -> int | None:
-    """The newest checkpoint before step `below` that restores and verifies (damaged ones set aside)."""
-    from cvae_exp import checkpoint
-
-    steps = sorted((s for s in manager.all_steps() if s < below), reverse=True)
-    try:
-        restored = checkpoint.restore_first(manager, target, steps)
-    except UserError:  # none of them verifies
-        return None
-    if restored is None:
-        return None
-    checkpoint.set_aside(manager, restored.damaged)
-    return restored.step
-
-
-def _image_fns(graphdef, task, val_split):
-    """Jitted drawings for TensorBoard at each evaluation: reconstructions and samples (or completions)."""
-    import jax
-
-    from cvae_exp import images
-    from cvae_exp.kinds import kind
-
-    few = {"image": val_split.images[:8], "label": val_split.labels[:8]}
-    recon = jax.jit(lambda p, k: images.reconstructions(graphdef, p, few, k, task=task))
-    if task.condition == "quadrants":
-        second = ("val/completions", jax.jit(lambda p, k: images.completions(graphdef, p, few, k, task=task)))
-    else:
-        second = ("val/samples", jax.jit(lambda p, k: images.class_samples(graphdef, p, k, task=task)))
-
-    def draw(params, key):
-        out = {"val/reconstructions": recon(params, key).swapaxes(0, 1)} if kind(task.kind).recognition else {}
-        out[second[0]] = second[1](params, key)
-        return jax.device_get(out)
-
-    return draw
 
 
 def _read_json(file: Path) -> dict:

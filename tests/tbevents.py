@@ -117,3 +117,18 @@ def scalars(logdir: str | Path) -> dict[str, list[tuple[int, float]]]:
 
 def image_tags(logdir: str | Path) -> set[str]:
     return load(logdir).image_tags
+
+
+def hparam_order(logdir: str | Path) -> list[str]:
+    """The hparams of a run's HPARAMS summary in the order it declares them (TensorBoard shows the first few)."""
+    from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData
+
+    for file in Path(logdir).rglob(EVENT_GLOB):
+        for event in read_events(file):
+            for value in event.summary.value:
+                if value.metadata.plugin_data.plugin_name == "hparams":
+                    data = HParamsPluginData()
+                    data.ParseFromString(value.metadata.plugin_data.content)
+                    if data.HasField("experiment"):
+                        return [h.name for h in data.experiment.hparam_infos]
+    return []

@@ -62,18 +62,18 @@ def test_a_frozen_baseline_keeps_its_parameters_and_the_rest_trains(tmp_path, sm
     without gradient) the baseline submodule is bit for bit where it started; the other networks moved."""
     from hydra.utils import instantiate
 
-    from cvae_exp import trainer
+    from cvae_exp import steps as trainer_steps
 
     cfg = compose_cfg(small_overrides(tmp_path / "unused", "model=cvae", "optimizer=adamw", *QUADRANTS))
     for frozen in (True, False):
         cfg.model.baseline_run, cfg.model.baseline_frozen = "/somewhere", frozen
         graphdef, params = build_model(cfg.model, 784, 784, seed=0)
         start = jax.device_get(params)  # the step donates the state's buffers
-        task = trainer.build_task(cfg, dynamic=False)
+        task = trainer_steps.build_task(cfg, dynamic=False)
         assert task.frozen_baseline is frozen
         opt = instantiate(cfg.optimizer, total_steps=10, _convert_="all")
-        state = trainer.init_state(params, opt.tx, 0)
-        step = trainer.make_train_step(graphdef, opt, task, None)
+        state = trainer_steps.init_state(params, opt.tx, 0)
+        step = trainer_steps.make_train_step(graphdef, opt, task, None)
         rng = np.random.default_rng(0)
         batch = {"image": rng.integers(0, 256, (16, 784), dtype=np.uint8), "label": np.zeros(16, np.int32)}
         for _ in range(3):

@@ -56,3 +56,23 @@ def test_peak_is_never_below_the_steps_own_rate():
     assert value == 1e18 and "raised" in source
     value, source = peak("fp32", device, achieved=1.0)
     assert value > 1.0 and "raised" not in source
+
+
+def test_bench_times_a_vmap_group_against_the_bare_vmapped_loop(tiny_mnist, tmp_path, monkeypatch):
+    import pytest
+    from conftest import compose_config, shrunk
+
+    import cvae_exp.cli  # noqa: F401  (registers the config schemas)
+    from cvae_exp.bench import bench
+    from cvae_exp.errors import UserError
+
+    monkeypatch.chdir(tmp_path)  # no Hydra: the run directory is the working directory
+    monkeypatch.setattr("cvae_exp.bench.measured_peak", lambda *a: 1e12)  # the peak's own test is above
+    cfg = compose_config(
+        shrunk(tiny_mnist, None, "bench.members=2", "bench.steps=10", "bench.warmup=1", "logger.tensorboard=false")
+    )
+    result = bench(cfg)
+    assert result["members"] == 2 and result["traced"] == ["optimizer.lr", "seed"]
+    assert result["examples_per_s"] > 0 and result["reference_examples_per_s"] > 0
+    with pytest.raises(UserError, match="bench.members=1"):
+        bench(compose_config(shrunk(tiny_mnist, None, "bench.members=1")))

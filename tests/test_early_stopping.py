@@ -9,11 +9,11 @@ import math
 import jax.numpy as jnp
 import pytest
 
-from cvae_exp import trainer
+from cvae_exp import loop as fit_loop
 
 
 def test_counter_counts_evaluations_since_the_best():
-    early = trainer.EarlyStopping(patience=2, min_delta=0.5)
+    early = fit_loop.EarlyStopping(patience=2, min_delta=0.5)
     early.update(10, 100.0)
     assert (early.best, early.best_step, early.waited, early.done) == (100.0, 10, 0, False)
     early.update(20, 99.8)  # lower, but not by more than min_delta
@@ -24,12 +24,12 @@ def test_counter_counts_evaluations_since_the_best():
 
 
 def test_patience_zero_never_stops_and_the_state_round_trips_through_json():
-    never = trainer.EarlyStopping(patience=0)
+    never = fit_loop.EarlyStopping(patience=0)
     assert never.state() == {"best": None, "best_step": None, "waited": 0}  # no Infinity in the JSON item
     for step in range(1, 50):
         never.update(step, 1.0)
     assert not never.done and never.waited == 48
-    resumed = trainer.EarlyStopping(patience=60)
+    resumed = fit_loop.EarlyStopping(patience=60)
     resumed.load(json.loads(json.dumps(never.state())))
     assert (resumed.best, resumed.best_step, resumed.waited, resumed.patience) == (1.0, 1, 48, 60)
 
@@ -46,7 +46,7 @@ def _fit(values: list[float], patience: int, max_steps: int = 100, eval_every: i
         calls["eval"].append(step)
         return {"val/elbo": next(script)}
 
-    loop = trainer.Loop(
+    loop = fit_loop.Loop(
         max_steps=max_steps,
         log_every=1000,
         eval_every=eval_every,
@@ -57,10 +57,10 @@ def _fit(values: list[float], patience: int, max_steps: int = 100, eval_every: i
         on_log=lambda step, metrics: None,
         on_eval=on_eval,
         on_checkpoint=lambda step, state, val: calls["checkpoint"].append((step, val)),
-        early_stop=trainer.EarlyStopping(patience),
+        early_stop=fit_loop.EarlyStopping(patience),
     )
     state = {"step": jnp.int32(0), "nonfinite": jnp.int32(0), "first_nonfinite": jnp.int32(-1)}
-    state, val, stopped = trainer.fit(state, train_step, lambda step: None, loop)
+    state, val, stopped = fit_loop.fit(state, train_step, lambda step: None, loop)
     return int(state["step"]), val, stopped, calls, loop.early_stop
 
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from cvae_exp import parallel
+from cvae_exp.data.feed import DeviceFeed, HostFeed, make_feed
 from cvae_exp.data.pipeline import BatchSampler, Split, make_sampler
-from cvae_exp.trainer import DeviceFeed, HostFeed, make_feed
 
 
 def toy_split(n: int = 50) -> Split:
@@ -25,7 +25,7 @@ def test_device_batches_equal_host_batches_across_epochs(seeds):
     sharding = parallel.data_sharded(mesh, len(seeds))
     feed = DeviceFeed(split, batch, seeds, parallel.replicated(mesh), sharding)
     cut = jax.jit(feed.cut)
-    host = make_sampler(split, batch, seeds[0], len(seeds))
+    host = make_sampler(split, batch, seeds)
     for step in range(14):
         step_array = np.full((len(seeds),) if len(seeds) > 1 else (), step, np.int32)
         got = jax.device_get(cut(feed(step), step_array))

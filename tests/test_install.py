@@ -24,6 +24,8 @@ def test_non_editable_install_trains_from_another_folder(tiny_mnist, cli_env, tm
     (wheel,) = wheels.glob("cvae_exp-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "cvae_exp/conf/config.yaml" in names and "cvae_exp/conf/experiment/sohn2015.yaml" in names
+    # the vmap launcher, in Hydra's plugin namespace (a namespace package: no hydra_plugins/__init__.py)
+    assert "hydra_plugins/cvae_vmap_launcher/vmap_launcher.py" in names and "hydra_plugins/__init__.py" not in names
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=CLI_TIMEOUT_S)
@@ -64,3 +66,7 @@ def test_non_editable_install_trains_from_another_folder(tiny_mnist, cli_env, tm
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((run / "metrics.json").read_text())["step"] == 5
+    plugins = subprocess.run(
+        [str(venv / "bin" / "cvae-train"), "--info", "plugins"], cwd=elsewhere, env=env, capture_output=True, text=True
+    )
+    assert "VmapLauncher" in plugins.stdout, plugins.stdout[-2000:]  # Hydra's own scan finds it

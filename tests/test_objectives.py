@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cvae_exp.data.pipeline import PIXELS, SIDE, prepare, quadrant_mask
+from cvae_exp.data.pipeline import PIXELS, SIDE, prepare_arrays, quadrant_mask
 from cvae_exp.distributions import gaussian_log_prob, kl_diag_gaussians, log_likelihood, reparameterize
 from cvae_exp.models.cvae import CVAE, Baseline, OutputHead
 from cvae_exp.objectives import conditional_nll, kl_weight, per_example_loss
@@ -494,7 +494,9 @@ def test_quadrant_condition_scores_exactly_the_unobserved_pixels(n_given, layout
     np.testing.assert_array_equal(quadrant_mask(n_given, layout) > 0, given)
     rng = np.random.default_rng(n_given)
     batch = {"image": rng.integers(0, 256, (3, PIXELS)).astype(np.uint8), "label": np.arange(3)}
-    x, y, mask = prepare(batch, jax.random.key(0), dynamic=False, condition="quadrants", n_given=n_given, layout=layout)
+    x, y, mask = prepare_arrays(
+        batch, jax.random.key(0), dynamic=False, condition="quadrants", n_given=n_given, layout=layout
+    )
     x, y, mask = map(np.asarray, (x, y, mask))
     np.testing.assert_array_equal(mask, np.broadcast_to(~given, mask.shape).astype(np.float32))
     assert mask.sum() == 3 * (4 - n_given) * (SIDE // 2) ** 2

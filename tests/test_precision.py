@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from cvae_exp.config import ModelConfig
 from cvae_exp.models import build_model
-from cvae_exp.trainer import Task, loss_fn
+from cvae_exp.steps import Task, loss_fn
 
 
 def test_bf16_step_agrees_with_fp32():

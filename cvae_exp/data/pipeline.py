@@ -101,11 +101,12 @@ class BatchSampler:
 
 
 class SeedSampler:
-    """The batches of K runs with seeds seed..seed+K-1, stacked on a leading axis: seed s draws exactly
-    what a single run with seed s would."""
+    """The batches of K runs with the given seeds (seed..seed+K-1 of trainer.num_seeds, or a vmap group's
+    members', repeats allowed), stacked on a leading axis: seed s draws exactly what a single run with seed
+    s would."""
 
-    def __init__(self, split: Split, batch_size: int, seed: int, seeds: int):
-        self.samplers = [BatchSampler(split, batch_size, s) for s in range(seed, seed + seeds)]
+    def __init__(self, split: Split, batch_size: int, seeds: list[int]):
+        self.samplers = [BatchSampler(split, batch_size, s) for s in seeds]
         self.steps_per_epoch = self.samplers[0].steps_per_epoch
 
     def order(self, epoch: int) -> np.ndarray:
@@ -117,11 +118,11 @@ class SeedSampler:
         return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
 
 
-def make_sampler(split: Split, batch_size: int, seed: int, seeds: int = 1):
-    """One run's batches, or the stacked batches of `seeds` vmapped runs."""
-    if seeds == 1:
-        return BatchSampler(split, batch_size, seed)
-    return SeedSampler(split, batch_size, seed, seeds)
+def make_sampler(split: Split, batch_size: int, seeds: list[int]):
+    """One run's batches (one seed), or the stacked batches of vmapped runs, one per seed."""
+    if len(seeds) == 1:
+        return BatchSampler(split, batch_size, seeds[0])
+    return SeedSampler(split, batch_size, seeds)
 
 
 def eval_batches(split: Split, batch_size: int):
@@ -162,7 +163,7 @@ def condition_dim(condition: str) -> int:
     return {"none": 0, "label": NUM_CLASSES, "quadrants": PIXELS}[condition]
 
 
-def prepare(
+def prepare_arrays(
     batch,
     key,
     *,
@@ -186,7 +187,7 @@ def prepare(
         return jax.nn.one_hot(batch["label"], NUM_CLASSES), y, jnp.ones_like(y)
     if condition == "none":
         return jnp.zeros((b, 0), jnp.float32), y, jnp.ones_like(y)
-    given = jnp.asarray(quadrant_mask(n_given, layout))
+    given = _given(n_given, layout)
     observed = jnp.broadcast_to(given, y.shape)
     if omission_rate > 0.0:
         observed = observed * (1.0 - _omission(key_omit, b, omission_rate))
@@ -194,10 +195,10 @@ def prepare(
     return x, y, jnp.broadcast_to(1.0 - given, y.shape)
 
 
-def prepare_for(batch, key, task, train: bool = False):
-    """`prepare` as a task (`trainer.Task`) asks for it: its condition and quadrants, and in training
+def prepare(batch, key, task, train: bool = False):
+    """`prepare_arrays` as a task (`steps.Task`) asks for it: its condition and quadrants, and in training
     (`train`) its dynamic binarization and omitted squares; evaluations and drawings see neither."""
-    return prepare(
+    return prepare_arrays(
         batch,
         key,
         dynamic=task.dynamic and train,
@@ -206,6 +207,15 @@ def prepare_for(batch, key, task, train: bool = False):
         layout=task.layout,
         omission_rate=task.omission_rate if train else 0.0,
     )
+
+
+def _given(n_given, layout: str) -> jax.Array:
+    """The observed-pixel mask [784]: a constant for a Python int, or (a vmap group whose members differ in
+    data.n_given) a traced int that picks its row of the masks for 0..3 quadrants, the mask as data."""
+    if isinstance(n_given, int):
+        return jnp.asarray(quadrant_mask(n_given, layout))
+    masks = np.stack([quadrant_mask(n, layout) for n in range(len(QUADRANT_LAYOUTS[layout]) + 1)])
+    return jnp.asarray(masks)[n_given]
 
 
 def _omission(key, b: int, rate: float) -> jax.Array:
