@@ -1,6 +1,6 @@
-"""What every entry point shares: the config directory, logging set-up, the schemas, and the way a command
-ends on a documented failure (one sentence on stderr and its exit code). Entry points import this module
-and nothing of each other.
+"""What every entry point shares: the config directory, the console (log lines through tqdm, library
+noise off unless `verbose=true`), the schemas, and the way a command ends on a documented failure (one
+sentence on stderr and its exit code). Entry points import this module and nothing of each other.
 """
 
 from __future__ import annotations
@@ -9,8 +9,12 @@ import contextlib
 import functools
 import logging
 import os
+import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from cvae_exp.config import register_configs
 from cvae_exp.errors import STORAGE_EXIT_CODE, Interrupted, UserError, storage_error
@@ -24,6 +28,57 @@ logging.getLogger("absl").addFilter(lambda r: not (r.exc_info and storage_error(
 _PACKAGE = Path(__file__).resolve().parent
 CONF_DIR = _PACKAGE / "conf" if (_PACKAGE / "conf").is_dir() else _PACKAGE.parent / "conf"
 register_configs()
+
+# What libraries log about themselves on every command, hidden unless verbose=true: {logger: what it says}.
+LIBRARY_NOTES = {
+    # JAX probing for a TPU this machine does not have (an INFO line on every CPU or GPU machine).
+    "jax._src.xla_bridge": re.compile(r"Unable to initialize backend"),
+    # Hugging Face datasets noting, when it is imported, which array libraries it found ("JAX version ...").
+    "datasets": re.compile(r"\w+ version \S+ available\.$"),
+    # Orbax restoring, as asked, from a checkpoint manager opened read-only (cvae-eval, cvae-sample).
+    "absl": re.compile(r"CheckpointManagerOptions\.read_only=True|Given directory is read only"),
+}
+
+
+def console(task):
+    """Runs a Hydra task with the console set up: log lines go through tqdm, so a line logged while the
+    progress bar is up prints on its own line and the bar redraws below it; the libraries' notes
+    (LIBRARY_NOTES, and Orbax's INFO lines) stay out of the console and the run's log unless
+    `verbose=true`. Our own warnings are always shown."""
+
+    @functools.wraps(task)
+    def run(cfg, *args, **kwargs):
+        with library_notes(shown=bool(cfg.get("verbose", False))), logging_redirect_tqdm():
+            return task(cfg, *args, **kwargs)
+
+    return run
+
+
+@contextlib.contextmanager
+def library_notes(shown: bool) -> Iterator[None]:
+    """Hides LIBRARY_NOTES while inside (or, `shown`, lets Orbax log at INFO too); restores on the way out."""
+    absl = logging.getLogger("absl")
+    level = absl.level
+    hidden = {} if shown else {name: _Hide(pattern) for name, pattern in LIBRARY_NOTES.items()}
+    if shown:
+        absl.setLevel(logging.INFO)
+    for name, hide in hidden.items():
+        logging.getLogger(name).addFilter(hide)
+    try:
+        yield
+    finally:
+        absl.setLevel(level)
+        for name, hide in hidden.items():
+            logging.getLogger(name).removeFilter(hide)
+
+
+class _Hide(logging.Filter):
+    def __init__(self, pattern: re.Pattern):
+        super().__init__()
+        self.pattern = pattern
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.pattern.match(record.getMessage()) is None
 
 
 def exit_on_user_error(fn):
