@@ -1,12 +1,14 @@
 """What every entry point shares: the config directory, the console (log lines through tqdm, library
-noise off unless `verbose=true`), the schemas, and the way a command ends on a documented failure (one
-sentence on stderr and its exit code). Entry points import this module and nothing of each other.
+noise off unless `verbose=true`, each command's `--help`), the schemas, and the way a command ends on a
+documented failure (one sentence on stderr and its exit code). Entry points import this module and
+nothing of each other.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import logging
 import os
 import re
@@ -14,6 +16,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from cvae_exp.config import register_configs
@@ -79,6 +83,46 @@ class _Hide(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return self.pattern.match(record.getMessage()) is None
+
+
+# ----------------------------------------------------------------------------- --help (conf/hydra/help)
+
+
+def command_doc(job_name: str) -> str:
+    """The `--help` header: the docstring of the entry point's module (Hydra's job name is its file name)."""
+    module = importlib.import_module(f"cvae_exp.{job_name}")
+    return (module.__doc__ or job_name).strip().replace("`", "")
+
+
+def command_groups(choices) -> str:
+    """The `--help` section on the groups this command composes (its defaults' choices; Hydra's own are
+    left to --hydra-help), each with the options Hydra would accept and the default marked, less the
+    schemas that register_configs keeps in the ConfigStore for validation (`model_schema`, ...); nothing
+    for a command without groups."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    loader = GlobalHydra.instance().config_loader()
+    lines = []
+    for group, choice in sorted(OmegaConf.to_container(choices).items()):
+        if group == "hydra" or group.startswith("hydra/"):
+            continue
+        schemas = {Path(name).stem for name in _stored(group)}
+        options = [name for name in sorted(loader.get_group_options(group)) if name not in schemas]
+        lines.append(f"{group}: {', '.join(options)}  (default: {choice or 'none'})")
+    if not lines:
+        return ""
+    return "== Configuration groups ==\nChoose one option per group (group=option):\n\n" + "\n".join(lines) + "\n\n"
+
+
+def _stored(group: str) -> list[str]:
+    try:
+        return ConfigStore.instance().list(group)
+    except OSError:  # no schema in this group
+        return []
+
+
+OmegaConf.register_new_resolver("cvae_command_doc", command_doc, replace=True)
+OmegaConf.register_new_resolver("cvae_command_groups", command_groups, replace=True)
 
 
 def exit_on_user_error(fn):
