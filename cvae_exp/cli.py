@@ -42,6 +42,8 @@ LIBRARY_NOTES = {
     # Orbax restoring, as asked, from a checkpoint manager opened read-only (cvae-eval, cvae-sample).
     "absl": re.compile(r"CheckpointManagerOptions\.read_only=True|Given directory is read only"),
 }
+# and datasets' progress bars while it decodes Parquet ("Generating train split"), read when it is imported.
+NO_DATASETS_BARS = "HF_DATASETS_DISABLE_PROGRESS_BARS"
 
 
 def console(task):
@@ -60,20 +62,26 @@ def console(task):
 
 @contextlib.contextmanager
 def library_notes(shown: bool) -> Iterator[None]:
-    """Hides LIBRARY_NOTES while inside (or, `shown`, lets Orbax log at INFO too); restores on the way out."""
+    """Hides LIBRARY_NOTES and datasets' bars while inside (unless the user set NO_DATASETS_BARS), or,
+    `shown`, lets Orbax log at INFO too; restores all on the way out."""
     absl = logging.getLogger("absl")
     level = absl.level
     hidden = {} if shown else {name: _Hide(pattern) for name, pattern in LIBRARY_NOTES.items()}
+    no_bars = not shown and NO_DATASETS_BARS not in os.environ
     if shown:
         absl.setLevel(logging.INFO)
     for name, hide in hidden.items():
         logging.getLogger(name).addFilter(hide)
+    if no_bars:
+        os.environ[NO_DATASETS_BARS] = "1"
     try:
         yield
     finally:
         absl.setLevel(level)
         for name, hide in hidden.items():
             logging.getLogger(name).removeFilter(hide)
+        if no_bars:
+            os.environ.pop(NO_DATASETS_BARS, None)
 
 
 class _Hide(logging.Filter):

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from conftest import CLI_TIMEOUT_S, CONF_DIR
 
-from cvae_exp.cli import library_notes
+from cvae_exp.cli import NO_DATASETS_BARS, library_notes
 
 TPU_PROBE = "Unable to initialize backend"  # jax._src.xla_bridge, at INFO, on every machine without a TPU
 READ_ONLY = ("read_only=True", "read only")  # Orbax's two notes on a checkpoint manager opened read-only
@@ -150,6 +150,18 @@ def test_our_warnings_stay_when_the_libraries_notes_go(caplog):
 
     assert shown(verbose=False) == set(ours.values())
     assert shown(verbose=True) == set(ours.values()) | set(notes.values())
+
+
+def test_datasets_bars_are_off_unless_verbose(monkeypatch):
+    monkeypatch.delenv(NO_DATASETS_BARS, raising=False)
+    with library_notes(shown=False):
+        assert os.environ[NO_DATASETS_BARS] == "1"
+    with library_notes(shown=True):
+        assert NO_DATASETS_BARS not in os.environ
+    assert NO_DATASETS_BARS not in os.environ
+    monkeypatch.setenv(NO_DATASETS_BARS, "0")  # the user's own choice stands
+    with library_notes(shown=False):
+        assert os.environ[NO_DATASETS_BARS] == "0"
 
 
 HELP = """
