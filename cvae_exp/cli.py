@@ -98,8 +98,11 @@ class _Hide(logging.Filter):
 
 def command_doc(job_name: str) -> str:
     """The `--help` header: the docstring of the entry point's module (Hydra's job name is its file name)."""
-    module = importlib.import_module(f"cvae_exp.{job_name}")
-    return (module.__doc__ or job_name).strip().replace("`", "")
+    try:
+        doc = importlib.import_module(f"cvae_exp.{job_name}").__doc__
+    except ImportError:  # hydra.job.name=<another name> on the command line
+        doc = None
+    return (doc or job_name).strip().replace("`", "")
 
 
 def command_groups(choices) -> str:
