@@ -22,7 +22,7 @@ import time
 import hydra
 from omegaconf import DictConfig
 
-from cvae_exp.cli import CONF_DIR, exit_on_user_error
+from cvae_exp.cli import CONF_DIR, console, exit_on_user_error
 from cvae_exp.config import check_keys, validate
 from cvae_exp.errors import UserError
 
@@ -314,6 +314,7 @@ def bench(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 @exit_on_user_error
+@console
 def main(cfg: DictConfig) -> None:
     print(json.dumps(bench(cfg)))
 

@@ -160,6 +160,7 @@ class Config:
     resume_data_change: bool = (
         False  # resume: let data.* or the data itself (source, split sizes) differ from the run's
     )
+    verbose: bool = False  # also show what JAX and Orbax log about themselves (the TPU probe, read-only restores)
 
 
 @dataclass
@@ -169,6 +170,7 @@ class EvalApp:
     run_dir: str = MISSING  # the cvae-train run directory to evaluate
     eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0  # key of the importance samples
+    verbose: bool = False  # as in cvae-train
 
 
 def register_configs() -> None:

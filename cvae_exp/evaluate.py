@@ -20,7 +20,7 @@ import hydra
 from omegaconf import DictConfig
 
 from cvae_exp import launch
-from cvae_exp.cli import CONF_DIR, exit_on_user_error, no_wait_after_storage_failure
+from cvae_exp.cli import CONF_DIR, console, exit_on_user_error, no_wait_after_storage_failure
 from cvae_exp.config import EvalApp, check_keys, register_configs, require_run_dir, validate_eval
 from cvae_exp.kinds import kind
 
@@ -120,6 +120,7 @@ def evaluate_run(
 @no_wait_after_storage_failure
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")
 @exit_on_user_error
+@console
 def main(cfg: DictConfig) -> None:
     require_run_dir(cfg, "cvae-eval")
     check_keys(cfg, EvalApp)

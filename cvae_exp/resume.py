@@ -8,7 +8,7 @@ from the config the run recorded (the newest checkpoint whose JSON item reads an
 - a config-group choice (`model=vae`, `experiment=sohn2015`): nothing when it is the run's own choice
   (recorded in `.hydra/hydra.yaml`); a different one replaces that group's node (model, data, ...), and
   a different global one (experiment, sweep) is refused, since it would change keys all over;
-- `resume`, `resume_data_change` and `cluster.*` describe this launch and always come from the command.
+- `resume`, `resume_data_change`, `cluster.*` and `verbose` describe this launch and always come from the command.
 
 Then the rules: what the arrays' shapes depend on (checkpoint.SHAPE_KEYS) may not change, and neither may
 the data (`data.*`; after loading, the source and split sizes the checkpoint recorded) unless the command
@@ -30,7 +30,7 @@ from cvae_exp.data import sources
 from cvae_exp.errors import UserError
 
 log = logging.getLogger("cvae_exp")
-PER_LAUNCH = ("resume", "resume_data_change", "cluster")  # from the command, never from the saved run
+PER_LAUNCH = ("resume", "resume_data_change", "cluster", "verbose")  # from the command, never from the saved run
 GROUP_NODES = ("model", "data", "optimizer", "trainer", "checkpoint", "logger")  # groups that fill one node
 
 

@@ -19,7 +19,6 @@ Every grid has a grey 1-pixel border between digits and is scaled up `sample.sca
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,13 +28,11 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
 from cvae_exp import launch
-from cvae_exp.cli import CONF_DIR, exit_on_user_error, no_wait_after_storage_failure
+from cvae_exp.cli import CONF_DIR, console, exit_on_user_error, no_wait_after_storage_failure
 from cvae_exp.config import check_keys, require_run_dir
 from cvae_exp.errors import UserError
 from cvae_exp.kinds import kind
 
-for _name in ("absl", "jax._src.xla_bridge"):  # read-only checkpoint notices and backend probing, not news here
-    logging.getLogger(_name).setLevel(logging.ERROR)
 PANEL_GAP = 4  # white pixels between the per-digit panels of the latent walk
 
 
@@ -56,6 +53,7 @@ class SampleApp:
     run_dir: str = MISSING
     seed: int = 0
     sample: SampleOptions = field(default_factory=SampleOptions)
+    verbose: bool = False  # as in cvae-train
 
 
 ConfigStore.instance().store(name="sample_app_schema", node=SampleApp)
@@ -175,6 +173,7 @@ def sample_run(run_dir: str, opts, seed: int = 0) -> list[Path]:
 @no_wait_after_storage_failure
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="sample")
 @exit_on_user_error
+@console
 def main(cfg: DictConfig) -> None:
     require_run_dir(cfg, "cvae-sample")
     check_keys(cfg, SampleApp)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from cvae_exp.cli import CONF_DIR, exit_on_user_error, no_wait_after_storage_failure
+from cvae_exp.cli import CONF_DIR, console, exit_on_user_error, no_wait_after_storage_failure
 
 
 def train(cfg: DictConfig) -> float:
@@ -23,6 +23,7 @@ def train(cfg: DictConfig) -> float:
 @no_wait_after_storage_failure
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 @exit_on_user_error
+@console
 def main(cfg: DictConfig) -> float:
     return train(cfg)
 
