@@ -231,6 +231,7 @@ def restore_first(manager: ocp.CheckpointManager, target: Any, steps: list[int])
             )
         except Exception as err:  # Orbax raises many types for damaged files; all mean "skip it"
             log.warning("Checkpoint at step %d (%s) could not be restored and is skipped: %s", step, where, _short(err))
+            _quiet_unretrieved_reads()
             damaged.append(step)
             continue
         meta = dict(restored["meta"])
@@ -262,6 +263,26 @@ def changed_shape_keys(saved: dict, current: dict) -> list[str]:
         return cfg
 
     return [k for k in SHAPE_KEYS if get(saved, k) != get(current, k)]
+
+
+class _UnretrievedReads(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" reports (each with a traceback), which come when
+    the failed reads of a damaged checkpoint that Orbax's gather did not wait for are collected, at any later
+    moment: the damage is already reported, in one sentence."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).partition("\n")[0].endswith("exception was never retrieved")
+
+
+def _quiet_unretrieved_reads() -> None:
+    """After a failed restore: asyncio's reports of its unretrieved reads are dropped from now on, and the
+    ones already unreachable are collected here, so that none surfaces later in the run's output."""
+    import gc
+
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _UnretrievedReads) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_UnretrievedReads())
+    gc.collect()
 
 
 def _short(err: Exception) -> str:
