@@ -398,3 +398,18 @@ def validate(cfg: DictConfig) -> None:
     _at_least("checkpoint.keep", cfg.checkpoint.keep, 1)
     validate_eval(cfg)
     _choice("resume", resume_mode(cfg), RESUME)
+
+
+def dotted(tree: dict, groups: tuple[str, ...] | None = None, prefix: str = "") -> dict:
+    """A nested plain config as dotted keys ("optimizer.transform.b1": 0.9), of the top-level `groups` only
+    when given; an empty mapping has no key to show and is left out."""
+    out = {}
+    for k, v in tree.items():
+        if prefix == "" and groups is not None and k not in groups:
+            continue
+        name = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(dotted(v, groups, f"{name}."))
+        else:
+            out[name] = v
+    return out

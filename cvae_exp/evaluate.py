@@ -76,7 +76,7 @@ def evaluate_run(
     mesh = parallel.make_mesh("all")
     run = load_run(run_dir, sharding=parallel.replicated(mesh), seed_index=seed_index)
     launch.release_log()  # accepted: the log may reach <run dir>/evaluate.log
-    batch_size = -(-batch_size // mesh.size) * mesh.size
+    batch_size = parallel.round_to_devices(batch_size, mesh)
     data = run.splits.test if split == "test" else run.splits.val
     if examples:  # the first `examples` digits: a fixed subset, the same for every run
         data = Split(data.images[:examples], data.labels[:examples])

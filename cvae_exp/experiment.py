@@ -37,6 +37,14 @@ class Experiment:
     build_params: Callable[[int], Any]  # seed -> freshly initialised params (those of a run with that seed)
     baseline_run: str | None = None  # model.baseline_run: the run whose best params start the baseline submodule
 
+    @property
+    def fingerprint(self) -> dict:
+        """What a checkpoint records the run was trained on: the data source and the split sizes."""
+        return {
+            "source": self.source,
+            **{name: len(getattr(self.splits, name).images) for name in ("train", "val", "test")},
+        }
+
     def init_state(self, seed: int, params: Any = None, baseline: Any = None) -> dict:
         """The state training starts from, with `params` (default: those built for the config's seed) and,
         given `baseline` (the pre-trained baseline's params, `trained_run.baseline_params`), the baseline

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from cvae_exp import checkpoint, members, parallel, steps
 from cvae_exp.data.feed import make_feed
 from cvae_exp.errors import UserError
-from cvae_exp.experiment import build_experiment, with_baseline
+from cvae_exp.experiment import build_experiment, training_mesh, with_baseline
 from cvae_exp.launch import RECORD_DIR, _write, watch_background_writes
 from cvae_exp.loop import EarlyStopping
 from cvae_exp.rundir import RunLock
@@ -178,11 +178,10 @@ def train_group(jobs: list[Job], partition: int, swept: list[str]) -> list[Membe
     k = len(group)
 
     # ---- devices
-    mesh = parallel.make_mesh(t.devices)
-    parallel.check_batch("trainer.batch_size", t.batch_size, mesh)
+    mesh = training_mesh(cfg)
     state_sharding, batch_sharding = parallel.replicated(mesh), parallel.data_sharded(mesh, k)
     eval_sharding = parallel.data_sharded(mesh)
-    eval_batch = -(-t.eval_batch_size // mesh.size) * mesh.size
+    eval_batch = parallel.round_to_devices(t.eval_batch_size, mesh)
 
     # ---- data, model and the members' optimizers and states
     exp = build_experiment(cfg)
@@ -195,7 +194,7 @@ def train_group(jobs: list[Job], partition: int, swept: list[str]) -> list[Membe
         if baseline is not None:
             params = with_baseline(params, baseline, exp.baseline_run)
         fresh.append(steps.init_state(params, tx, m.seed))
-    data = {"source": exp.source, **{name: len(getattr(splits, name).images) for name in ("train", "val", "test")}}
+    data = exp.fingerprint
 
     with contextlib.ExitStack() as held:
         # ---- the job directories: locked, checkpoints restored, then the records and logs go to disk

@@ -17,7 +17,6 @@ import logging
 import signal
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -74,6 +73,7 @@ class GroupRun:
             self.graphdef, self.opt, self.tx, self.task, state_sharding, self.feed
         )
         self.eval_fn = members.make_group_eval_step(self.graphdef, self.task, state_sharding)
+        self.hp_on_device = jax.device_put(self.hp, state_sharding)  # the traced Task fields, placed once
         self.eval_keys = jax.numpy.stack([steps.eval_keys(m.seed) for m in self.group])
         self.log_every, self.eval_every = t.log_every, t.eval_every
         self.checkpoint_every = self.cfg.checkpoint.every
@@ -84,8 +84,7 @@ class GroupRun:
 
     def evaluate(self, params, split) -> dict:
         """Per-member means over a split (arrays of K values); `params` stacked over the members."""
-        hp = jax.device_put(self.hp, self.shardings[0])
-        fn = lambda p, b, k: self.eval_fn(p, b, k, hp)
+        fn = lambda p, b, k: self.eval_fn(p, b, k, self.hp_on_device)
         return steps.evaluate(fn, params, split, self.eval_batch, self.shardings[1], self.eval_keys)
 
     def _active(self, done: int) -> list[int]:
@@ -98,7 +97,7 @@ class GroupRun:
             m.writer = Writer(m.job.run_dir, enabled=m.plain["logger"]["tensorboard"], resume_step=m.resumed_from)
         start = max(m.start_step for m in group)
         end = max(m.until for m in group)
-        hp = jax.device_put(self.hp, self.shardings[0])
+        hp = self.hp_on_device
         for i, m in enumerate(group):
             if m.start_step >= m.until:  # finished before this launch: it stays as restored
                 self.final[i] = steps.member(state, i)
@@ -244,21 +243,15 @@ class GroupRun:
 
     def finish(self, state, t0: float) -> None:
         """The final evaluation and every job's metrics.json and HPARAMS."""
-        from cvae_exp.metrics import flat
+        from cvae_exp.metrics import final_metrics, hparams, write_metrics
 
         k = len(self.group)
         final = steps.stack([self.final.get(i) or steps.member(state, i) for i in range(k)])  # (failed: unused)
         val = self.evaluate(final["params"], self.splits.val) if any(not m.val for m in self.group) else None
         test = self.evaluate(final["params"], self.splits.test)
-        facts = {
-            "devices": self.shardings[0].mesh.size,
-            "processes": 1,
-            "wall_s": time.perf_counter() - t0,
-            "data_source": self.data["source"],
-            "train_examples": self.data["train"],
-            "hardware": parallel.hardware(self.shardings[0].mesh.size),
-        }
-        rate = self.steps_run * self.cfg.trainer.batch_size / self.train_s if self.steps_run else None
+        mesh_size = self.shardings[0].mesh.size
+        machine = {"devices": mesh_size, "processes": 1, "hardware": parallel.hardware(mesh_size)}
+        wall_seconds = time.perf_counter() - t0
         for i, m in enumerate(self.group):
             if m.error is not None:
                 m.writer.close()
@@ -273,13 +266,32 @@ class GroupRun:
                 "size": k,
                 "traced": self.traced,
             }
-            # examples_per_s: this member's share of the group's (all members' together / K)
-            metrics = job_metrics(m, m.val, member_test, self.final[i], facts | {"examples_per_s": rate},
-                                  entry)  # fmt: skip
+            state_i = self.final[i]
+            # A single run's metrics.json, plus `group`; examples_per_s is this member's share of the group's
+            # (the group's steps at one model's batch: all members' examples together / K).
+            metrics = final_metrics(
+                step=int(jax.device_get(state_i["step"])),
+                val=m.val,
+                test=member_test,
+                per_seed=[
+                    {
+                        "skipped_steps": int(jax.device_get(state_i["nonfinite"])),
+                        "params_sha256": steps.params_sha256(state_i["params"]),
+                    }
+                ],
+                steps_run=self.steps_run,
+                batch_size=self.cfg.trainer.batch_size,
+                train_seconds=self.train_s,
+                wall_seconds=wall_seconds,
+                previous={},
+                source=self.data["source"],
+                train_examples=self.data["train"],
+                early=m.early,
+                machine=machine,
+            ) | {"group": entry}
             m.metrics = metrics
-            hparams = hparams_first(flat(m.plain, ("model", "data", "optimizer", "trainer", "seed")), self.swept)
             m.writer.hparams(
-                hparams,
+                hparams_first(hparams(m.plain), self.swept),
                 {
                     f"{s}/{n}": metrics.get(f"{s}/{n}", float("nan"))
                     for s in ("val", "test")
@@ -289,24 +301,3 @@ class GroupRun:
             m.writer.close()
             write_metrics(m.job.run_dir, metrics)
             m.log.info("Done (job %d): %s", m.job.num, json.dumps(metrics))
-
-
-def job_metrics(m, val: dict, test: dict, state_i: dict, run_facts: dict, group_entry: dict) -> dict:
-    """A job's metrics.json (`m` a cvae_exp.group.Member): a single run's keys (cvae_exp.training) with this member's values, plus `group`."""
-    return {
-        "step": int(jax.device_get(state_i["step"])),
-        **val,
-        **test,
-        **run_facts,
-        "skipped_steps": int(jax.device_get(state_i["nonfinite"])),
-        "params_sha256": steps.params_sha256(state_i["params"]),
-        "stopped_early": m.early.done,
-        "best_step": m.early.best_step,
-        "group": group_entry,
-    }
-
-
-def write_metrics(run_dir: Path, metrics: dict) -> None:
-    from cvae_exp.metrics import strict
-
-    (run_dir / "metrics.json").write_text(json.dumps(strict(metrics), indent=2) + "\n")

@@ -29,6 +29,7 @@ import optax
 from hydra.utils import instantiate
 
 from cvae_exp import steps
+from cvae_exp.config import dotted
 from cvae_exp.optim import Optimizer, make_optimizer
 
 # The keys whose values may differ inside a group (optimizer.transform's float arguments, b1, b2, eps,
@@ -47,20 +48,9 @@ MEMBER_KEYS = (
 TASK_KEYS = {"model.beta": "beta", "model.alpha": "alpha", "data.n_given": "n_given"}  # traced into the Task
 
 
-def flat(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """A nested plain config as dotted keys."""
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict) and v:
-            out.update(flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def member_values(plain: dict) -> dict[str, Any]:
     """The values of a job (a resolved plain config) that may differ inside its group."""
-    values = flat(plain)
+    values = dotted(plain)
     out = {k: values[k] for k in MEMBER_KEYS if k in values}
     for k, v in values.items():
         if k.startswith("optimizer.transform.") and isinstance(v, float):
@@ -74,7 +64,7 @@ def member_values(plain: dict) -> dict[str, Any]:
 
 def signature(plain: dict) -> str:
     """Everything of a job but its member values, as one string: jobs with equal signatures can share a group."""
-    values = flat(plain)
+    values = dotted(plain)
     for k in member_values(plain):
         values.pop(k)
     return json.dumps(values, sort_keys=True, default=str)

@@ -1,10 +1,12 @@
 """What a training run reports: each seed's values out of per-seed arrays, the mean over the seeds, each seed's
-final results, and what metrics.json holds (`final_metrics`, pure: no JAX, no files). `cvae_exp.training` calls
-these; numpy only."""
+final results, and what metrics.json holds (`final_metrics`, pure: no JAX, no files; `write_metrics` writes it).
+`cvae_exp.training` and the vmap group (cvae_exp.group_loop) call these; numpy only."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 
@@ -102,15 +104,14 @@ def strict(metrics: dict) -> dict:
     return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
 
 
-def flat(tree: dict, keys: tuple[str, ...], prefix: str = "") -> dict:
-    """Dotted keys for the hparams summary, for the groups a sweep varies."""
-    out = {}
-    for k, v in tree.items():
-        if prefix == "" and k not in keys:
-            continue
-        name = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flat(v, keys, f"{name}."))
-        else:
-            out[name] = v
-    return out
+def hparams(plain: dict) -> dict:
+    """A run's hyperparameters for the HPARAMS summary (dotted keys of the groups a sweep varies): the same
+    names in every job, whatever its model kind, so the HPARAMS view compares them all."""
+    from cvae_exp.config import dotted
+
+    return dotted(plain, ("model", "data", "optimizer", "trainer", "seed"))
+
+
+def write_metrics(run_dir: Path, metrics: dict) -> None:
+    """<run dir>/metrics.json, strict JSON."""
+    (run_dir / "metrics.json").write_text(json.dumps(strict(metrics), indent=2) + "\n")

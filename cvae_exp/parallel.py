@@ -61,6 +61,12 @@ def check_batch(key: str, batch_size: int, mesh) -> None:
         raise UserError(f"{key}={batch_size} does not divide by the {n} devices in use; pick a multiple of {n}.")
 
 
+def round_to_devices(batch_size: int, mesh) -> int:
+    """An evaluation batch size rounded up to a multiple of the devices, so that every device gets a share
+    (evaluation batches are padded and weighted, so any size is exact)."""
+    return -(-batch_size // mesh.size) * mesh.size
+
+
 def replicated(mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 

@@ -21,7 +21,7 @@ from cvae_exp import launch
 from cvae_exp.config import RESUME, check_keys, check_targets, resume_mode, validate
 from cvae_exp.data import sources
 from cvae_exp.errors import Interrupted, UserError
-from cvae_exp.metrics import final_metrics, flat, per_seed_results, prefixed, seed_values, strict, summarize
+from cvae_exp.metrics import final_metrics, hparams, per_seed_results, prefixed, seed_values, summarize, write_metrics
 from cvae_exp.rundir import RunLock, current_run_dir
 
 log = logging.getLogger("cvae_exp")
@@ -100,7 +100,7 @@ def _train(cfg: DictConfig, run_dir: Path, mode: str, signals: launch.Interrupti
     manager.close()
     launch.check_background_writes()
     if _process_index() == 0:
-        (run_dir / "metrics.json").write_text(json.dumps(strict(metrics), indent=2) + "\n")
+        write_metrics(run_dir, metrics)
     log.info("Done: %s", json.dumps(metrics))
     return metrics
 
@@ -209,9 +209,8 @@ def _data_fingerprint(exp, resumed) -> dict:
     data is refused (resume_data_change)."""
     from cvae_exp import resume
 
-    sizes = {name: len(getattr(exp.splits, name).images) for name in ("train", "val", "test")}
-    log.info("Data: %s; train %d, val %d, test %d", exp.source, sizes["train"], sizes["val"], sizes["test"])
-    fingerprint = {"source": exp.source, **sizes}
+    fingerprint = exp.fingerprint
+    log.info("Data: %s; train %d, val %d, test %d", exp.source, *(fingerprint[s] for s in ("train", "val", "test")))
     resume.check_data(resumed, fingerprint)
     return fingerprint
 
@@ -276,7 +275,7 @@ class _Hooks:
         eval_step = steps.make_eval_step(exp.graphdef, exp.task, placed.state_sharding, num_seeds)
         evaluate = _Validation(
             eval_step,
-            -(-cfg.trainer.eval_batch_size // mesh.size) * mesh.size,
+            parallel.round_to_devices(cfg.trainer.eval_batch_size, mesh),
             parallel.data_sharded(mesh),  # every seed is evaluated on the same batch
             steps.eval_keys(cfg.seed, num_seeds),
         )
@@ -339,12 +338,12 @@ class _Hooks:
         a sweep's swept keys first."""
         from cvae_exp.tensorboard import hparams_first, swept_keys
 
-        hparams = hparams_first(flat(self.plain, ("model", "data", "optimizer", "trainer", "seed")), swept_keys())
+        run_hparams = hparams_first(hparams(self.plain), swept_keys())
         for i, writer in enumerate(self.writers):
             if per_seed is not None:
                 result = per_seed[i]
                 writer.hparams(
-                    hparams | {"seed": result["seed"]},
+                    run_hparams | {"seed": result["seed"]},
                     {
                         f"{split}/{name}": result.get(f"{split}/{name}", math.nan)
                         for split in ("val", "test")
