@@ -205,10 +205,8 @@ def group_loop(exp, cfg: DictConfig, mesh, warmup: int, k: int):
         lr = base["optimizer"]["lr"] / (3 if i % 2 else 1)
         plains.append({**base, "seed": cfg.seed + i, "optimizer": {**base["optimizer"], "lr": lr}})
     traced = members.varying(plains)
-    opt, values = members.member_optimizer(base["optimizer"], train.max_steps, traced)
-    txs = [opt.init(values(p["optimizer"])) for p in plains]
+    opt, txs, states = members.initial_states(exp, plains, traced)
     seeds = [p["seed"] for p in plains]
-    states = [steps.init_state(exp.build_params(s), tx, s) for s, tx in zip(seeds, txs, strict=True)]
     replicated, sharded = parallel.replicated(mesh), parallel.data_sharded(mesh, k)
     feed = make_feed(exp.splits.train, train.batch_size, seeds, replicated, sharded, train.data_on_device)
     state = jax.device_put(steps.stack(states), replicated)

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from cvae_exp import checkpoint, members, parallel, steps
 from cvae_exp.data.feed import make_feed
 from cvae_exp.errors import UserError
-from cvae_exp.experiment import build_experiment, training_mesh, with_baseline
+from cvae_exp.experiment import build_experiment, training_mesh
 from cvae_exp.launch import RECORD_DIR, _write, watch_background_writes
 from cvae_exp.loop import EarlyStopping
 from cvae_exp.rundir import RunLock
@@ -186,14 +186,7 @@ def train_group(jobs: list[Job], partition: int, swept: list[str]) -> list[Membe
     # ---- data, model and the members' optimizers and states
     exp = build_experiment(cfg)
     splits, task, graphdef = exp.splits, exp.task, exp.graphdef
-    opt, opt_values = members.member_optimizer(plains[0]["optimizer"], t.max_steps, traced)
-    txs = [opt.init(opt_values(p["optimizer"])) for p in plains]
-    baseline, fresh = baseline_params(exp.baseline_run), []
-    for m, tx in zip(group, txs, strict=True):
-        params = exp.build_params(m.seed)
-        if baseline is not None:
-            params = with_baseline(params, baseline, exp.baseline_run)
-        fresh.append(steps.init_state(params, tx, m.seed))
+    opt, txs, fresh = members.initial_states(exp, plains, traced, baseline_params(exp.baseline_run))
     data = exp.fingerprint
 
     with contextlib.ExitStack() as held:

@@ -140,6 +140,24 @@ def member_optimizer(optimizer: dict, total_steps: int, traced_keys: list[str]) 
 # ----------------------------------------------------------------------------- states and steps
 
 
+def initial_states(exp, plains: list[dict], traced: list[str], baseline: Any = None):
+    """The group's optimizer and each member's transformation and fresh state (on the host): member i starts
+    as a separate run of `plains[i]` would, from its seed's parameters (with the pre-trained `baseline`'s,
+    `trained_run.baseline_params`, in its baseline submodule when given). `exp`: the partition's Experiment."""
+    from cvae_exp.experiment import with_baseline
+
+    opt, values = member_optimizer(plains[0]["optimizer"], plains[0]["trainer"]["max_steps"], traced)
+    txs, states = [], []
+    for plain in plains:
+        tx = opt.init(values(plain["optimizer"]))
+        params = exp.build_params(plain["seed"])
+        if baseline is not None:
+            params = with_baseline(params, baseline, exp.baseline_run)
+        txs.append(tx)
+        states.append(steps.init_state(params, tx, plain["seed"]))
+    return opt, txs, states
+
+
 def plain_state(member_state: dict) -> dict:
     """A member's state as a single run saves it: an injected optimizer state unwrapped to the state it wraps."""
     opt_state = member_state["opt_state"]
