@@ -106,7 +106,7 @@ def _check_parquet(path: str, files: list[Path]) -> None:
             raise UserError(f"data.path={path}: {file} is not a readable Parquet file ({_first_line(err)}).") from None
         cell = first.column(0)[0].as_py() if first is not None and first.num_rows else None
         if isinstance(cell, dict) and cell.get("bytes"):  # the Hub's Image feature: encoded bytes
-            width, height = _open_image(cell, f"data.path={path}: row 0 of {file}").size
+            width, height = _open_image(cell, lambda file=file: f"data.path={path}: row 0 of {file}").size
             if (width, height) != (_SIDE, _SIDE):
                 raise UserError(
                     f"data.path={path} holds {width}x{height} images ({file.name}); "
@@ -119,13 +119,14 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0][:300]}" if text else type(err).__name__
 
 
-def _open_image(cell: dict, where: str) -> Image.Image:
-    """One image cell of the Hub's Image feature, decoded; undecodable bytes are refused naming `where`."""
+def _open_image(cell: dict, where: Callable[[], str]) -> Image.Image:
+    """One image cell of the Hub's Image feature, decoded; undecodable bytes are refused naming `where()`, which
+    is only worked out then (naming a row opens its Parquet file's metadata: far too slow for every row)."""
     try:
         image = Image.open(io.BytesIO(cell["bytes"]) if cell["bytes"] is not None else cell["path"])
         image.load()
     except Exception as err:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ... for broken bytes
-        raise UserError(f"{where} is not a decodable image ({_first_line(err)}).") from None
+        raise UserError(f"{where()} is not a decodable image ({_first_line(err)}).") from None
     return image
 
 
@@ -196,7 +197,7 @@ def _decode_split(dd, where: str, split: str, files: Callable[[str], list[Path]]
     cells = ds.cast_column("image", datasets.Image(decode=False)).with_format("arrow")["image"].to_pylist()
     images = np.empty((len(cells), _SIDE, _SIDE), np.uint8)
     for i, cell in enumerate(cells):
-        image = _open_image(cell, f"{where}: {row(i)}")
+        image = _open_image(cell, lambda i=i: f"{where}: {row(i)}")
         if image.size != (_SIDE, _SIDE) or image.mode != "L":
             size = f"{image.size[0]}x{image.size[1]} {image.mode}"
             raise UserError(f"{where} holds {size} images; this model needs {_SIDE}x{_SIDE} grayscale (L) digits.")
