@@ -11,7 +11,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# compat: the repository on sys.path, so Hydra's scan of the hydra_plugins namespace finds our launcher
 	# (setuptools' default editable finder is invisible to pkgutil.walk_packages)
-	$(BIN)/pip install -q -e ".[dev,cluster]" --config-settings editable_mode=compat
+	# --no-compile: no bytecode for every module of every dependency (half of the install's time); Python writes
+	# it for the modules a command imports, the first time one does
+	$(BIN)/pip install -q --no-compile -e ".[dev,cluster]" --config-settings editable_mode=compat
 	touch $(STAMP)
 
 install: $(STAMP)

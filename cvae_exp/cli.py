@@ -72,8 +72,14 @@ def library_notes(shown: bool) -> Iterator[None]:
         absl.setLevel(logging.INFO)
     for name, hide in hidden.items():
         logging.getLogger(name).addFilter(hide)
+    # datasets reads the variable when it is imported; where that has happened already (a caller that imported
+    # it, a command run from Python), its switch turns them off instead
+    loaded = sys.modules.get("datasets.utils") if no_bars else None
+    switched = loaded is not None and not loaded.are_progress_bars_disabled()
     if no_bars:
         os.environ[NO_DATASETS_BARS] = "1"
+    if switched:
+        loaded.disable_progress_bars()
     try:
         yield
     finally:
@@ -82,6 +88,8 @@ def library_notes(shown: bool) -> Iterator[None]:
             logging.getLogger(name).removeFilter(hide)
         if no_bars:
             os.environ.pop(NO_DATASETS_BARS, None)
+        if switched:
+            loaded.enable_progress_bars()
 
 
 class _Hide(logging.Filter):

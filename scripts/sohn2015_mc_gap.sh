@@ -4,7 +4,8 @@
 # digits (default 1,000: S = 10,000 over all 10,000 digits would take hours on a CPU), and S = 1,000 over
 # the whole test split beside the table's S = 100.
 #   scripts/sohn2015_mc_gap.sh <cell run dir, e.g. <sweep dir>/cvae_n1_s0> <out.csv>
-# Each evaluation is cvae-eval with eval.tag (eval_test_<tag>.json in the run dir, skipped when present);
+# Each evaluation is a cvae-eval job with eval.tag (eval_test_<tag>.json in the run dir, skipped when present;
+# its log under <run dir>/eval_logs/);
 # the samples are nested: with eval.chunk=100 the first 100 of S = 1,000 are those of S = 100, and so on.
 # Environment: EXAMPLES (the subset, default 1000), SAMPLES (the S on the subset, default "100 1000 10000"),
 # FULL (the S on the whole split, default "100 1000"), BIN (the console scripts, default .venv/bin).
@@ -13,19 +14,29 @@ run=$(cd "$1" && pwd); out=$2
 bin=${BIN:-.venv/bin}
 examples=${EXAMPLES:-1000}
 evals=()
-specs=()
-for samples in ${SAMPLES:-100 1000 10000}; do specs+=("$samples $examples"); done
-for samples in ${FULL:-100 1000}; do specs+=("$samples 0"); done
-for spec in "${specs[@]}"; do
-  read -r samples n <<< "$spec"
-  tag="S${samples}_$([ "$n" = 0 ] && echo all || echo "first$n")"
-  if [ ! -f "$run/eval_test_$tag.json" ]; then
-    echo "[mc_gap $(date +%T)] S=$samples, examples=${n/#0/all}" >&2
-    "$bin/cvae-eval" "run_dir=$run" eval.split=test "eval.samples=$samples" "eval.examples=$n" "eval.tag=$tag" \
-      eval.chunk=100 | grep '^{' >/dev/null
+# group <examples (0: all)> <S ...>: one cvae-eval process for the S not yet evaluated on that subset (a
+# Hydra multirun over eval.samples, the tag interpolated per job), then the group's files in order.
+group() {
+  local n=$1 samples todo=() where
+  shift
+  where=$([ "$n" = 0 ] && echo all || echo "first$n")
+  for samples in "$@"; do
+    [ -f "$run/eval_test_S${samples}_$where.json" ] || todo+=("$samples")
+    evals+=("$run/eval_test_S${samples}_$where.json")
+  done
+  if [ ${#todo[@]} -gt 0 ]; then
+    local list
+    list=$(IFS=,; echo "${todo[*]}")
+    echo "[mc_gap $(date +%T)] S=$list, examples=${n/#0/all}" >&2
+    "$bin/cvae-eval" -m "run_dir=$run" eval.split=test "eval.samples=$list" "eval.examples=$n" \
+      "eval.tag=S\${eval.samples}_$where" eval.chunk=100 "hydra.sweep.dir=$run/eval_logs/mc_gap_$where" \
+      | grep '^{' >/dev/null
   fi
-  evals+=("$run/eval_test_$tag.json")
-done
+}
+# shellcheck disable=SC2086  # the lists of S are meant to split into words
+group "$examples" ${SAMPLES:-100 1000 10000}
+# shellcheck disable=SC2086
+group 0 ${FULL:-100 1000}
 "$bin/python" - "$out" "${evals[@]}" <<'PY'
 import csv, json, sys
 columns = ["samples", "examples", "ncll_mc", "ncll_mc_sem", "ncll_is", "ncll_is_sem", "neg_elbo", "checkpoint_step", "seconds"]

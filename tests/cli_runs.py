@@ -1,10 +1,12 @@
-"""Helpers for the tests that run `cvae-train` as a subprocess: tiny runs on the `tiny_mnist` dataset, started
-in the background or together, and what they leave on disk (checkpoints, metrics, TensorBoard curves)."""
+"""Helpers for the tests that run `cvae-train`: tiny runs on the `tiny_mnist` dataset, in this process or as
+new processes (in the background, or several together), and what they leave on disk (checkpoints, metrics,
+TensorBoard curves)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -66,8 +68,18 @@ def together(jobs: dict[str, list[str]], env: dict, root: Path) -> dict[str, tup
     return {name: finish(proc, root / f"{name}.log") for name, proc in procs.items()}
 
 
-def train(args: list[str], env: dict, log: Path) -> tuple[int, str]:
-    return finish(launch(args, env, log), log)
+def train(args: list[str], env: dict, log: Path, *, fresh_process: bool = False) -> tuple[int, str]:
+    """`cvae-train *args` (cwd: the log's folder), its output also in `log`: in this process (conftest's
+    `in_process`), or as a new process where that is what is tested (`fresh_process=True`: a resume in a fresh
+    interpreter) or where only one can take the environment (XLA_FLAGS)."""
+    if fresh_process or env.get("XLA_FLAGS") != os.environ.get("XLA_FLAGS"):
+        return finish(launch(args, env, log), log)
+    from conftest import in_process
+
+    result = in_process("cvae_exp.train", args, env=env, cwd=log.parent)
+    text = result.stdout + result.stderr
+    log.write_text(text)
+    return result.returncode, text
 
 
 def ok(result: tuple[int, str]) -> str:

@@ -174,16 +174,23 @@ def run_cli(cli_env, tmp_path) -> Callable[..., subprocess.CompletedProcess]:
 
 def in_process(module: str, args, *, env: dict[str, str], cwd) -> subprocess.CompletedProcess:
     """`<module>.main()` in this process, as `python -m <module> *args` would run it (Hydra's run directory,
-    `.hydra/`, the job log, the exit code), its stdout and stderr captured: a trained fixture without a new
-    interpreter's start-up (JAX, Hydra, datasets imported once) and with the executables this process has
-    already compiled. For runs whose environment this process can take on: `env` may change variables
+    `.hydra/`, the job log, the exit code), its output captured: a run without a new interpreter's start-up
+    (JAX, Hydra, datasets imported once) and with the executables this process has already compiled.
+    Python's sys.stdout and sys.stderr are captured, and so is what is written to the file descriptors 1 and 2
+    underneath (C++ libraries' logs), which is added after it.
+
+    For what does not depend on the process boundary: trained fixtures, what a command computes and writes,
+    resumes of runs that another process left. Signals, locks held by other processes, crashes and the
+    first run of a process (the console tests) stay subprocesses (`run_module`). `env` may change variables
     that are read at run time (caches, TQDM_DISABLE), not those read when JAX starts (JAX_PLATFORMS,
     XLA_FLAGS: those runs stay subprocesses)."""
     import importlib
     import io
     import logging
+    import tempfile
     import threading
-    from contextlib import redirect_stderr, redirect_stdout
+    import warnings
+    from contextlib import ExitStack, redirect_stderr, redirect_stdout
 
     from hydra.core.global_hydra import GlobalHydra
 
@@ -194,6 +201,7 @@ def in_process(module: str, args, *, env: dict[str, str], cwd) -> subprocess.Com
     saved_env, saved_argv, saved_cwd = dict(os.environ), sys.argv, os.getcwd()
     root = logging.getLogger()
     saved_handlers, saved_level, saved_hook = root.handlers[:], root.level, threading.excepthook
+    saved_filters = warnings.filters[:]
     out, err = io.StringIO(), io.StringIO()
     # Hydra's logging set-up shuts the existing handlers down, and absl's (Orbax logs through absl) closes its
     # stream unless that is the current sys.stderr: while the run's output is captured, it writes there.
@@ -203,8 +211,21 @@ def in_process(module: str, args, *, env: dict[str, str], cwd) -> subprocess.Com
     os.environ.update(env)
     sys.argv = [module, *map(str, args)]
     os.chdir(cwd)
+    below = tempfile.TemporaryFile()  # fds 1 and 2, for the duration of the run
+    saved_fds = []
+    saved_exit = os._exit
+
+    def no_process_exit(code):  # the exit 74 path ends the process at once: not this one
+        raise RuntimeError(f"{module} called os._exit({code}): run this command as a subprocess")
+
+    os._exit = no_process_exit
     try:
-        with redirect_stdout(out), redirect_stderr(err):
+        with ExitStack() as stack:
+            stack.enter_context(redirect_stdout(out))
+            stack.enter_context(redirect_stderr(err))
+            for fd in (1, 2):
+                saved_fds.append(os.dup(fd))
+                os.dup2(below.fileno(), fd)
             if absl_handler:
                 absl_handler.stream = err
             try:
@@ -213,6 +234,10 @@ def in_process(module: str, args, *, env: dict[str, str], cwd) -> subprocess.Com
             except SystemExit as exit_:
                 code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
     finally:
+        os._exit = saved_exit
+        for fd, saved in zip((1, 2), saved_fds, strict=False):  # fewer if dup failed
+            os.dup2(saved, fd)
+            os.close(saved)
         for handler in root.handlers[:]:  # Hydra's (and absl's, once Orbax loads) handlers go; files are closed,
             if handler not in saved_handlers:  # so the job log is on disk; streams are not (one is pytest's)
                 root.removeHandler(handler)
@@ -223,12 +248,16 @@ def in_process(module: str, args, *, env: dict[str, str], cwd) -> subprocess.Com
             absl_handler.stream = saved_absl_stream
         root.setLevel(saved_level)
         threading.excepthook = saved_hook
+        warnings.filters[:] = saved_filters
         GlobalHydra.instance().clear()
         os.chdir(saved_cwd)
         sys.argv = saved_argv
         os.environ.clear()
         os.environ.update(saved_env)
-    return subprocess.CompletedProcess(sys.argv[:1] + list(map(str, args)), code, out.getvalue(), err.getvalue())
+    below.seek(0)
+    native = below.read().decode(errors="replace")
+    below.close()
+    return subprocess.CompletedProcess([module, *map(str, args)], code, out.getvalue(), err.getvalue() + native)
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 from conftest import compose_config as compose_cfg
-from conftest import run_module
+from conftest import in_process
 from omegaconf import OmegaConf
 
 import cvae_exp.cli  # noqa: F401  (registers the schemas in Hydra's ConfigStore)
@@ -108,7 +108,7 @@ def test_eval_of_an_aided_run_needs_no_baseline_run(runs, cli_env, tmp_path):
     moved = runs["root"] / "baseline_moved"
     runs["baseline"].rename(moved)  # the architecture comes from the aided run's own config
     try:
-        done = run_module(
+        done = in_process(
             "cvae_exp.evaluate", [f"run_dir={runs['cvae']}", "eval.samples=20"], env=cli_env, cwd=tmp_path
         )
     finally:

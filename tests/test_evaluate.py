@@ -6,13 +6,14 @@ import json
 import subprocess
 
 import pytest
-from conftest import run_module
+from conftest import in_process, run_module
 
 STEPS = ["trainer.max_steps=30", "trainer.eval_every=15", "checkpoint.every=15"]
 
 
 def run_eval(run_dir, cli_env, cwd, *overrides: str) -> subprocess.CompletedProcess:
-    return run_module("cvae_exp.evaluate", [f"run_dir={run_dir}", *overrides], env=cli_env, cwd=cwd)
+    """`cvae-eval run_dir=<run_dir> *overrides`, in this process (the refusals below run it as a new one)."""
+    return in_process("cvae_exp.evaluate", [f"run_dir={run_dir}", *overrides], env=cli_env, cwd=cwd)
 
 
 @pytest.fixture(scope="module")

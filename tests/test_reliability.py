@@ -1,10 +1,11 @@
 """Issues 6 and 15, reliability: bit-exact resume (from the run's own saved config), preemption, damaged
 checkpoints, changed configs on resume, numerical faults and run-directory locks, through the real
-`cvae-train` CLI.
+`cvae-train` CLI: its `main()` with the command line's arguments, in this process where the process boundary
+is not what is tested (cli_runs.train), and as new processes where it is (signals, SIGKILL, a resume from
+disk in a fresh interpreter, another process's lock).
 
 Every training run is tiny (one hidden layer of 32, four latents, batches of 32 on the 1,200-digit
-`tiny_mnist`) and shares one persistent XLA compilation cache, so after the first run a subprocess
-costs mostly its imports. Independent runs are started together. Input validation, safe targets and
+`tiny_mnist`) and shares one persistent XLA compilation cache. Input validation, safe targets and
 the pickle ban are in test_reliability_inputs.py.
 """
 
@@ -33,7 +34,6 @@ from cli_runs import (
     steps,
     tiny,
     tmp_folders,
-    together,
     train,
     tree_digest,
     wait_for,
@@ -94,7 +94,7 @@ def test_n_steps_then_resume_to_2n_is_bit_exact(tiny_mnist, env, straight, tmp_p
     # The resume names only what it changes: max_steps, a cadence (checkpoint.every) and logging (progress);
     # data, model, optimizer and cadences come from the run's own saved config, not the defaults.
     changed = ["trainer.max_steps=80", "checkpoint.every=10", "trainer.progress=true", "resume=true"]
-    text = ok(train([f"hydra.run.dir={run}", *changed], env, tmp_path / "second.log"))
+    text = ok(train([f"hydra.run.dir={run}", *changed], env, tmp_path / "second.log", fresh_process=True))
     assert f"Resumed from step {N}" in text
     # The run's record is what it trained: its launch overrides, with the resume's merged in.
     record = (run / ".hydra" / "overrides.yaml").read_text()
@@ -282,7 +282,7 @@ def test_nan_stops_with_the_step_or_is_skipped_and_counted(tiny_mnist, env, tmp_
         # the default bound, 10% of the steps since the last evaluation (every 20 steps)
         "bounded": tiny(tiny_mnist, tmp_path / "bounded", {**blowup, "trainer.nan_policy": "skip"}),
     }
-    results = together(jobs, env, tmp_path)
+    results = {name: train(args, env, tmp_path / f"{name}.log") for name, args in jobs.items()}
 
     code, text = results["stop"]
     assert code == 2, text[-3000:]

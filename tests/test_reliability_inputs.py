@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import IMPOSSIBLE
+from conftest import IMPOSSIBLE, in_process
 from conftest import compose_config as make_cfg
 
 import cvae_exp.training
@@ -149,13 +149,19 @@ def test_cli_refuses_bad_data_with_one_sentence(tiny_mnist, bad_data, cli_env, t
             "is not a decodable image (",
         ),
     }
-    procs = {
-        name: _cli([*base, *args, f"hydra.run.dir={tmp_path / name}"], cli_env, tmp_path)
-        for name, (args, _) in cases.items()
-    }
-    for name, proc in procs.items():
-        out, err = proc.communicate(timeout=180)
-        assert proc.returncode == 2, f"{name}: {err[-3000:]}"
+    # The first as a new process, as users run it; the others in this process (conftest's in_process).
+    results = {}
+    for name, (args, _) in cases.items():
+        args = [*base, *args, f"hydra.run.dir={tmp_path / name}"]
+        if name == "missing":
+            proc = _cli(args, cli_env, tmp_path)
+            out, err = proc.communicate(timeout=180)
+            results[name] = (proc.returncode, out, err)
+        else:
+            done = in_process("cvae_exp.train", args, env=cli_env, cwd=tmp_path)
+            results[name] = (done.returncode, done.stdout, done.stderr)
+    for name, (code, out, err) in results.items():
+        assert code == 2, f"{name}: {err[-3000:]}"
         lines = [line for line in err.splitlines() if line.strip()]
         assert len(lines) == 1 and lines[0].startswith("error: "), f"{name}: {err}"
         assert cases[name][1] in lines[0]

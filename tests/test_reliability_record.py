@@ -37,7 +37,7 @@ from cli_runs import (
     wait_for,
 )
 from conftest import LINEAR_STEPS as STEPS  # the base run's; its checkpoints: 40, 60, 80
-from conftest import run_module, write_hub_layout
+from conftest import in_process, write_hub_layout
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def flip_one_bit(checkpoint: Path, rng: random.Random) -> None:
 
 
 def test_refused_commands_change_nothing_on_disk(tiny_mnist, base, env, tmp_path):
-    # Each refusal of the run gets its own copy (started together, they would find each other's lock).
+    # Each refusal of the run gets its own copy.
     # (A fresh launch on a run's directory, and a + key: test_train_e2e and test_config, the same way.)
     runs = {name: copy_run(base["run"], tmp_path / name) for name in ("shapes", "data")}
     before = {name: tree_digest(run) for name, run in runs.items()}  # .hydra/, train.log, tb/, checkpoints/, ...
@@ -101,8 +101,8 @@ def test_refused_commands_change_nothing_on_disk(tiny_mnist, base, env, tmp_path
         "under_a_file": tiny(tiny_mnist, tmp_path / "a_file" / "run"),
     }
     logs = {name: (tmp_path / "fresh" if name == "fresh" else tmp_path) / f"{name}.log" for name in jobs}
-    procs = {name: launch(args, env, logs[name]) for name, args in jobs.items()}
-    results = {name: finish(proc, logs[name]) for name, proc in procs.items()}
+    # (exit 74 ends the process at once, without waiting for writer threads: only a process of its own can)
+    results = {name: train(args, env, logs[name], fresh_process=name == "under_a_file") for name, args in jobs.items()}
     checkpoints = runs["shapes"] / "checkpoints"
     expected = {
         "shapes": (
@@ -198,7 +198,7 @@ def test_cvae_eval_skips_a_damaged_best_checkpoint(base, env, tmp_path):
     best, second = sorted(val, key=val.get)[:2]
     flip_one_bit(run / "checkpoints" / str(best), random.Random(1))
 
-    proc = run_module(
+    proc = in_process(
         "cvae_exp.evaluate", [f"run_dir={run}", "eval.samples=5", "eval.split=val"], env=env, cwd=tmp_path
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tbevents
-from conftest import run_module
+from conftest import in_process, run_module
 from PIL import Image
 
 from cvae_exp.sample import PANEL_GAP
@@ -28,7 +28,8 @@ def scaled(size: tuple[int, int], scale: int) -> tuple[int, int]:
 
 
 def run_sample(args, env, cwd) -> subprocess.CompletedProcess:
-    return run_module("cvae_exp.sample", args, env=env, cwd=cwd)
+    """`cvae-sample *args` in this process; the last refusal below runs it as a new one."""
+    return in_process("cvae_exp.sample", args, env=env, cwd=cwd)
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +117,7 @@ def test_not_a_run_dir_is_one_sentence_and_exit_2(tmp_path, cli_env):
     proc = run_sample([f"run_dir={tmp_path / 'x'}", "sample.walk=0"], cli_env, tmp_path)
     assert proc.returncode == 2 and "sample.walk=0" in proc.stderr
     assert not (tmp_path / "x").exists(), "a mistyped run_dir is refused, not created"
-    proc = run_sample([], cli_env, tmp_path)  # no run_dir at all
+    proc = run_module("cvae_exp.sample", [], env=cli_env, cwd=tmp_path)  # no run_dir at all, as a new process
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.strip() == (
         "error: run_dir is missing: cvae-sample run_dir=<a cvae-train run directory> names the run to use."

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import tbevents
-from conftest import run_module
+from conftest import in_process, run_module
 
 SEED, K, STEPS = 3, 2, 30
 COMPARED = ("val/elbo", "val/kl", "val/recon", "test/elbo", "test/kl", "test/recon")
@@ -71,10 +71,10 @@ def test_each_seed_has_its_own_tensorboard_run_with_its_own_curve(runs):
 
 def test_eval_picks_one_seed_and_refuses_one_out_of_range(runs, cli_env, tmp_path):
     args = [f"run_dir={runs['vmapped']}", "eval.samples=4", "eval.seed_index=1", "eval.split=val"]
-    out = run_module("cvae_exp.evaluate", args, env=cli_env, cwd=tmp_path)
+    out = in_process("cvae_exp.evaluate", args, env=cli_env, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     picked = json.loads(out.stdout.strip().splitlines()[-1])
-    alone = run_module(
+    alone = in_process(
         "cvae_exp.evaluate",
         [f"run_dir={runs[SEED + 1]}", "eval.samples=4", "eval.split=val"],
         env=cli_env,
@@ -98,11 +98,18 @@ def test_resuming_with_another_number_of_seeds_is_refused(runs, session_cli, sma
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
 
 
-def test_bench_counts_every_seed(small_overrides, cli_env, tmp_path):
-    args = small_overrides(tmp_path / "b", "bench.steps=10", "bench.warmup=2", f"trainer.num_seeds={K}")
-    out = run_module("cvae_exp.bench", args, env=cli_env, cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+def test_bench_counts_every_seed(small_overrides, tmp_path, monkeypatch):
+    from conftest import compose_config
+
+    import cvae_exp.cli  # noqa: F401  (registers the config schemas)
+    from cvae_exp.bench import bench
+
+    monkeypatch.chdir(tmp_path)  # no Hydra: the run directory is the working directory
+    monkeypatch.setattr("cvae_exp.bench.measured_peak", lambda *a: 1e12)  # test_bench measures it
+    args = small_overrides(
+        None, "bench.steps=10", "bench.warmup=2", f"trainer.num_seeds={K}", "logger.tensorboard=false"
+    )
+    result = bench(compose_config(args))
     assert result["num_seeds"] == K
     # examples/s counts all seeds: K x batch per median step
     assert result["examples_per_s"] == pytest.approx(K * 32 / (result["step_ms"] / 1e3), rel=1e-6)

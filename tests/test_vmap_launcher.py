@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import tbevents
 import yaml
-from conftest import compose_config, run_module, shrunk
+from conftest import compose_config, in_process, run_module, shrunk
 from omegaconf import open_dict
 
 from cvae_exp import cli, members
@@ -182,7 +182,7 @@ def test_cli_sweep_writes_ordinary_jobs_in_two_partitions_and_cvae_report_lists_
     common = ["-m", "hydra/launcher=vmap", *shrunk(tiny_mnist), "trainer.max_steps=10", "trainer.eval_every=10"]
     common += ["checkpoint.every=10", "logger.images=false"]
     args = [*common, "optimizer.lr=1e-3,3e-4", "model.latent_dim=2,4", f"hydra.sweep.dir={sweep}"]
-    proc = run_module("cvae_exp.train", args, env=cli_env, cwd=tmp_path)
+    proc = in_process("cvae_exp.train", args, env=cli_env, cwd=tmp_path)  # Hydra finds the plugin as the CLI does
     assert proc.returncode == 0, proc.stderr[-3000:]
     groups = {}
     for n in range(4):
@@ -194,7 +194,7 @@ def test_cli_sweep_writes_ordinary_jobs_in_two_partitions_and_cvae_report_lists_
         assert tbevents.hparam_order(job / "tb")[:2] == ["optimizer.lr", "model.latent_dim"]  # swept keys first
     assert sorted(len(g) for g in groups.values()) == [2, 2]  # two partitions, one per latent size
     assert len({p for g in groups.values() for p, _ in g}) == 2
-    report = run_module("cvae_exp.report", [sweep], env=cli_env, cwd=tmp_path)
+    report = in_process("cvae_exp.report", [sweep], env=cli_env, cwd=tmp_path)
     assert report.returncode == 0, report.stderr[-2000:]
     assert report.stdout.count(" ok") >= 4
 
