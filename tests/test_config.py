@@ -190,9 +190,13 @@ def test_validate_accepts_the_defaults_and_the_boundaries():
 
 
 @pytest.mark.parametrize("overrides, named", IMPOSSIBLE, ids=IDS)
-def test_cli_impossible_value_exits_2_with_one_line(run_cli, tmp_path, overrides, named):
+def test_cli_impossible_value_exits_2_with_one_line(cli_env, tmp_path, overrides, named):
+    # cvae-train's main() in this process (its output captured down to the file descriptors); the two
+    # tests above run the CLI as new processes
+    from conftest import in_process
+
     marker = tmp_path / "r"
-    result = run_cli([*overrides, f"hydra.run.dir={marker}"])
+    result = in_process("cvae_exp.train", [*overrides, f"hydra.run.dir={marker}"], env=cli_env, cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-2000:]
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr

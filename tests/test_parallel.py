@@ -1,7 +1,8 @@
 """Scale-out: one jit over every local device, two JAX processes on loopback, Hydra's launchers.
 
 Devices are simulated on the CPU (XLA_FLAGS=--xla_force_host_platform_device_count=N, which must be
-set before JAX starts, hence subprocesses).
+set before JAX starts, hence subprocesses). The one-device reference and the launchers' own command run in
+the tests' process (one CPU device; the launchers start the jobs' processes).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def one_device_run(tiny_mnist, session_cli, tmp_path_factory) -> dict:
     from conftest import shrunk
 
     run_dir = tmp_path_factory.mktemp("one_device") / "r"
-    out = session_cli(shrunk(tiny_mnist, run_dir, *STEPS, "seed=3"), env=devices_env(1))
+    out = session_cli(shrunk(tiny_mnist, run_dir, *STEPS, "seed=3"))  # this process: one CPU device
     assert out.returncode == 0, out.stderr[-3000:]
     return metrics(run_dir)
 
@@ -104,22 +105,27 @@ def test_two_processes_match_one(one_device_run, tiny_mnist, cli_env, tmp_path):
     assert (run_dir / "checkpoints" / "20").is_dir()
 
 
-def test_submitit_local_sweep(small_overrides, run_cli, tmp_path):
-    """The SLURM launcher's local executor: two tiny jobs, each in its own run directory."""
+def test_submitit_local_sweep(small_overrides, cli_env, tmp_path):
+    """The SLURM launcher's local executor: two tiny jobs, each in its own run directory (and process)."""
+    from conftest import in_process
+
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     sweep = tmp_path / "sweep"
     args = ["-m", "hydra/launcher=submitit_local", f"hydra.sweep.dir={sweep}", "seed=0,1"]
-    out = run_cli([*args, *small_overrides(None, *STEPS)], timeout=600)
+    out = in_process("cvae_exp.train", [*args, *small_overrides(None, *STEPS)], env=cli_env, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     jobs = sorted(p.parent for p in sweep.glob("*/metrics.json"))
     assert [j.name for j in jobs] == ["0", "1"]
     assert metrics(jobs[0])["params_sha256"] != metrics(jobs[1])["params_sha256"]
 
 
-def test_joblib_sweep(small_overrides, run_cli, tmp_path):
+def test_joblib_sweep(small_overrides, cli_env, tmp_path):
+    from conftest import in_process
+
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     sweep = tmp_path / "sweep"
     args = ["-m", "hydra/launcher=joblib", f"hydra.sweep.dir={sweep}"]
-    out = run_cli([*args, *small_overrides(None, *STEPS, "model.latent_dim=2,4")], timeout=600)
+    overrides = [*args, *small_overrides(None, *STEPS, "model.latent_dim=2,4")]
+    out = in_process("cvae_exp.train", overrides, env=cli_env, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert sorted(p.parent.name for p in sweep.glob("*/metrics.json")) == ["0", "1"]
