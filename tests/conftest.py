@@ -193,6 +193,7 @@ def in_process(module: str, args, *, env: dict[str, str], cwd) -> subprocess.Com
     from contextlib import ExitStack, redirect_stderr, redirect_stdout
 
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
 
     for name in ("XLA_FLAGS", "JAX_PLATFORMS"):
         if env.get(name) != os.environ.get(name):
@@ -250,6 +251,7 @@ def in_process(module: str, args, *, env: dict[str, str], cwd) -> subprocess.Com
         threading.excepthook = saved_hook
         warnings.filters[:] = saved_filters
         GlobalHydra.instance().clear()
+        HydraConfig.instance().cfg = None  # the run's Hydra config (Hydra leaves it set after a multirun)
         os.chdir(saved_cwd)
         sys.argv = saved_argv
         os.environ.clear()
