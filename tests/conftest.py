@@ -126,6 +126,24 @@ def xla_cache(folder: Path) -> dict[str, str]:
     }
 
 
+# The longest test files, started first: with one file per worker (--dist loadfile), a long file that
+# starts last keeps its worker busy after the other has finished (measured: 28 s of a 5-minute suite).
+LONGEST_FIRST = [
+    "test_table_script.py",
+    "test_parallel.py",
+    "test_reliability.py",
+    "test_vmap_launcher.py",
+    "test_reliability_record.py",
+    "test_evaluate.py",
+]
+
+
+def pytest_collection_modifyitems(items):
+    """Every worker collects the same order: the files of LONGEST_FIRST in its order, then the rest as found."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: tests keep their order in a file
+
+
 LINEAR_STEPS = 80
 LINEAR = {"optimizer.warmup_steps": 60}  # linear warm-up past step 40: resumed steps depend on the restored count
 
