@@ -11,9 +11,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# compat: the repository on sys.path, so Hydra's scan of the hydra_plugins namespace finds our launcher
 	# (setuptools' default editable finder is invisible to pkgutil.walk_packages)
-	# --no-compile: no bytecode for every module of every dependency (half of the install's time); Python writes
-	# it for the modules a command imports, the first time one does
-	$(BIN)/pip install -q --no-compile -e ".[dev,cluster]" --config-settings editable_mode=compat
+	$(BIN)/pip install -q -e ".[dev,cluster]" --config-settings editable_mode=compat
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -233,6 +233,7 @@ class Interruptible:
         self.after_training: str | None = None
         self.received: int | None = None
         self._previous: dict = {}
+        self._unraisable = sys.unraisablehook
 
     def __enter__(self) -> Interruptible:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -240,7 +241,15 @@ class Interruptible:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread (some launchers): no handler
                 pass
+        self._unraisable = sys.unraisablehook
+        sys.unraisablehook = self._unraisable_hook
         return self
+
+    def _unraisable_hook(self, unraisable) -> None:
+        """Where the handler ran inside code whose exceptions Python can only report (a garbage-collector
+        callback, e.g. JAX's), `Interrupted` is not reported as "Exception ignored ...": check() raises it."""
+        if not isinstance(unraisable.exc_value, Interrupted):
+            self._unraisable(unraisable)
 
     def _handle(self, signum, frame) -> None:
         for sig in self._previous:
@@ -256,6 +265,7 @@ class Interruptible:
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        sys.unraisablehook = self._unraisable
 
 
 def startup_message(signum: int) -> str:

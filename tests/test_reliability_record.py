@@ -332,3 +332,30 @@ def test_a_signal_during_start_up_exits_at_once_with_nothing_trained(tiny_mnist,
     )
     assert not steps(run) and not (run / ".lock").exists()
     assert (run / ".hydra").exists() or not run.exists()  # a launch not yet accepted leaves nothing
+
+
+def test_a_start_up_signal_inside_a_garbage_collector_callback_is_raised_later_not_reported(capsys):
+    """The start-up handler raises where the main thread is; inside a gc callback (JAX has one) Python can only
+    report that exception ("Exception ignored in ...", a traceback in the output): it is not reported, and
+    check() between the phases of the run raises it."""
+    import gc
+
+    from cvae_exp.errors import Interrupted
+    from cvae_exp.launch import Interruptible
+
+    with Interruptible() as guard:
+
+        def callback(phase, info):
+            if phase == "start" and guard.received is None:
+                guard._handle(signal.SIGINT, None)  # as the signal would, at this point
+
+        gc.callbacks.append(callback)
+        try:
+            gc.collect()
+        finally:
+            gc.callbacks.remove(callback)
+        assert guard.received == signal.SIGINT
+        assert "Exception ignored" not in capsys.readouterr().err
+        with pytest.raises(Interrupted):
+            guard.check()
+    assert sys.unraisablehook != guard._unraisable_hook  # restored on the way out
