@@ -313,6 +313,17 @@ IMPOSSIBLE = [
 ]
 
 
+def bench_here(monkeypatch, folder: Path):
+    """`cvae_exp.bench.bench` to call on a composed config in this process: no Hydra, `folder` the run directory
+    (the working directory), the peak a fixed 1e12 FLOP/s (test_bench's CLI test measures it)."""
+    import cvae_exp.cli  # noqa: F401  (registers the config schemas)
+    from cvae_exp.bench import bench
+
+    monkeypatch.chdir(folder)
+    monkeypatch.setattr("cvae_exp.bench.measured_peak", lambda *a: 1e12)
+    return bench
+
+
 def compose_config(overrides=(), *, hydra_config: bool = False):
     """The config `cvae-train` would compose from `overrides` (with Hydra's own node when asked), with no
     global Hydra state left behind."""

@@ -62,14 +62,11 @@ def test_peak_is_never_below_the_steps_own_rate(monkeypatch):
 
 def test_bench_times_a_vmap_group_against_the_bare_vmapped_loop(tiny_mnist, tmp_path, monkeypatch):
     import pytest
-    from conftest import compose_config, shrunk
+    from conftest import bench_here, compose_config, shrunk
 
-    import cvae_exp.cli  # noqa: F401  (registers the config schemas)
-    from cvae_exp.bench import bench
     from cvae_exp.errors import UserError
 
-    monkeypatch.chdir(tmp_path)  # no Hydra: the run directory is the working directory
-    monkeypatch.setattr("cvae_exp.bench.measured_peak", lambda *a: 1e12)  # the peak's own test is above
+    bench = bench_here(monkeypatch, tmp_path)
     cfg = compose_config(
         shrunk(tiny_mnist, None, "bench.members=2", "bench.steps=10", "bench.warmup=1", "logger.tensorboard=false")
     )

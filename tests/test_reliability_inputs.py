@@ -10,13 +10,11 @@ by a tripwire, so "before any work" is checked exactly; data cases also run thro
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import IMPOSSIBLE, in_process
+from conftest import IMPOSSIBLE, in_process, run_module
 from conftest import compose_config as make_cfg
 
 import cvae_exp.training
@@ -127,11 +125,6 @@ def test_bad_input_is_refused_before_any_work(overrides, named, bad_data, monkey
     assert not (tmp_path / ".lock").exists()
 
 
-def _cli(args: list[str], env: dict, cwd: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "cvae_exp.train", *args]
-    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
 def test_cli_refuses_bad_data_with_one_sentence(tiny_mnist, bad_data, cli_env, tmp_path):
     base = ["data.val_size=200", "trainer.progress=false", "model.hidden=[32]", "model.latent_dim=4"]
     cases = {
@@ -150,17 +143,10 @@ def test_cli_refuses_bad_data_with_one_sentence(tiny_mnist, bad_data, cli_env, t
         ),
     }
     # The first as a new process, as users run it; the others in this process (conftest's in_process).
-    results = {}
     for name, (args, _) in cases.items():
-        args = [*base, *args, f"hydra.run.dir={tmp_path / name}"]
-        if name == "missing":
-            proc = _cli(args, cli_env, tmp_path)
-            out, err = proc.communicate(timeout=180)
-            results[name] = (proc.returncode, out, err)
-        else:
-            done = in_process("cvae_exp.train", args, env=cli_env, cwd=tmp_path)
-            results[name] = (done.returncode, done.stdout, done.stderr)
-    for name, (code, out, err) in results.items():
+        run = run_module if name == "missing" else in_process
+        done = run("cvae_exp.train", [*base, *args, f"hydra.run.dir={tmp_path / name}"], env=cli_env, cwd=tmp_path)
+        code, out, err = done.returncode, done.stdout, done.stderr
         assert code == 2, f"{name}: {err[-3000:]}"
         lines = [line for line in err.splitlines() if line.strip()]
         assert len(lines) == 1 and lines[0].startswith("error: "), f"{name}: {err}"

@@ -99,13 +99,9 @@ def test_resuming_with_another_number_of_seeds_is_refused(runs, session_cli, sma
 
 
 def test_bench_counts_every_seed(small_overrides, tmp_path, monkeypatch):
-    from conftest import compose_config
+    from conftest import bench_here, compose_config
 
-    import cvae_exp.cli  # noqa: F401  (registers the config schemas)
-    from cvae_exp.bench import bench
-
-    monkeypatch.chdir(tmp_path)  # no Hydra: the run directory is the working directory
-    monkeypatch.setattr("cvae_exp.bench.measured_peak", lambda *a: 1e12)  # test_bench measures it
+    bench = bench_here(monkeypatch, tmp_path)
     args = small_overrides(
         None, "bench.steps=10", "bench.warmup=2", f"trainer.num_seeds={K}", "logger.tensorboard=false"
     )
