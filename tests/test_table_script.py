@@ -93,3 +93,31 @@ def test_table_script_trains_cell_by_cell_reports_and_resumes(tiny_mnist, cli_en
         table = list(csv.DictReader(f))
     assert [r["variant"] for r in ablations] == ["frozen"] * len(table) + ["again"] * len(table)
     assert [{k: v for k, v in r.items() if k != "variant"} for r in ablations[: len(table)]] == table
+
+
+def test_committed_table_is_rebuilt_from_the_committed_records(cli_env, tmp_path):
+    """results/sohn2015_table1.* and the ablations CSV are what cvae-report makes of the committed cell
+    records, byte for byte: no number in them was typed in. And the table is the one the issue asks for:
+    every model x quadrant column on test, stochastic binarization only, three seeds for baseline and CVAE."""
+    for folder in ("results", "scripts"):
+        subprocess.run(["cp", "-r", str(REPO / folder), str(tmp_path / folder)], check=True)
+    proc = subprocess.run(
+        ["bash", "scripts/sohn2015_records_table.sh"],  # its default scratch folder: outputs/ of the copy
+        cwd=tmp_path,
+        env=cli_env | {"BIN": str(Path(sys.executable).parent)},
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT_S,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("sohn2015_table1.csv", "sohn2015_table1.md", "sohn2015_ablations.csv"):
+        assert (tmp_path / "results" / name).read_text() == (REPO / "results" / name).read_text(), name
+    with open(REPO / "results" / "sohn2015_table1.csv") as f:
+        rows = list(csv.DictReader(f))
+    test_rows = {(r["model"], int(r["n_given"])): r for r in rows if r["split"] == "test"}
+    assert set(test_rows) == {(m, n) for m in ("baseline", "gsnn", "cvae", "hybrid") for n in (1, 2, 3)}
+    assert {r["binarize"] for r in rows} <= {"static", "dynamic"}
+    for (model, _), row in test_rows.items():
+        if model in ("baseline", "cvae"):
+            assert int(row["seeds"]) >= 3

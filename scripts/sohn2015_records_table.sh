@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The committed Sohn et al. (2015) table, rebuilt from the committed records: each cell of
+# results/sohn2015_cells (metrics.json, eval_val.json, eval_test.json, .hydra/) is copied into a sweep folder
+# under its table name, cvae-report --paper sohn2015 reports it, and the report's table goes to results/:
+#   results/sohn2015_table1.{md,csv}  from the table__<cell> records (and the two cells named below);
+#   results/sohn2015_ablations.csv    the labelled 1-quadrant, seed-0 ablations (scripts/sohn2015_ablations.sh).
+# No training, no data: it runs in seconds from a clone. Usage (from the repository root):
+#   scripts/sohn2015_records_table.sh [<scratch folder, default outputs/sohn2015_records>]
+# Environment: BIN (the console scripts, default .venv/bin).
+set -euo pipefail
+records=results/sohn2015_cells
+scratch=${1:-outputs/sohn2015_records}
+bin=${BIN:-.venv/bin}
+[ -d "$records" ] || { echo "sohn2015_records_table.sh: no $records here; run it from the repository root" >&2; exit 2; }
+rm -rf "$scratch" && mkdir -p "$scratch"
+
+# assemble <sweep folder> <table name>=<record> ...: real copies (the report reads each job's own files).
+assemble() {
+  local dir=$1 pair
+  shift
+  mkdir -p "$dir"
+  for pair in "$@"; do
+    [ -f "$records/${pair#*=}/eval_test.json" ] || { echo "missing record: $records/${pair#*=}" >&2; return 1; }
+    cp -r "$records/${pair#*=}" "$dir/${pair%%=*}"
+  done
+}
+
+# The table: every table__<cell>, plus the two cells trained under the names of the runs that decided the
+# protocol (the table's 1-quadrant, seed-0 baseline and CVAE; results/sohn2015_cells/README.md).
+table=("baseline_n1_s0=rerun_dynamic__baseline_n1_s0" "cvae_n1_s0=decide_dynamic_frozen__cvae_n1_s0")
+for record in "$records"/table__*; do
+  name=${record##*/table__}
+  table+=("$name=${record##*/}")
+done
+assemble "$scratch/table" "${table[@]}"
+"$bin/cvae-report" "$scratch/table" --paper sohn2015 >/dev/null
+{
+  cat "$scratch/table/sohn2015_table1.md"
+  printf '\n## Records\n\n'
+  printf 'Built by `scripts/sohn2015_records_table.sh` from the committed records in `%s/` (each cell: its\n' "$records"
+  printf 'metrics, evaluations and Hydra config), the sweep folder above being their copy; the command that\n'
+  printf 'trained and evaluated each cell, its host and its dates are in `%s/README.md`.\n' "$records"
+} > results/sohn2015_table1.md
+cp "$scratch/table/sohn2015_table1.csv" results/sohn2015_table1.csv
+
+# The ablations, each a 1-quadrant, seed-0 variant beside the table's own cell of that seed ("table").
+variants=(
+  "table=$scratch/ablation_table:baseline_n1_s0=rerun_dynamic__baseline_n1_s0,cvae_n1_s0=decide_dynamic_frozen__cvae_n1_s0"
+  "train_static=$scratch/ablation_static:baseline_n1_s0=decide_static__baseline_n1_s0,cvae_n1_s0=decide_static__cvae_n1_s0"
+  "aid_fine_tuned=$scratch/ablation_fine_tuned:cvae_n1_s0=decide_dynamic__cvae_n1_s0"
+  "aid_prior_and_generation_fine_tuned=$scratch/ablation_prior_and_generation:cvae_n1_s0=abl_prior_and_generation__cvae_n1_s0"
+)
+pairs=()
+for variant in "${variants[@]}"; do
+  name=${variant%%=*} rest=${variant#*=}
+  dir=${rest%%:*} cells=${rest#*:}
+  if [ "$name" != table ] && [ "$name" != train_static ] && [ ! -d "$records/${cells##*=}" ]; then
+    echo "sohn2015_records_table.sh: ablation $name not trained yet ($records/${cells##*=}); left out" >&2
+    continue
+  fi
+  IFS=, read -r -a cell_pairs <<< "$cells"
+  assemble "$dir" "${cell_pairs[@]}"
+  pairs+=("$name=$dir")
+done
+BIN=$bin scripts/sohn2015_ablations.sh results/sohn2015_ablations.csv "${pairs[@]}"
+echo "wrote results/sohn2015_table1.md, results/sohn2015_table1.csv, results/sohn2015_ablations.csv"
