@@ -25,9 +25,10 @@ assemble() {
   done
 }
 
-# The table: every table__<cell>, plus the two cells trained under the names of the runs that decided the
-# protocol (the table's 1-quadrant, seed-0 baseline and CVAE; results/sohn2015_cells/README.md).
-table=("baseline_n1_s0=rerun_dynamic__baseline_n1_s0" "cvae_n1_s0=decide_dynamic_frozen__cvae_n1_s0")
+# The table's 1-quadrant, seed-0 baseline and CVAE were trained under the names of the runs that decided the
+# protocol (results/sohn2015_cells/README.md); every other cell is a table__<cell> record.
+seed0=("baseline_n1_s0=rerun_dynamic__baseline_n1_s0" "cvae_n1_s0=decide_dynamic_frozen__cvae_n1_s0")
+table=("${seed0[@]}")
 for record in "$records"/table__*; do
   name=${record##*/table__}
   table+=("$name=${record##*/}")
@@ -43,24 +44,18 @@ assemble "$scratch/table" "${table[@]}"
 } > results/sohn2015_table1.md
 cp "$scratch/table/sohn2015_table1.csv" results/sohn2015_table1.csv
 
-# The ablations, each a 1-quadrant, seed-0 variant beside the table's own cell of that seed ("table").
-variants=(
-  "table=$scratch/ablation_table:baseline_n1_s0=rerun_dynamic__baseline_n1_s0,cvae_n1_s0=decide_dynamic_frozen__cvae_n1_s0"
-  "train_static=$scratch/ablation_static:baseline_n1_s0=decide_static__baseline_n1_s0,cvae_n1_s0=decide_static__cvae_n1_s0"
-  "aid_fine_tuned=$scratch/ablation_fine_tuned:cvae_n1_s0=decide_dynamic__cvae_n1_s0"
-  "aid_prior_and_generation_fine_tuned=$scratch/ablation_prior_and_generation:cvae_n1_s0=abl_prior_and_generation__cvae_n1_s0"
-)
+# The ablations, each a 1-quadrant, seed-0 variant beside the table's own cells of that seed ("table").
 pairs=()
-for variant in "${variants[@]}"; do
-  name=${variant%%=*} rest=${variant#*=}
-  dir=${rest%%:*} cells=${rest#*:}
-  if [ "$name" != table ] && [ "$name" != train_static ] && [ ! -d "$records/${cells##*=}" ]; then
-    echo "sohn2015_records_table.sh: ablation $name not trained yet ($records/${cells##*=}); left out" >&2
-    continue
-  fi
-  IFS=, read -r -a cell_pairs <<< "$cells"
-  assemble "$dir" "${cell_pairs[@]}"
-  pairs+=("$name=$dir")
-done
+# variant <name> <table name>=<record> ...: one ablation's sweep folder, for scripts/sohn2015_ablations.sh.
+variant() {
+  local name=$1
+  shift
+  assemble "$scratch/ablation_$name" "$@"
+  pairs+=("$name=$scratch/ablation_$name")
+}
+variant table "${seed0[@]}"
+variant train_static baseline_n1_s0=decide_static__baseline_n1_s0 cvae_n1_s0=decide_static__cvae_n1_s0
+variant aid_fine_tuned cvae_n1_s0=decide_dynamic__cvae_n1_s0
+variant aid_prior_and_generation_fine_tuned cvae_n1_s0=abl_prior_and_generation__cvae_n1_s0
 BIN=$bin scripts/sohn2015_ablations.sh results/sohn2015_ablations.csv "${pairs[@]}"
 echo "wrote results/sohn2015_table1.md, results/sohn2015_table1.csv, results/sohn2015_ablations.csv"
