@@ -129,7 +129,7 @@ def bare_loop(exp, state, batch, warmup: int, seeds: int = 1):
     import jax
     import optax
 
-    from cvae_exp.steps import loss_fn
+    from cvae_exp.training.steps import loss_fn
 
     graphdef, tx, task = exp.graphdef, exp.opt.tx, exp.task
 
@@ -162,16 +162,16 @@ def framework_loop(exp, cfg: DictConfig, mesh, warmup: int):
     batch on the device, a copy of the first state)."""
     import jax
 
-    from cvae_exp import parallel
-    from cvae_exp.experiment import on_devices
-    from cvae_exp.steps import make_train_step
-    from cvae_exp.trained_run import baseline_params
+    from cvae_exp.runs.trained_run import baseline_params
+    from cvae_exp.training import devices
+    from cvae_exp.training.experiment import on_devices
+    from cvae_exp.training.steps import make_train_step
 
     num_seeds = cfg.trainer.num_seeds
     placed = on_devices(exp, cfg, mesh, baseline_params(cfg.model.baseline_run))
     feed, state = placed.feed, placed.state
     train_step = make_train_step(exp.graphdef, exp.opt, exp.task, placed.state_sharding, num_seeds, feed)
-    first = parallel.put_batch(feed.sampler.batch(0), placed.batch_sharding)  # the bare loop's one batch
+    first = devices.put_batch(feed.sampler.batch(0), placed.batch_sharding)  # the bare loop's one batch
     flops_per_example = step_flops(train_step, state, feed(0)) / (cfg.trainer.batch_size * num_seeds)
     initial = jax.tree.map(lambda a: a.copy(), state)  # the loop donates its own
     count, metrics = 0, None
@@ -188,15 +188,15 @@ def framework_loop(exp, cfg: DictConfig, mesh, warmup: int):
 
 
 def group_loop(exp, cfg: DictConfig, mesh, warmup: int, k: int):
-    """A vmap group's step as a runner (cvae_exp.members): K members with seeds seed..seed+K-1 and, in
+    """A vmap group's step as a runner (cvae_exp.training.members): K members with seeds seed..seed+K-1 and, in
     turn, optimizer.lr and lr / 3, so the learning rate is an injected per-member hyperparameter, as in an
     lr x seed sweep. Returns (runner, flops per example, the first batch, the members' states as plain
     single-run states for the bare loop, the traced keys)."""
     import jax
     from omegaconf import OmegaConf
 
-    from cvae_exp import members, parallel, steps
-    from cvae_exp.data.feed import make_feed
+    from cvae_exp.training import devices, members, steps
+    from cvae_exp.training.feed import make_feed
 
     train = cfg.trainer
     base = OmegaConf.to_container(cfg, resolve=True)
@@ -207,12 +207,12 @@ def group_loop(exp, cfg: DictConfig, mesh, warmup: int, k: int):
     traced = members.varying(plains)
     opt, txs, states = members.initial_states(exp, plains, traced)
     seeds = [p["seed"] for p in plains]
-    replicated, sharded = parallel.replicated(mesh), parallel.data_sharded(mesh, k)
+    replicated, sharded = devices.replicated(mesh), devices.data_sharded(mesh, k)
     feed = make_feed(exp.splits.train, train.batch_size, seeds, replicated, sharded, train.data_on_device)
     state = jax.device_put(steps.stack(states), replicated)
     hp = jax.device_put(members.task_values(plains, traced), replicated)
     train_step = members.make_group_train_step(exp.graphdef, opt, txs[0], exp.task, replicated, feed)
-    first = parallel.put_batch(feed.sampler.batch(0), sharded)
+    first = devices.put_batch(feed.sampler.batch(0), sharded)
     flops_per_example = step_flops(train_step, state, feed(0), hp) / (train.batch_size * k)
     initial = jax.device_put(steps.stack([members.plain_state(s) for s in states]), replicated)
     count, metrics = 0, None
@@ -229,17 +229,18 @@ def group_loop(exp, cfg: DictConfig, mesh, warmup: int, k: int):
 
 
 def bench(cfg: DictConfig) -> dict:
-    from cvae_exp import launch, parallel
+    from cvae_exp.runs import launch
+    from cvae_exp.training import devices
 
-    launch.begin()  # a refused bench leaves nothing behind (cvae_exp.launch.discard)
+    launch.begin()  # a refused bench leaves nothing behind (cvae_exp.runs.launch.discard)
     check_keys(cfg)
     validate(cfg)
 
-    parallel.initialize_distributed(cfg.cluster)
+    devices.initialize_distributed(cfg.cluster)
     import jax
 
-    from cvae_exp.experiment import build_experiment, training_mesh
-    from cvae_exp.rundir import current_run_dir
+    from cvae_exp.runs.rundir import current_run_dir
+    from cvae_exp.training.experiment import build_experiment, training_mesh
 
     train, options = cfg.trainer, cfg.bench
     if options.members and (options.members < 2 or train.num_seeds != 1):

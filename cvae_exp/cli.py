@@ -147,7 +147,7 @@ OmegaConf.register_new_resolver("cvae_command_groups", command_groups, replace=T
 def exit_on_user_error(fn):
     """Runs an entry point; its documented failures become one sentence on stderr and an exit code: a
     UserError 2, a refused file-system operation 74, a stop signal outside the loop 128 + its number.
-    Whatever a refused or interrupted launch created is removed (cvae_exp.launch.discard)."""
+    Whatever a refused or interrupted launch created is removed (cvae_exp.runs.launch.discard)."""
 
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
@@ -167,7 +167,7 @@ def exit_on_user_error(fn):
 
 
 def _exit(message: str, code: int) -> None:
-    from cvae_exp import launch
+    from cvae_exp.runs import launch
 
     launch.discard()
     print(message, file=sys.stderr)

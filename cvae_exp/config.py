@@ -17,7 +17,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from cvae_exp.errors import UserError
-from cvae_exp.kinds import KINDS, NAMES, kind
+from cvae_exp.models.kinds import KINDS, NAMES, kind
 
 
 def log_dir(run_dir: str | None) -> str:
@@ -77,7 +77,7 @@ class DataConfig:
 
 @dataclass
 class OptimizerConfig:
-    _target_: str = "cvae_exp.optim.make_optimizer"  # the factory hydra.utils.instantiate calls
+    _target_: str = "cvae_exp.training.optim.make_optimizer"  # the factory hydra.utils.instantiate calls
     transform: dict[str, Any] = field(
         default_factory=lambda: {"_target_": "optax.adam", "_partial_": True}
     )  # a partial optax constructor (optax.adam, optax.adamw, ...) and its arguments
@@ -235,10 +235,18 @@ def check_targets(cfg: DictConfig) -> None:
             )
 
 
+# Factories that moved since a run saved its config: {the target it recorded: where it is now}.
+MOVED_TARGETS = {"cvae_exp.optim.make_optimizer": "cvae_exp.training.optim.make_optimizer"}
+
+
 def onto_schema(saved: Any) -> DictConfig:
     """A saved config (dict or DictConfig) merged onto the schema: keys added since it was saved get their
-    defaults, and types are checked."""
-    return OmegaConf.merge(OmegaConf.structured(Config), saved)
+    defaults, factories that moved since are found where they are now, and types are checked."""
+    out = OmegaConf.merge(OmegaConf.structured(Config), saved)
+    target = out.optimizer.get("_target_")
+    if target in MOVED_TARGETS:
+        out.optimizer._target_ = MOVED_TARGETS[target]
+    return out
 
 
 def read_run_config(run_dir: Path, key: str) -> DictConfig:

@@ -19,10 +19,10 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from cvae_exp import launch
 from cvae_exp.cli import CONF_DIR, console, exit_on_user_error, no_wait_after_storage_failure
 from cvae_exp.config import EvalApp, check_keys, register_configs, require_run_dir, validate_eval
-from cvae_exp.kinds import kind
+from cvae_exp.models.kinds import kind
+from cvae_exp.runs import launch
 
 register_configs()
 
@@ -34,8 +34,8 @@ def make_ncll_step(graphdef, task, samples: int, chunk: int):
     from flax import nnx
 
     from cvae_exp.data.pipeline import prepare
-    from cvae_exp.distributions import log_likelihood
-    from cvae_exp.objectives import conditional_nll
+    from cvae_exp.models.distributions import log_likelihood
+    from cvae_exp.models.objectives import conditional_nll
 
     has = kind(task.kind)
 
@@ -68,22 +68,22 @@ def evaluate_run(
 ) -> dict:
     import jax
 
-    from cvae_exp import parallel
     from cvae_exp.data.pipeline import Split, eval_batches
-    from cvae_exp.steps import evaluate
-    from cvae_exp.trained_run import load_run
+    from cvae_exp.runs.trained_run import load_run
+    from cvae_exp.training import devices
+    from cvae_exp.training.steps import evaluate
 
-    mesh = parallel.make_mesh("all")
-    run = load_run(run_dir, sharding=parallel.replicated(mesh), seed_index=seed_index)
+    mesh = devices.make_mesh("all")
+    run = load_run(run_dir, sharding=devices.replicated(mesh), seed_index=seed_index)
     launch.release_log()  # accepted: the log may reach <run dir>/evaluate.log
-    batch_size = parallel.round_to_devices(batch_size, mesh)
+    batch_size = devices.round_to_devices(batch_size, mesh)
     data = run.splits.test if split == "test" else run.splits.val
     if examples:  # the first `examples` digits: a fixed subset, the same for every run
         data = Split(data.images[:examples], data.labels[:examples])
     step = make_ncll_step(run.graphdef, run.task, samples, chunk)
-    sharding, key = parallel.data_sharded(mesh), jax.random.key(seed)
+    sharding, key = devices.data_sharded(mesh), jax.random.key(seed)
     start = time.perf_counter()
-    first = parallel.put_batch(next(eval_batches(data, batch_size)), sharding)
+    first = devices.put_batch(next(eval_batches(data, batch_size)), sharding)
     step = step.lower(run.params, first, key).compile()  # compiled once, before the timed pass
     compile_seconds = time.perf_counter() - start
     start = time.perf_counter()

@@ -9,7 +9,7 @@ The columns are the swept keys: those whose values differ between jobs, and thos
 says were swept. Rows are sorted by the metric (lower is better unless `--maximize`); a job without
 metrics.json is listed as running or failed/unfinished, never a crash. Writes report.md, report.csv and
 report.png (the metric against each swept key: mean and standard deviation over the other keys, e.g.
-seeds) into the sweep dir. `--paper sohn2015` adds Sohn et al. (2015) Table 1 (cvae_exp.report_paper).
+seeds) into the sweep dir. `--paper sohn2015` adds Sohn et al. (2015) Table 1 (cvae_exp.results.sohn2015).
 
 Argparse, not Hydra: the input is a folder, not a config. No JAX here, so the report takes a second.
 """
@@ -22,8 +22,8 @@ from pathlib import Path
 
 from cvae_exp.cli import exit_on_user_error
 from cvae_exp.errors import UserError
-from cvae_exp.report_paper import sohn2015_table
-from cvae_exp.sweep import Job, finite, fmt, load_sweep, markdown_table, natural_key, typed
+from cvae_exp.results.sohn2015 import sohn2015_table
+from cvae_exp.results.sweeps import Job, finite, fmt, load_sweep, markdown_table, natural_key, typed
 
 SUMMARY_METRICS = ("val/elbo", "test/elbo", "eval_val/ncll", "eval_test/ncll", "eval/ncll")  # shown beside the metric
 

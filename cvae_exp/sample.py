@@ -27,11 +27,11 @@ import numpy as np
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
-from cvae_exp import launch
 from cvae_exp.cli import CONF_DIR, console, exit_on_user_error, no_wait_after_storage_failure
 from cvae_exp.config import check_keys, require_run_dir
 from cvae_exp.errors import UserError
-from cvae_exp.kinds import kind
+from cvae_exp.models.kinds import kind
+from cvae_exp.runs import launch
 
 PANEL_GAP = 4  # white pixels between the per-digit panels of the latent walk
 
@@ -113,9 +113,9 @@ def draw(run, opts, seed: int) -> dict[str, np.ndarray]:
     import jax
     import jax.numpy as jnp
 
-    from cvae_exp import images
     from cvae_exp.data.pipeline import NUM_CLASSES, prepare
-    from cvae_exp.tensorboard import tile
+    from cvae_exp.runs.tensorboard import tile
+    from cvae_exp.training import images
 
     task, graphdef, params = run.task, run.graphdef, run.params
     key = jax.random.key(seed)
@@ -125,7 +125,7 @@ def draw(run, opts, seed: int) -> dict[str, np.ndarray]:
     grids = {}
 
     def stack(fn, *args, **static) -> np.ndarray:
-        """[rows, cols, 784] from one of cvae_exp.images' drawings, jitted with its static arguments bound."""
+        """[rows, cols, 784] from one of cvae_exp.training.images' drawings, jitted with its static arguments bound."""
         return np.asarray(jax.jit(functools.partial(fn, graphdef, task=task, **static))(params, *args))
 
     if task.condition == "quadrants":
@@ -151,8 +151,8 @@ def draw(run, opts, seed: int) -> dict[str, np.ndarray]:
 
 
 def sample_run(run_dir: str, opts, seed: int = 0) -> list[Path]:
-    from cvae_exp.tensorboard import Writer
-    from cvae_exp.trained_run import load_run
+    from cvae_exp.runs.tensorboard import Writer
+    from cvae_exp.runs.trained_run import load_run
 
     run = load_run(run_dir)
     launch.release_log()  # accepted: the log may reach <run dir>/sample.log

@@ -15,7 +15,7 @@ from cvae_exp.cli import CONF_DIR, console, exit_on_user_error, no_wait_after_st
 
 def train(cfg: DictConfig) -> float:
     """Trains one run as configured and returns its final val/elbo (what sweepers minimise)."""
-    from cvae_exp.training import run_training  # JAX loads only after the config has been accepted
+    from cvae_exp.runs.job import run_training  # JAX loads only after the config has been accepted
 
     return run_training(cfg).get("val/elbo", float("nan"))
 

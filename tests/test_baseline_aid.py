@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 import cvae_exp.cli  # noqa: F401  (registers the schemas in Hydra's ConfigStore)
 from cvae_exp.config import ModelConfig, validate
 from cvae_exp.errors import UserError
-from cvae_exp.models import build_model
+from cvae_exp.models.build import build_model
 
 QUADRANTS = ["data.condition=quadrants", "data.n_given=1", "logger.images=false"]
 STEPS = ["trainer.max_steps=10", "trainer.eval_every=10", "checkpoint.every=10"]
@@ -62,7 +62,7 @@ def test_a_frozen_baseline_keeps_its_parameters_and_the_rest_trains(tmp_path, sm
     without gradient) the baseline submodule is bit for bit where it started; the other networks moved."""
     from hydra.utils import instantiate
 
-    from cvae_exp import steps as trainer_steps
+    from cvae_exp.training import steps as trainer_steps
 
     cfg = compose_cfg(small_overrides(tmp_path / "unused", "model=cvae", "optimizer=adamw", *QUADRANTS))
     for frozen in (True, False):
@@ -90,8 +90,8 @@ def test_a_frozen_baseline_keeps_its_parameters_and_the_rest_trains(tmp_path, sm
 
 
 def test_baseline_submodule_starts_from_the_baseline_runs_best_params(runs):
-    from cvae_exp.experiment import build_experiment
-    from cvae_exp.trained_run import baseline_params, load_run, run_config
+    from cvae_exp.runs.trained_run import baseline_params, load_run, run_config
+    from cvae_exp.training.experiment import build_experiment
 
     exp = build_experiment(run_config(runs["cvae"]))
     start = exp.init_state(0, baseline=baseline_params(exp.baseline_run))["params"]["baseline"]

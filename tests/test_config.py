@@ -23,7 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 import cvae_exp.cli  # noqa: F401  (registers the schemas in Hydra's ConfigStore)
 from cvae_exp.config import validate
 from cvae_exp.errors import UserError
-from cvae_exp.optim import Optimizer
+from cvae_exp.training.optim import Optimizer
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 GROUP_FIELD = {"model": "kind", "data": "name"}  # the field that says which option of a group was chosen

@@ -9,7 +9,7 @@ import math
 import jax.numpy as jnp
 import pytest
 
-from cvae_exp import loop as fit_loop
+from cvae_exp.training import loop as fit_loop
 
 
 def test_counter_counts_evaluations_since_the_best():

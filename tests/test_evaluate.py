@@ -77,9 +77,9 @@ def test_standard_error_and_subset_match_the_per_digit_values(quadrant_runs):
     from flax import nnx
 
     from cvae_exp.data.pipeline import prepare_arrays
-    from cvae_exp.distributions import log_likelihood
     from cvae_exp.evaluate import evaluate_run
-    from cvae_exp.trained_run import load_run
+    from cvae_exp.models.distributions import log_likelihood
+    from cvae_exp.runs.trained_run import load_run
 
     result = evaluate_run(str(quadrant_runs["baseline"]), 1, "test", 1, 16, examples=40)
     assert result["examples"] == 40

@@ -8,9 +8,9 @@ import jax
 import numpy as np
 import pytest
 
-from cvae_exp import parallel
-from cvae_exp.data.feed import DeviceFeed, HostFeed, make_feed
 from cvae_exp.data.pipeline import BatchSampler, Split, make_sampler
+from cvae_exp.training import devices
+from cvae_exp.training.feed import DeviceFeed, HostFeed, make_feed
 
 
 def toy_split(n: int = 50) -> Split:
@@ -21,9 +21,9 @@ def toy_split(n: int = 50) -> Split:
 @pytest.mark.parametrize("seeds", [[3], [3, 4]])
 def test_device_batches_equal_host_batches_across_epochs(seeds):
     split, batch = toy_split(), 8  # 6 steps per epoch: steps 0..13 cross two epoch boundaries
-    mesh = parallel.make_mesh("all")
-    sharding = parallel.data_sharded(mesh, len(seeds))
-    feed = DeviceFeed(split, batch, seeds, parallel.replicated(mesh), sharding)
+    mesh = devices.make_mesh("all")
+    sharding = devices.data_sharded(mesh, len(seeds))
+    feed = DeviceFeed(split, batch, seeds, devices.replicated(mesh), sharding)
     cut = jax.jit(feed.cut)
     host = make_sampler(split, batch, seeds)
     for step in range(14):
@@ -37,8 +37,8 @@ def test_device_batches_equal_host_batches_across_epochs(seeds):
 
 
 def test_host_feed_is_the_choice_when_asked():
-    split, mesh = toy_split(), parallel.make_mesh("all")
-    args = (split, 8, [0], parallel.replicated(mesh), parallel.data_sharded(mesh))
+    split, mesh = toy_split(), devices.make_mesh("all")
+    args = (split, 8, [0], devices.replicated(mesh), devices.data_sharded(mesh))
     assert isinstance(make_feed(*args, on_device=True), DeviceFeed)
     host = make_feed(*args, on_device=False)
     assert isinstance(host, HostFeed)

@@ -1,4 +1,4 @@
-"""What a finished training run writes to metrics.json (`cvae_exp.training.final_metrics`), without training:
+"""What a finished training run writes to metrics.json (`cvae_exp.runs.metrics.final_metrics`), without training:
 its inputs are made by hand, so each rule of the file has its own check. No JAX."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from cvae_exp.metrics import final_metrics, strict, summarize
+from cvae_exp.runs.metrics import final_metrics, strict, summarize
 
 MACHINE = {"devices": 2, "processes": 1, "hardware": "2 x cpu (cpu), 2 CPU cores"}
 

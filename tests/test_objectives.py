@@ -1,4 +1,4 @@
-"""The maths of cvae_exp.objectives checked against independent formulas: the closed-form KL against a Monte
+"""The maths of cvae_exp.models.objectives checked against independent formulas: the closed-form KL against a Monte
 Carlo estimate and the full-covariance formula, the likelihoods against their textbook densities, the
 losses against each other, and the importance-sampling estimator against a model whose p(y | x) is exact."""
 
@@ -13,9 +13,9 @@ import pytest
 from flax import nnx
 
 from cvae_exp.data.pipeline import PIXELS, SIDE, prepare_arrays, quadrant_mask
-from cvae_exp.distributions import gaussian_log_prob, kl_diag_gaussians, log_likelihood, reparameterize
 from cvae_exp.models.cvae import CVAE, Baseline, OutputHead
-from cvae_exp.objectives import conditional_nll, kl_weight, per_example_loss
+from cvae_exp.models.distributions import gaussian_log_prob, kl_diag_gaussians, log_likelihood, reparameterize
+from cvae_exp.models.objectives import conditional_nll, kl_weight, per_example_loss
 
 LOG_2PI = math.log(2 * math.pi)
 

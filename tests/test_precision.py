@@ -8,8 +8,8 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from cvae_exp.config import ModelConfig
-from cvae_exp.models import build_model
-from cvae_exp.steps import Task, loss_fn
+from cvae_exp.models.build import build_model
+from cvae_exp.training.steps import Task, loss_fn
 
 
 def test_bf16_step_agrees_with_fp32():

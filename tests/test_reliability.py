@@ -63,9 +63,9 @@ def straight(tiny_mnist, env, linear_run, tmp_path_factory) -> dict[str, Path]:
 def verifies(run_dir: Path, step: int) -> bool:
     """Whether a checkpoint restores onto the run's state, carries a content hash and matches it, with
     finite parameters (what resume, cvae-eval and cvae-sample check)."""
-    from cvae_exp import checkpoint
-    from cvae_exp.experiment import build_experiment
-    from cvae_exp.trained_run import run_config, state_target
+    from cvae_exp.runs import checkpoint
+    from cvae_exp.runs.trained_run import run_config, state_target
+    from cvae_exp.training.experiment import build_experiment
 
     cfg = run_config(run_dir)
     manager = checkpoint.make_manager(run_dir, 1, read_only=True)
@@ -376,7 +376,7 @@ def test_unretrieved_reads_of_a_damaged_checkpoint_print_no_traceback(caplog):
     import asyncio
     import gc
 
-    from cvae_exp import checkpoint
+    from cvae_exp.runs import checkpoint
 
     async def failed_read():
         raise ValueError("NOT_FOUND: Error opening ... [tensorstore_spec='...']")

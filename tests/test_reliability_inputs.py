@@ -17,7 +17,7 @@ import pytest
 from conftest import IMPOSSIBLE, in_process, run_module
 from conftest import compose_config as make_cfg
 
-import cvae_exp.training
+import cvae_exp.runs.job
 from cvae_exp.cli import exit_on_user_error
 from cvae_exp.train import train
 
@@ -113,7 +113,7 @@ def test_bad_input_is_refused_before_any_work(overrides, named, bad_data, monkey
     def tripwire(cfg, run_dir):
         raise AssertionError("the run started (devices, data, compilation) despite bad input")
 
-    monkeypatch.setattr(cvae_exp.training, "_train", tripwire)
+    monkeypatch.setattr(cvae_exp.runs.job, "_train", tripwire)
     cfg = make_cfg([fill(o, bad_data) for o in overrides])
     with pytest.raises(SystemExit) as exit_:
         exit_on_user_error(train)(cfg)

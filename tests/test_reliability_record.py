@@ -158,8 +158,8 @@ def test_resume_data_change_lets_other_data_through_for_this_launch_only():
     saved run's own value of it is never the base (PER_LAUNCH)."""
     from omegaconf import OmegaConf
 
-    from cvae_exp import resume
     from cvae_exp.errors import UserError
+    from cvae_exp.runs import resume
 
     saved = resume.SavedRun({"resume_data_change": True}, 20, {"source": "a", "train": 1000}, [], {})
     now = {"source": "a", "train": 600}
@@ -216,9 +216,9 @@ def test_single_bit_flips_in_array_data_are_always_detected(base, tmp_path):
     import jax
     import numpy as np
 
-    from cvae_exp import checkpoint
-    from cvae_exp.experiment import build_experiment
-    from cvae_exp.trained_run import run_config, state_target
+    from cvae_exp.runs import checkpoint
+    from cvae_exp.runs.trained_run import run_config, state_target
+    from cvae_exp.training.experiment import build_experiment
 
     cfg = run_config(base["run"])
     target = state_target(build_experiment(cfg), cfg)
@@ -341,7 +341,7 @@ def test_a_start_up_signal_inside_a_garbage_collector_callback_is_raised_later_n
     import gc
 
     from cvae_exp.errors import Interrupted
-    from cvae_exp.launch import Interruptible
+    from cvae_exp.runs.launch import Interruptible
 
     with Interruptible() as guard:
 

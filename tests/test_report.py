@@ -19,7 +19,8 @@ from conftest import run_module
 from PIL import Image
 from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData
 
-from cvae_exp import report, report_paper
+from cvae_exp import report
+from cvae_exp.results import sohn2015
 
 SWEPT = ["model.latent_dim", "seed"]
 
@@ -256,7 +257,7 @@ def test_paper_table_puts_known_numbers_in_their_cells(paper_sweep, capsys):
         "test 3q",
         "recalled 3q",
     ]
-    assert [r[0] for r in rows] == [label for label, _, _ in report_paper.ROWS]
+    assert [r[0] for r in rows] == [label for label, _, _ in sohn2015.ROWS]
     assert [r[0] for r in rows] == [
         "NN baseline",
         "GSNN (MC)",
@@ -266,7 +267,7 @@ def test_paper_table_puts_known_numbers_in_their_cells(paper_sweep, capsys):
         "hybrid (IS)",
     ]
     cell = {r[0]: dict(zip(header, r, strict=False)) for r in rows}
-    for label, kind, est in report_paper.ROWS:
+    for label, kind, est in sohn2015.ROWS:
         for n in (1, 2, 3):
             for split in ("val", "test"):
                 value = known(kind, n, split, est)

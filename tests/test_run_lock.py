@@ -1,4 +1,4 @@
-"""Issue 15, the run-directory lock (cvae_exp.rundir.RunLock) is exclusive under a race: two processes
+"""Issue 15, the run-directory lock (cvae_exp.runs.rundir.RunLock) is exclusive under a race: two processes
 taking it on the same directories at the same moment never both hold it, whether the directory is new,
 holds a lock file left by a dead process, or is being let go by the other process at that moment. And
 cvae-report's probe (rundir.is_locked) sees a held lock, and no lock in a file nobody holds."""
@@ -12,7 +12,7 @@ import socket
 from pathlib import Path
 
 from cvae_exp.errors import UserError
-from cvae_exp.rundir import RunLock, is_locked
+from cvae_exp.runs.rundir import RunLock, is_locked
 
 DIRS = 300  # directories both processes race for at the same moment
 CHURN = 3000  # take-and-let-go rounds of each process on one directory

@@ -14,7 +14,7 @@ from PIL import Image
 
 from cvae_exp.sample import PANEL_GAP
 
-SIDE, PAD = 28, 1  # a digit and the border cvae_exp.tensorboard.tile puts around it
+SIDE, PAD = 28, 1  # a digit and the border cvae_exp.runs.tensorboard.tile puts around it
 STEPS = 30
 
 

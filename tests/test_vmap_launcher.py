@@ -16,7 +16,8 @@ import yaml
 from conftest import compose_config, in_process, run_module, shrunk
 from omegaconf import open_dict
 
-from cvae_exp import cli, members
+from cvae_exp import cli
+from cvae_exp.training import members
 
 assert cli.CONF_DIR  # importing cvae_exp.cli registers the config schemas that compose_config needs
 
@@ -75,7 +76,7 @@ MEMBERS = {  # job number: its own overrides
 def make_job(tiny_mnist, run_dir: Path, num: int, overrides: tuple[str, ...]):
     from omegaconf import OmegaConf
 
-    from cvae_exp.group import Job
+    from cvae_exp.runs.group import Job
 
     cfg = compose_config(shrunk(tiny_mnist, None, *QUADRANTS, *overrides), hydra_config=True)
     hydra = cfg.hydra
@@ -86,7 +87,7 @@ def make_job(tiny_mnist, run_dir: Path, num: int, overrides: tuple[str, ...]):
 
 
 def separate_run(tiny_mnist, run_dir: Path, overrides, monkeypatch) -> dict:
-    from cvae_exp.training import run_training
+    from cvae_exp.runs.job import run_training
 
     run_dir.mkdir(parents=True)
     monkeypatch.chdir(run_dir)  # no Hydra: the run directory is the working directory
@@ -96,7 +97,7 @@ def separate_run(tiny_mnist, run_dir: Path, overrides, monkeypatch) -> dict:
 
 @pytest.fixture(scope="module")
 def group_dirs(tiny_mnist, tmp_path_factory):
-    from cvae_exp.group import train_group
+    from cvae_exp.runs.group import train_group
 
     root = tmp_path_factory.mktemp("group")
     jobs = [make_job(tiny_mnist, root / str(n), n, o) for n, o in MEMBERS.items()]
@@ -142,7 +143,7 @@ def test_each_member_equals_its_separate_run_and_a_diverging_one_fails_alone(
 
 
 def test_a_killed_group_resumes_bit_for_bit(group_dirs):
-    from cvae_exp.group import train_group
+    from cvae_exp.runs.group import train_group
 
     root, jobs, _ = group_dirs
     kept = (0, 1, 3)
@@ -163,7 +164,7 @@ def test_a_killed_group_resumes_bit_for_bit(group_dirs):
 
 def test_a_job_dir_of_another_model_is_refused_by_name_and_left_as_it_is(group_dirs, tiny_mnist):
     from cvae_exp.errors import UserError
-    from cvae_exp.group import check_saved_model
+    from cvae_exp.runs.group import check_saved_model
 
     root, _, _ = group_dirs
     before = sorted(p.name for p in (root / "0" / "checkpoints").iterdir())

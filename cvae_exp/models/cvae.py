@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cvae_exp.distributions import Gaussian, Output, reparameterize
+from cvae_exp.models.distributions import Gaussian, Output, reparameterize
 from cvae_exp.models.mlp import MLP
 
 

@@ -1,1 +1,1 @@
-"""cvae_exp's Hydra launcher plugin: `cvae-train -m hydra/launcher=vmap ...` (see cvae_exp/vmap_sweep.py)."""
+"""cvae_exp's Hydra launcher plugin: `cvae-train -m hydra/launcher=vmap ...` (see cvae_exp/runs/vmap_sweep.py)."""

@@ -1,4 +1,4 @@
-"""The Launcher: Hydra hands it every job of a multirun at once; cvae_exp.vmap_sweep trains them in groups."""
+"""The Launcher: Hydra hands it every job of a multirun at once; cvae_exp.runs.vmap_sweep trains them in groups."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ class VmapLauncher(Launcher):
         self.config, self.task_function, self.hydra_context = config, task_function, hydra_context
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from cvae_exp import vmap_sweep
+        from cvae_exp.cli import exit_on_user_error  # a refused sweep: one sentence, exit 2
+        from cvae_exp.runs import vmap_sweep
 
-        return vmap_sweep.launch(self, job_overrides, initial_job_idx)
+        return exit_on_user_error(vmap_sweep.launch)(self, job_overrides, initial_job_idx)

@@ -1,6 +1,6 @@
 """The fit loop: cadences (log, evaluate, checkpoint), early stopping, the NaN policy and stop signals.
 
-`fit(state, train_step, feed, loop)` runs the jitted step of cvae_exp.steps; everything it does besides
+`fit(state, train_step, feed, loop)` runs the jitted step of cvae_exp.training.steps; everything it does besides
 stepping goes through the `Loop`'s callbacks, so the loop itself touches no files.
 """
 
@@ -19,7 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cvae_exp.errors import Interrupted
-from cvae_exp.steps import host_value
+from cvae_exp.training.steps import host_value
 
 log = logging.getLogger("cvae_exp")
 

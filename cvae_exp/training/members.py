@@ -28,9 +28,9 @@ import numpy as np
 import optax
 from hydra.utils import instantiate
 
-from cvae_exp import steps
 from cvae_exp.config import dotted
-from cvae_exp.optim import Optimizer, make_optimizer
+from cvae_exp.training import steps
+from cvae_exp.training.optim import Optimizer, make_optimizer
 
 # The keys whose values may differ inside a group (optimizer.transform's float arguments, b1, b2, eps,
 # weight_decay, ..., too); every other key is part of the static signature.
@@ -144,7 +144,7 @@ def initial_states(exp, plains: list[dict], traced: list[str], baseline: Any = N
     """The group's optimizer and each member's transformation and fresh state (on the host): member i starts
     as a separate run of `plains[i]` would, from its seed's parameters (with the pre-trained `baseline`'s,
     `trained_run.baseline_params`, in its baseline submodule when given). `exp`: the partition's Experiment."""
-    from cvae_exp.experiment import with_baseline
+    from cvae_exp.training.experiment import with_baseline
 
     opt, values = member_optimizer(plains[0]["optimizer"], plains[0]["trainer"]["max_steps"], traced)
     txs, states = [], []

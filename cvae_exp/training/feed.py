@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cvae_exp.data.pipeline import Split, make_sampler
-from cvae_exp.parallel import put_batch
+from cvae_exp.training.devices import put_batch
 
 
 class HostFeed:

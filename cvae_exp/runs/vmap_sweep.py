@@ -1,5 +1,5 @@
 """`hydra/launcher=vmap`: every job of a multirun composed and checked, partitioned by static signature
-(cvae_exp.members), and each partition trained as one vmapped program (cvae_exp.group).
+(cvae_exp.training.members), and each partition trained as one vmapped program (cvae_exp.runs.group).
 
 Order: compose every job's config → check them all (a refused sweep writes no job directory) → partition →
 train the partitions one after another → one JobReturn per job. A job that failed by the NaN policy does
@@ -21,7 +21,6 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, setup_globals
 from omegaconf import OmegaConf, open_dict, read_write
 
-from cvae_exp.cli import exit_on_user_error
 from cvae_exp.config import check_keys, check_targets, resume_mode, validate
 from cvae_exp.data import sources
 from cvae_exp.errors import UserError
@@ -31,7 +30,7 @@ log = logging.getLogger("cvae_exp")
 
 def compose_jobs(launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list:
     """Every job's config as Hydra's own launchers compose it (load_sweep_config), with its directory."""
-    from cvae_exp.group import Job
+    from cvae_exp.runs.group import Job
 
     jobs = []
     for idx, overrides in enumerate(job_overrides):
@@ -53,7 +52,7 @@ def compose_jobs(launcher, job_overrides: Sequence[Sequence[str]], initial_job_i
 
 def check(job) -> None:
     """A single run's checks, and the launcher's own; nothing is written yet."""
-    from cvae_exp.group import check_job, check_saved_model
+    from cvae_exp.runs.group import check_job, check_saved_model
 
     cfg = job.cfg
     check_keys(cfg)
@@ -66,7 +65,6 @@ def check(job) -> None:
     check_saved_model(job)
 
 
-@exit_on_user_error
 def launch(launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[JobReturn]:
     setup_globals()
     configure_log(launcher.config.hydra.hydra_logging, launcher.config.hydra.verbose)
@@ -77,8 +75,8 @@ def launch(launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: in
     jobs = compose_jobs(launcher, job_overrides, initial_job_idx)
     for job in jobs:
         check(job)
-    from cvae_exp import members
-    from cvae_exp.tensorboard import sweep_keys
+    from cvae_exp.runs.tensorboard import sweep_keys
+    from cvae_exp.training import members
 
     plains = [OmegaConf.to_container(j.cfg, resolve=True) for j in jobs]
     parts = members.partition(plains, launcher.max_members)
@@ -88,7 +86,7 @@ def launch(launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: in
         for i in idxs:
             log.info("\t#%d (partition %d): %s", jobs[i].num, p, " ".join(filter_overrides(jobs[i].overrides)))
     swept = sweep_keys(launcher.config.hydra)
-    from cvae_exp.group import train_group
+    from cvae_exp.runs.group import train_group
 
     returns: dict[int, JobReturn] = {}
     failed = []

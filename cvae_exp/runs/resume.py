@@ -24,10 +24,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from cvae_exp import checkpoint
 from cvae_exp.config import check_targets, onto_schema, validate
 from cvae_exp.data import sources
 from cvae_exp.errors import UserError
+from cvae_exp.runs import checkpoint
 
 log = logging.getLogger("cvae_exp")
 PER_LAUNCH = ("resume", "resume_data_change", "cluster", "verbose")  # from the command, never from the saved run

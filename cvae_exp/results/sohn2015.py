@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cvae_exp.errors import UserError
-from cvae_exp.sweep import Job, markdown_table
+from cvae_exp.results.sweeps import Job, markdown_table
 
 # Sohn et al. (2015) Table 1, test set, as recalled in the project's design notes: NOT read from the paper,
 # whose Table 1 we could not consult; printed only under a label that says so. GSNN and hybrid: not recalled.

@@ -13,12 +13,13 @@ from typing import Any
 import jax
 from omegaconf import DictConfig
 
-from cvae_exp import checkpoint, steps
 from cvae_exp.config import onto_schema, read_run_config
 from cvae_exp.data.pipeline import Splits
 from cvae_exp.errors import UserError
-from cvae_exp.experiment import Experiment, build_experiment
-from cvae_exp.rundir import RunLock
+from cvae_exp.runs import checkpoint
+from cvae_exp.runs.rundir import RunLock
+from cvae_exp.training import steps
+from cvae_exp.training.experiment import Experiment, build_experiment
 
 log = logging.getLogger("cvae_exp")
 

@@ -17,12 +17,20 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from cvae_exp import launch
 from cvae_exp.config import RESUME, check_keys, check_targets, resume_mode, validate
 from cvae_exp.data import sources
 from cvae_exp.errors import Interrupted, UserError
-from cvae_exp.metrics import final_metrics, hparams, per_seed_results, prefixed, seed_values, summarize, write_metrics
-from cvae_exp.rundir import RunLock, current_run_dir
+from cvae_exp.runs import launch
+from cvae_exp.runs.metrics import (
+    final_metrics,
+    hparams,
+    per_seed_results,
+    prefixed,
+    seed_values,
+    summarize,
+    write_metrics,
+)
+from cvae_exp.runs.rundir import RunLock, current_run_dir
 
 log = logging.getLogger("cvae_exp")
 
@@ -41,9 +49,10 @@ def run_training(cfg: DictConfig) -> dict:
 def _train(cfg: DictConfig, run_dir: Path, mode: str, signals: launch.Interruptible) -> dict:
     """The run once its directory is held, section by section."""
     _start_runtime(cfg)
-    from cvae_exp import checkpoint, loop, resume
-    from cvae_exp.experiment import build_experiment, on_devices
-    from cvae_exp.trained_run import baseline_params
+    from cvae_exp.runs import checkpoint, resume
+    from cvae_exp.runs.trained_run import baseline_params
+    from cvae_exp.training import loop
+    from cvae_exp.training.experiment import build_experiment, on_devices
 
     launch.watch_background_writes()
     start_time = time.perf_counter()
@@ -136,10 +145,10 @@ def _primary_process(cfg: DictConfig) -> bool:
 
 def _start_runtime(cfg: DictConfig) -> None:
     """JAX's distributed runtime (multi-process runs), before any other JAX call."""
-    from cvae_exp import parallel
+    from cvae_exp.training import devices
 
     _share_accelerator_between_jobs()
-    parallel.initialize_distributed(cfg.cluster)
+    devices.initialize_distributed(cfg.cluster)
 
 
 def _share_accelerator_between_jobs() -> None:
@@ -154,7 +163,7 @@ def _devices(cfg: DictConfig, run_dir: Path):
     """The mesh the run trains on, logged."""
     import jax
 
-    from cvae_exp.experiment import training_mesh
+    from cvae_exp.training.experiment import training_mesh
 
     mesh = training_mesh(cfg)
     log.info(
@@ -177,12 +186,12 @@ def _machine(mesh) -> dict:
     """What metrics.json records about where the run trained."""
     import jax
 
-    from cvae_exp import parallel
+    from cvae_exp.training import devices
 
     return {
         "devices": mesh.size,
         "processes": jax.process_count(),
-        "hardware": parallel.hardware(mesh.size),
+        "hardware": devices.hardware(mesh.size),
     }
 
 
@@ -191,7 +200,7 @@ def _machine(mesh) -> dict:
 
 def _checkpoints(cfg: DictConfig, run_dir: Path, mode: str):
     """The run's checkpoint manager; a fresh run (resume=false) refuses a directory that holds checkpoints."""
-    from cvae_exp import checkpoint
+    from cvae_exp.runs import checkpoint
 
     if not (run_dir / "checkpoints").exists():
         launch.created(run_dir / "checkpoints")  # removed again if this launch is refused
@@ -207,7 +216,7 @@ def _checkpoints(cfg: DictConfig, run_dir: Path, mode: str):
 def _data_fingerprint(exp, resumed) -> dict:
     """What a checkpoint records it was trained on (the source and the split sizes), logged; a resume on other
     data is refused (resume_data_change)."""
-    from cvae_exp import resume
+    from cvae_exp.runs import resume
 
     fingerprint = exp.fingerprint
     log.info("Data: %s; train %d, val %d, test %d", exp.source, *(fingerprint[s] for s in ("train", "val", "test")))
@@ -221,7 +230,7 @@ def _data_fingerprint(exp, resumed) -> dict:
 def _restore(manager, target, state: dict, resumed, early) -> tuple[dict, int | None]:
     """A resumed run's newest checkpoint that verifies (damaged ones set aside) and its early-stopping count;
     a fresh run's `state` as it is. Returns (state, the step resumed from or None)."""
-    from cvae_exp import checkpoint
+    from cvae_exp.runs import checkpoint
 
     if resumed.saved is None:
         return state, None
@@ -245,7 +254,7 @@ class _Validation:
     key: Any
 
     def __call__(self, params, split) -> dict:
-        from cvae_exp import steps
+        from cvae_exp.training import steps
 
         return steps.evaluate(self.eval_step, params, split, self.batch_size, self.sharding, self.key)
 
@@ -268,15 +277,15 @@ class _Hooks:
 
     @classmethod
     def build(cls, cfg, run_dir, exp, mesh, placed, manager, early, fingerprint, resumed_from) -> _Hooks:
-        from cvae_exp import images, parallel, steps
-        from cvae_exp.tensorboard import Writer
+        from cvae_exp.runs.tensorboard import Writer
+        from cvae_exp.training import devices, images, steps
 
         num_seeds = cfg.trainer.num_seeds
         eval_step = steps.make_eval_step(exp.graphdef, exp.task, placed.state_sharding, num_seeds)
         evaluate = _Validation(
             eval_step,
-            parallel.round_to_devices(cfg.trainer.eval_batch_size, mesh),
-            parallel.data_sharded(mesh),  # every seed is evaluated on the same batch
+            devices.round_to_devices(cfg.trainer.eval_batch_size, mesh),
+            devices.data_sharded(mesh),  # every seed is evaluated on the same batch
             steps.eval_keys(cfg.seed, num_seeds),
         )
         # One TensorBoard run per seed: <run dir>/tb, or <run dir>/tb/seed_<s> for each of K > 1 seeds.
@@ -294,7 +303,7 @@ class _Hooks:
         return cls(cfg, plain, fingerprint, manager, early, evaluate, writers, exp.splits.val, draw, num_seeds)
 
     def on_log(self, step: int, metrics: dict) -> None:
-        from cvae_exp import checkpoint
+        from cvae_exp.runs import checkpoint
 
         checkpoint.raise_failed_save(self.manager)  # a write that failed in the background ends the run here
         launch.check_background_writes()
@@ -306,8 +315,8 @@ class _Hooks:
     def on_eval(self, step: int, state: dict) -> dict:
         import jax
 
-        from cvae_exp import steps
-        from cvae_exp.tensorboard import tile
+        from cvae_exp.runs.tensorboard import tile
+        from cvae_exp.training import steps
 
         val = prefixed("val", self.evaluate(state["params"], self.val_split))
         for i, writer in enumerate(self.writers):
@@ -322,7 +331,7 @@ class _Hooks:
         return summary
 
     def on_checkpoint(self, step: int, state: dict, val: dict) -> None:
-        from cvae_exp import checkpoint
+        from cvae_exp.runs import checkpoint
 
         if self.cfg.checkpoint.enabled:  # with K seeds, "best" ranks by the mean val/elbo over the seeds
             meta = {"step": step, "config": self.plain, "data": self.data, **val, "early_stopping": self.early.state()}
@@ -336,7 +345,7 @@ class _Hooks:
         """Closes the writers, after each seed's hparams summary when the run finished (`per_seed`).
         The same metric names in every job, whatever its model kind, so the HPARAMS view compares them all;
         a sweep's swept keys first."""
-        from cvae_exp.tensorboard import hparams_first, swept_keys
+        from cvae_exp.runs.tensorboard import hparams_first, swept_keys
 
         run_hparams = hparams_first(hparams(self.plain), swept_keys())
         for i, writer in enumerate(self.writers):
@@ -357,7 +366,8 @@ def _fit(cfg: DictConfig, exp, placed, state: dict, target, hooks: _Hooks, manag
     """Trains from `state` to trainer.max_steps (or early stopping, or a stop request); returns the state,
     the last validation summary and the signal that stopped the loop (None: it finished). A NaN stop names
     the last checkpoint that verifies."""
-    from cvae_exp import checkpoint, loop, steps
+    from cvae_exp.runs import checkpoint
+    from cvae_exp.training import loop, steps
 
     train = cfg.trainer
     train_step = steps.make_train_step(
@@ -403,7 +413,7 @@ def _stop_if_signalled(cfg, run_dir: Path, state, stopped: int | None, hooks: _H
     """After the loop: a stop request ends the command with 128 + its signal (the run did not finish, so
     `cvae-train && cvae-eval` or a scheduler's afterok dependency must not treat it as done); a signal from
     here on, during the final evaluation, names the checkpoint it leaves."""
-    from cvae_exp import loop
+    from cvae_exp.training import loop
 
     step = loop.current_step(state)
     last = f"the checkpoint at step {step}" if cfg.checkpoint.enabled else "no checkpoint"

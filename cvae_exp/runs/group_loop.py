@@ -24,10 +24,11 @@ import numpy as np
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from cvae_exp import checkpoint, members, parallel, steps
 from cvae_exp.errors import Interrupted
-from cvae_exp.loop import NonFinite, StopRequest, TooManySkipped
-from cvae_exp.tensorboard import Writer, hparams_first, tile
+from cvae_exp.runs import checkpoint
+from cvae_exp.runs.tensorboard import Writer, hparams_first, tile
+from cvae_exp.training import devices, members, steps
+from cvae_exp.training.loop import NonFinite, StopRequest, TooManySkipped
 
 log = logging.getLogger("cvae_exp")
 
@@ -36,7 +37,7 @@ class Announcer:
     """The group's own messages: on the console once, and in every member's log."""
 
     def __init__(self, handlers: list[logging.Handler]):
-        self._log = logging.getLogger("cvae_exp.group")
+        self._log = logging.getLogger("cvae_exp.runs.group")
         self._log.handlers = list(handlers)
         self._log.setLevel(logging.INFO)
 
@@ -49,7 +50,7 @@ class Announcer:
 
 @dataclass
 class GroupRun:
-    group: list  # cvae_exp.group.Member
+    group: list  # cvae_exp.runs.group.Member
     graphdef: Any
     task: steps.Task
     splits: Any
@@ -175,7 +176,7 @@ class GroupRun:
 
     def _fail(self, i: int, err: Exception, state) -> None:
         """The member's job fails with its separate run's sentence; it saves nothing more, the others go on."""
-        from cvae_exp.checkpoint import newest_good_before
+        from cvae_exp.runs.checkpoint import newest_good_before
 
         m = self.group[i]
         m.manager.wait_until_finished()
@@ -214,7 +215,7 @@ class GroupRun:
     def _images(self, i: int, state, done: int) -> dict:
         from dataclasses import replace
 
-        from cvae_exp.images import drawings
+        from cvae_exp.training.images import drawings
 
         task = replace(self.task, **{f: type(getattr(self.task, f))(v[i]) for f, v in self.hp.items()})
         if task not in self._draw:
@@ -243,14 +244,14 @@ class GroupRun:
 
     def finish(self, state, t0: float) -> None:
         """The final evaluation and every job's metrics.json and HPARAMS."""
-        from cvae_exp.metrics import final_metrics, hparams, write_metrics
+        from cvae_exp.runs.metrics import final_metrics, hparams, write_metrics
 
         k = len(self.group)
         final = steps.stack([self.final.get(i) or steps.member(state, i) for i in range(k)])  # (failed: unused)
         val = self.evaluate(final["params"], self.splits.val) if any(not m.val for m in self.group) else None
         test = self.evaluate(final["params"], self.splits.test)
         mesh_size = self.shardings[0].mesh.size
-        machine = {"devices": mesh_size, "processes": 1, "hardware": parallel.hardware(mesh_size)}
+        machine = {"devices": mesh_size, "processes": 1, "hardware": devices.hardware(mesh_size)}
         wall_seconds = time.perf_counter() - t0
         for i, m in enumerate(self.group):
             if m.error is not None:

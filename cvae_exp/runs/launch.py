@@ -45,7 +45,7 @@ class _Launch:
 
 
 def begin() -> None:
-    """A run starts (cvae_exp.training.run_training): nothing of it is accepted or created yet but what Hydra
+    """A run starts (cvae_exp.runs.job.run_training): nothing of it is accepted or created yet but what Hydra
     made for it."""
     _Launch.created, _Launch.made_by_hydra = _Launch.made_by_hydra, []
     _Launch.accepted = False

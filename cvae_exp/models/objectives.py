@@ -1,4 +1,4 @@
-"""The training objectives and the log-likelihood estimators, built on cvae_exp.distributions.
+"""The training objectives and the log-likelihood estimators, built on cvae_exp.models.distributions.
 
 Every function works on a batch and returns per-example values in nats (summed over pixels or
 latent dimensions); the training losses average them.
@@ -11,8 +11,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from cvae_exp import kinds
-from cvae_exp.distributions import gaussian_log_prob, kl_diag_gaussians, log_likelihood, reparameterize
+from cvae_exp.models import kinds
+from cvae_exp.models.distributions import gaussian_log_prob, kl_diag_gaussians, log_likelihood, reparameterize
 
 # ----------------------------------------------------------------------------- training objectives
 # Each returns (per-example loss, per-example metrics); `elbo` is always the NEGATIVE ELBO (or, for

@@ -30,7 +30,7 @@ class Writer:
     def _check_alive(self) -> None:
         """tensorboardX writes events on a thread; when a write fails there (a full disk) that thread ends
         and the next events would fill its queue and block this thread forever. Raise instead: the failure
-        itself, as cvae_exp.launch noted it, or one naming the event folder."""
+        itself, as cvae_exp.runs.launch noted it, or one naming the event folder."""
         events = getattr(self._w.file_writer, "event_writer", None) if self._w.file_writer else None
         worker = getattr(events, "_worker", None)
         if worker is None or worker.is_alive():
@@ -39,7 +39,7 @@ class Writer:
         if queue is not None:
             queue.cancel_join_thread()  # its events can no longer be written: do not wait for them at exit
         self._w = None
-        from cvae_exp.launch import check_background_writes
+        from cvae_exp.runs.launch import check_background_writes
 
         check_background_writes()
         raise OSError(errno.EIO, "TensorBoard's event writer stopped", events.get_logdir())

@@ -1,6 +1,6 @@
 """A sweep on disk, read once for every report: its jobs (`Job`, `load_job`), what was swept, and the
 table formatting both reports print with. `cvae_exp.report` (the sweep table and plot) and
-`cvae_exp.report_paper` (Sohn et al. 2015 Table 1) sit above this module and never import each other's
+`cvae_exp.results.sohn2015` (Sohn et al. 2015 Table 1) sit above this module and never import each other's
 reading. No JAX here.
 
 A job is a subfolder holding `.hydra/` (Hydra's numbered job dirs; any depth, any launcher). Each one is read
@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from cvae_exp.errors import UserError
-from cvae_exp.rundir import is_locked
+from cvae_exp.runs.rundir import is_locked
 
 EVAL_FILES = ("eval", "eval_val", "eval_test")  # <name>.json -> keys "<name>/<field>"
 SKIP_DIRS = {"checkpoints", "tb", "samples", ".submitit", ".hydra", "__pycache__"}
@@ -114,7 +114,7 @@ def load_job(root: Path, path: Path) -> Job:
 
 def _unfinished(path: Path) -> str:
     """`running` while a live process holds the run's lock, else failed/unfinished (with its last checkpoint)."""
-    if is_locked(path):  # asks the kernel's lock (cvae_exp.rundir.RunLock), not a PID in the file
+    if is_locked(path):  # asks the kernel's lock (cvae_exp.runs.rundir.RunLock), not a PID in the file
         return "running"
     steps = [int(p.name) for p in (path / "checkpoints").glob("*") if p.name.isdigit()]
     return "failed/unfinished" + (f" (last checkpoint: step {max(steps)})" if steps else " (no metrics.json)")

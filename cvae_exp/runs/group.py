@@ -1,10 +1,10 @@
 """One vmap group, top to bottom: devices → data → the members' states → restore → records → loop → final
-evaluation → each job's metrics.json. `cvae_exp.vmap_sweep` calls `train_group` for every partition.
+evaluation → each job's metrics.json. `cvae_exp.runs.vmap_sweep` calls `train_group` for every partition.
 
 Every member is an ordinary job: its own directory with `.hydra/`, `train.log`, `tb/`, `checkpoints/`
-(single-run checkpoints of its own state, cvae_exp.members.plain_state) and `metrics.json`, equal to what a
+(single-run checkpoints of its own state, cvae_exp.training.members.plain_state) and `metrics.json`, equal to what a
 separate `cvae-train` run of its config writes, plus a `group` entry. What acts per member and what per
-group: see cvae_exp.group_loop.
+group: see cvae_exp.runs.group_loop.
 """
 
 from __future__ import annotations
@@ -19,14 +19,15 @@ import jax
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from cvae_exp import checkpoint, members, parallel, steps
-from cvae_exp.data.feed import make_feed
 from cvae_exp.errors import UserError
-from cvae_exp.experiment import build_experiment, training_mesh
-from cvae_exp.launch import RECORD_DIR, _write, watch_background_writes
-from cvae_exp.loop import EarlyStopping
-from cvae_exp.rundir import RunLock
-from cvae_exp.trained_run import baseline_params
+from cvae_exp.runs import checkpoint
+from cvae_exp.runs.launch import RECORD_DIR, _write, watch_background_writes
+from cvae_exp.runs.rundir import RunLock
+from cvae_exp.runs.trained_run import baseline_params
+from cvae_exp.training import devices, members, steps
+from cvae_exp.training.experiment import build_experiment, training_mesh
+from cvae_exp.training.feed import make_feed
+from cvae_exp.training.loop import EarlyStopping
 
 log = logging.getLogger("cvae_exp")
 _FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's job log format
@@ -163,7 +164,7 @@ def restore(group: list[Member], fresh: list[dict], shardings) -> tuple[list[dic
 def train_group(jobs: list[Job], partition: int, swept: list[str]) -> list[Member]:
     """Trains the jobs of one partition as one program; returns its members (each with `error` set when
     that job failed). A stop signal checkpoints every member and raises SystemExit(128 + signal)."""
-    from cvae_exp import group_loop
+    from cvae_exp.runs import group_loop
 
     watch_background_writes()
     t0 = time.perf_counter()
@@ -179,9 +180,9 @@ def train_group(jobs: list[Job], partition: int, swept: list[str]) -> list[Membe
 
     # ---- devices
     mesh = training_mesh(cfg)
-    state_sharding, batch_sharding = parallel.replicated(mesh), parallel.data_sharded(mesh, k)
-    eval_sharding = parallel.data_sharded(mesh)
-    eval_batch = parallel.round_to_devices(t.eval_batch_size, mesh)
+    state_sharding, batch_sharding = devices.replicated(mesh), devices.data_sharded(mesh, k)
+    eval_sharding = devices.data_sharded(mesh)
+    eval_batch = devices.round_to_devices(t.eval_batch_size, mesh)
 
     # ---- data, model and the members' optimizers and states
     exp = build_experiment(cfg)

@@ -20,11 +20,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-from cvae_exp import kinds
 from cvae_exp.data.pipeline import eval_batches, prepare
-from cvae_exp.objectives import kl_weight, per_example_loss
-from cvae_exp.optim import Optimizer
-from cvae_exp.parallel import put_batch
+from cvae_exp.models import kinds
+from cvae_exp.models.objectives import kl_weight, per_example_loss
+from cvae_exp.training.devices import put_batch
+from cvae_exp.training.optim import Optimizer
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ def loss_fn(params, graphdef, batch, key, step, task: Task, train: bool):
 
 def train_update(state: dict, batch: dict, *, graphdef, opt: Optimizer, task: Task) -> tuple[dict, dict]:
     """One model's training step, pure and unjitted: `make_train_step` jits it (vmapped over seeds), and so
-    does a vmap group (cvae_exp.members), with each member's own `task` and `opt`."""
+    does a vmap group (cvae_exp.training.members), with each member's own `task` and `opt`."""
     step = state["step"]
     key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
 

@@ -1,7 +1,7 @@
 """What the model draws: reconstructions, samples per class, quadrant completions (as digit stacks).
 
 Each function returns [rows, cols, 784] values in [0, 1] (Bernoulli means or Gaussian means), ready
-for `cvae_exp.tensorboard.tile`. They are pure functions of (params, inputs, key); callers jit them.
+for `cvae_exp.runs.tensorboard.tile`. They are pure functions of (params, inputs, key); callers jit them.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cvae_exp.data.pipeline import NUM_CLASSES, prepare
-from cvae_exp.distributions import reparameterize
-from cvae_exp.kinds import kind
+from cvae_exp.models.distributions import reparameterize
+from cvae_exp.models.kinds import kind
 
 
 def _mean(out) -> jax.Array:

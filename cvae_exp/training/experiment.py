@@ -1,7 +1,7 @@
 """Building a new experiment from a config: its data, the static task, the network and its optimizer
 (`build_experiment`), and placing it on the devices for training: the mesh, the shardings, the feed and
 the first state (`training_mesh`, `on_devices`). Loading a finished run, the pre-trained baseline of an
-aided one included, is `cvae_exp.trained_run`.
+aided one included, is `cvae_exp.runs.trained_run`.
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ import jax.numpy as jnp
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from cvae_exp import parallel, steps
 from cvae_exp.config import check_targets
-from cvae_exp.data import feed as feeds
 from cvae_exp.data import sources
 from cvae_exp.data.pipeline import PIXELS, Splits, condition_dim, make_splits
 from cvae_exp.errors import UserError
-from cvae_exp.models import build_model
+from cvae_exp.models.build import build_model
+from cvae_exp.training import devices, steps
+from cvae_exp.training import feed as feeds
 
 
 @dataclass
@@ -33,7 +33,7 @@ class Experiment:
     task: steps.Task
     graphdef: Any
     params: Any  # freshly initialised, on the host
-    opt: Any  # cvae_exp.optim.Optimizer
+    opt: Any  # cvae_exp.training.optim.Optimizer
     build_params: Callable[[int], Any]  # seed -> freshly initialised params (those of a run with that seed)
     baseline_run: str | None = None  # model.baseline_run: the run whose best params start the baseline submodule
 
@@ -107,8 +107,8 @@ def with_baseline(params: dict, loaded: Any, baseline_run: str | None) -> dict:
 
 def training_mesh(cfg: DictConfig) -> jax.sharding.Mesh:
     """The devices a run trains on (trainer.devices), refusing a batch they cannot split evenly."""
-    mesh = parallel.make_mesh(cfg.trainer.devices)
-    parallel.check_batch("trainer.batch_size", cfg.trainer.batch_size, mesh)
+    mesh = devices.make_mesh(cfg.trainer.devices)
+    devices.check_batch("trainer.batch_size", cfg.trainer.batch_size, mesh)
     return mesh
 
 
@@ -128,8 +128,8 @@ def on_devices(exp: Experiment, cfg: DictConfig, mesh, baseline: Any = None) -> 
     params, in an aided run) of `exp` on `mesh`."""
     train = cfg.trainer
     seeds = list(range(cfg.seed, cfg.seed + train.num_seeds))
-    state_sharding = parallel.replicated(mesh)
-    batch_sharding = parallel.data_sharded(mesh, train.num_seeds)
+    state_sharding = devices.replicated(mesh)
+    batch_sharding = devices.data_sharded(mesh, train.num_seeds)
     feed = feeds.make_feed(
         exp.splits.train, train.batch_size, seeds, state_sharding, batch_sharding, train.data_on_device
     )

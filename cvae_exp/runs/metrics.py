@@ -1,6 +1,6 @@
 """What a training run reports: each seed's values out of per-seed arrays, the mean over the seeds, each seed's
 final results, and what metrics.json holds (`final_metrics`, pure: no JAX, no files; `write_metrics` writes it).
-`cvae_exp.training` and the vmap group (cvae_exp.group_loop) call these; numpy only."""
+`cvae_exp.runs.job` and the vmap group (cvae_exp.runs.group_loop) call these; numpy only."""
 
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def per_seed_results(state, val: dict, test: dict, seeds: list[int]) -> list[dic
     """Each seed's final values, parameters' hash and skipped steps, for metrics.json."""
     import jax
 
-    from cvae_exp import steps
+    from cvae_exp.training import steps
 
     val = val.get("per_seed", val)
     skipped = np.asarray(jax.device_get(state["nonfinite"])).reshape(-1)

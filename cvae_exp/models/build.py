@@ -1,0 +1,45 @@
+"""The one factory that builds the Flax NNX network of a config (`build_model`)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from cvae_exp.models.cvae import CVAE, Baseline
+from cvae_exp.models.kinds import kind
+from cvae_exp.models.mlp import MLP
+
+__all__ = ["CVAE", "Baseline", "MLP", "build_model"]
+
+
+def build_model(model_cfg, x_dim: int, y_dim: int, *, precision: str = "fp32", seed: int = 0):
+    """(graphdef, params as a plain dict) of the network for `model.kind`: a Baseline, or a CVAE
+    with the networks its objective needs (and a baseline submodule when `model.baseline_run` is set).
+    The steps merge the two back inside jit."""
+    dtype = jnp.bfloat16 if precision == "bf16" else jnp.float32
+    common = dict(
+        hidden=list(model_cfg.hidden),
+        likelihood=model_cfg.likelihood,
+        min_log_var=model_cfg.min_log_var,
+        dtype=dtype,
+        rngs=nnx.Rngs(seed),
+    )
+    what = kind(model_cfg.kind)
+    if not what.latent:
+        model = Baseline(x_dim, y_dim, **common)
+    else:
+        model = CVAE(
+            x_dim,
+            y_dim,
+            latent_dim=model_cfg.latent_dim,
+            prior="standard" if what.fixed_prior else model_cfg.prior,
+            recognition=what.recognition,
+            # model.baseline_run: the baseline network inside the CVAE (its parameters come from that run's
+            # checkpoint later, in cvae_exp.runs.trained_run; only the architecture is decided here, from this config alone).
+            baseline_hidden=list(model_cfg.baseline_hidden or model_cfg.hidden) if model_cfg.baseline_run else None,
+            baseline_into=model_cfg.baseline_into,
+            baseline_frozen=model_cfg.baseline_frozen,
+            **common,
+        )
+    graphdef, state = nnx.split(model)
+    return graphdef, nnx.to_pure_dict(state)

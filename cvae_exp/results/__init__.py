@@ -1,0 +1,1 @@
+"""What finished runs show: sweeps read from disk and the paper's table."""
