@@ -156,76 +156,53 @@ def bare_loop(exp, state, batch, warmup: int, seeds: int = 1):
     return run
 
 
-def framework_loop(exp, cfg: DictConfig, mesh, warmup: int):
-    """The real loop as a runner: the run's feed (the split on the device, or host batches by step
-    number), the jitted step with donation. Returns (runner, flops per example from XLA, the first
-    batch on the device, a copy of the first state)."""
+def program_loop(exp, cfg: DictConfig, mesh, warmup: int, plains: list[dict]):
+    """The step the training loop builds (cvae_exp.training.program) as a runner, with the run's feed (the
+    split on the device, or host batches by step number) and donation: one model, K seeds, or a vmap group
+    of the members `plains`. Returns (runner, flops per example from XLA, the first batch on the device, the
+    members' first states as plain single-run states for the bare loop, the traced keys)."""
     import jax
 
     from cvae_exp.runs.trained_run import baseline_params
-    from cvae_exp.training import devices
-    from cvae_exp.training.experiment import on_devices
-    from cvae_exp.training.steps import make_train_step
+    from cvae_exp.training import devices, members, steps
+    from cvae_exp.training.program import build_program
 
-    num_seeds = cfg.trainer.num_seeds
-    placed = on_devices(exp, cfg, mesh, baseline_params(cfg.model.baseline_run))
-    feed, state = placed.feed, placed.state
-    train_step = make_train_step(exp.graphdef, exp.opt, exp.task, placed.state_sharding, num_seeds, feed)
-    first = devices.put_batch(feed.sampler.batch(0), placed.batch_sharding)  # the bare loop's one batch
-    flops_per_example = step_flops(train_step, state, feed(0)) / (cfg.trainer.batch_size * num_seeds)
-    initial = jax.tree.map(lambda a: a.copy(), state)  # the loop donates its own
+    program = build_program(exp, plains, mesh, baseline_params(cfg.model.baseline_run))
+    spans = [range(i, i + 1) for i in range(program.size)]
+    state = program.group_state([program.fresh_job_state(span) for span in spans], spans)
+    feed = program.feed
+    first = devices.put_batch(feed.sampler.batch(0), program.batch_sharding)  # the bare loop's one batch
+    flops = step_flops(program.jitted, state, feed(0), *program.extra) / (cfg.trainer.batch_size * program.size)
+    plain = [members.plain_state(s) for s in program.fresh]
+    initial = jax.device_put(plain[0] if program.size == 1 else steps.stack(plain), program.state_sharding)
+    initial = jax.tree.map(lambda a: a.copy(), initial)  # its own buffers: the program's loop donates its state
     count, metrics = 0, None
 
     def run(n):
         nonlocal state, metrics, count
         for _ in range(n):
-            state, metrics = train_step(state, feed(count))
+            state, metrics = program.step(state, feed(count))
             count += 1
         jax.block_until_ready(metrics)
 
     run(warmup)
-    return run, flops_per_example, first, initial
+    return run, flops, first, initial, program.traced
 
 
-def group_loop(exp, cfg: DictConfig, mesh, warmup: int, k: int):
-    """A vmap group's step as a runner (cvae_exp.training.members): K members with seeds seed..seed+K-1 and, in
-    turn, optimizer.lr and lr / 3, so the learning rate is an injected per-member hyperparameter, as in an
-    lr x seed sweep. Returns (runner, flops per example, the first batch, the members' states as plain
-    single-run states for the bare loop, the traced keys)."""
-    import jax
+def member_plains(cfg: DictConfig, members: int) -> list[dict]:
+    """The models cvae-bench times together: one; trainer.num_seeds=K seeds; or (bench.members=K) a vmap
+    group of K members with seeds seed..seed+K-1 and, in turn, optimizer.lr and lr / 3, so the learning rate
+    is an injected per-member hyperparameter, as in an lr x seed sweep."""
     from omegaconf import OmegaConf
 
-    from cvae_exp.training import devices, members, steps
-    from cvae_exp.training.feed import make_feed
-
-    train = cfg.trainer
     base = OmegaConf.to_container(cfg, resolve=True)
+    if not members:
+        return [{**base, "seed": cfg.seed + i} for i in range(cfg.trainer.num_seeds)]
     plains = []
-    for i in range(k):
+    for i in range(members):
         lr = base["optimizer"]["lr"] / (3 if i % 2 else 1)
         plains.append({**base, "seed": cfg.seed + i, "optimizer": {**base["optimizer"], "lr": lr}})
-    traced = members.varying(plains)
-    opt, txs, states = members.initial_states(exp, plains, traced)
-    seeds = [p["seed"] for p in plains]
-    replicated, sharded = devices.replicated(mesh), devices.data_sharded(mesh, k)
-    feed = make_feed(exp.splits.train, train.batch_size, seeds, replicated, sharded, train.data_on_device)
-    state = jax.device_put(steps.stack(states), replicated)
-    hp = jax.device_put(members.task_values(plains, traced), replicated)
-    train_step = members.make_group_train_step(exp.graphdef, opt, txs[0], exp.task, replicated, feed)
-    first = devices.put_batch(feed.sampler.batch(0), sharded)
-    flops_per_example = step_flops(train_step, state, feed(0), hp) / (train.batch_size * k)
-    initial = jax.device_put(steps.stack([members.plain_state(s) for s in states]), replicated)
-    count, metrics = 0, None
-
-    def run(n):
-        nonlocal state, metrics, count
-        for _ in range(n):
-            state, metrics = train_step(state, feed(count), hp)
-            count += 1
-        jax.block_until_ready(metrics)
-
-    run(warmup)
-    return run, flops_per_example, first, initial, traced
+    return plains
 
 
 def bench(cfg: DictConfig) -> dict:
@@ -252,11 +229,8 @@ def bench(cfg: DictConfig) -> dict:
     num_models = options.members or train.num_seeds  # trained together, vmapped: seeds or group members
     exp = build_experiment(cfg)
     launch.accept(current_run_dir(), cfg)  # checked and loaded: .hydra/ and the log may reach the run dir
-    traced = None
-    if options.members:
-        framework, flops_per_example, first, initial, traced = group_loop(exp, cfg, mesh, options.warmup, num_models)
-    else:
-        framework, flops_per_example, first, initial = framework_loop(exp, cfg, mesh, options.warmup)
+    plains = member_plains(cfg, options.members)
+    framework, flops_per_example, first, initial, traced = program_loop(exp, cfg, mesh, options.warmup, plains)
     runners = {"framework": framework}
     if options.reference:
         runners["reference"] = bare_loop(exp, initial, first, options.warmup, num_models)
@@ -264,10 +238,8 @@ def bench(cfg: DictConfig) -> dict:
             fp32_cfg = cfg.copy()
             fp32_cfg.trainer.precision = "fp32"
             fp32_exp = build_experiment(fp32_cfg)
-            runners["fp32"] = (
-                group_loop(fp32_exp, fp32_cfg, mesh, options.warmup, num_models)
-                if options.members
-                else framework_loop(fp32_exp, fp32_cfg, mesh, options.warmup)
+            runners["fp32"] = program_loop(
+                fp32_exp, fp32_cfg, mesh, options.warmup, member_plains(fp32_cfg, options.members)
             )[0]
     per_step = timed_windows(runners, options.steps)
     examples_per_s = {
@@ -292,7 +264,7 @@ def bench(cfg: DictConfig) -> dict:
         "precision": train.precision,
         "num_seeds": train.num_seeds,
         "members": options.members or None,  # a vmap group's members (bench.members), all together in examples_per_s
-        "traced": traced,  # the member keys the group traced
+        "traced": traced if options.members else None,  # the member keys the group traced
         "steps": options.steps,
         "model": cfg.model.kind,
         "hidden": list(cfg.model.hidden),

@@ -360,7 +360,7 @@ def validate(cfg: DictConfig) -> None:
     _choice("data.quadrant_layout", d.quadrant_layout, QUADRANT_LAYOUTS)
     if d.condition == "quadrants" and d.n_given not in (1, 2, 3):
         raise UserError(f"data.n_given={d.n_given} must be 1, 2 or 3.")
-    if kind(m.kind).conditional and d.condition == "none":
+    if kind(m.kind).needs_condition and d.condition == "none":
         raise UserError(f"model.kind={m.kind} predicts y from a condition, but data.condition=none.")
     if kind(m.kind).prior_term and m.prior != "learned":
         raise UserError(f"model.kind={m.kind} trains through the prior network and needs model.prior=learned.")

@@ -117,11 +117,10 @@ def evaluate_run(
     return result
 
 
-@no_wait_after_storage_failure
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")
-@exit_on_user_error
-@console
-def main(cfg: DictConfig) -> None:
+def run(cfg: DictConfig) -> dict:
+    """cvae-eval's work on a composed `eval` config: evaluates, writes eval.json (the latest evaluation) and
+    eval_<split>.json (one per split for the reports; eval_<split>_<tag>.json a tagged one, which the reports
+    leave alone), and returns the result (cvae_exp.api.evaluate returns it too)."""
     require_run_dir(cfg, "cvae-eval")
     check_keys(cfg, EvalApp)
     validate_eval(cfg)
@@ -129,11 +128,17 @@ def main(cfg: DictConfig) -> None:
     result = evaluate_run(
         cfg.run_dir, e.samples, e.split, e.chunk, e.batch_size, cfg.seed, e.seed_index, examples=e.examples
     )
-    # eval.json is the latest evaluation; eval_<split>.json keeps one per split for the reports (and
-    # eval_<split>_<tag>.json a tagged one, which the reports leave alone).
     for name in ("eval.json", f"eval_{e.split}{'_' + e.tag if e.tag else ''}.json"):
         (Path(cfg.run_dir) / name).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result))
+    return result
+
+
+@no_wait_after_storage_failure
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")
+@exit_on_user_error
+@console
+def main(cfg: DictConfig) -> None:
+    print(json.dumps(run(cfg)))
 
 
 if __name__ == "__main__":

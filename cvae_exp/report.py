@@ -23,7 +23,7 @@ from pathlib import Path
 from cvae_exp.cli import exit_on_user_error
 from cvae_exp.errors import UserError
 from cvae_exp.results.sohn2015 import sohn2015_table
-from cvae_exp.results.sweeps import Job, finite, fmt, load_sweep, markdown_table, natural_key, typed
+from cvae_exp.results.sweeps import RecordedJob, finite, fmt, load_sweep, markdown_table, natural_key, typed
 
 SUMMARY_METRICS = ("val/elbo", "test/elbo", "eval_val/ncll", "eval_test/ncll", "eval/ncll")  # shown beside the metric
 
@@ -31,7 +31,7 @@ SUMMARY_METRICS = ("val/elbo", "test/elbo", "eval_val/ncll", "eval_test/ncll", "
 # ----------------------------------------------------------------------------- the table
 
 
-def sort_jobs(jobs: list[Job], metric: str, maximize: bool) -> list[Job]:
+def sort_jobs(jobs: list[RecordedJob], metric: str, maximize: bool) -> list[RecordedJob]:
     def key(job):
         v = job.metrics.get(metric)
         good = job.ok and finite(v)
@@ -40,13 +40,13 @@ def sort_jobs(jobs: list[Job], metric: str, maximize: bool) -> list[Job]:
     return sorted(jobs, key=key)
 
 
-def table_columns(jobs: list[Job], keys: list[str], metric: str) -> list[str]:
+def table_columns(jobs: list[RecordedJob], keys: list[str], metric: str) -> list[str]:
     present = {k for job in jobs for k in job.metrics}
     extra = [m for m in SUMMARY_METRICS if m in present and m != metric]
     return ["job", *keys, metric, *extra, "step", "wall_s", "status"]
 
 
-def cell(job: Job, column: str):
+def cell(job: RecordedJob, column: str):
     if column == "job":
         return job.name
     if column == "status":
@@ -56,7 +56,7 @@ def cell(job: Job, column: str):
     return job.metrics.get(column, "")
 
 
-def write_csv(file: Path, jobs: list[Job], keys: list[str], metric: str) -> None:
+def write_csv(file: Path, jobs: list[RecordedJob], keys: list[str], metric: str) -> None:
     metrics = sorted({k for job in jobs for k in job.metrics} - {metric})
     header = ["job", *keys, "status", metric, *metrics, "overrides"]
     with open(file, "w", newline="") as f:
@@ -77,7 +77,7 @@ def write_csv(file: Path, jobs: list[Job], keys: list[str], metric: str) -> None
 # ----------------------------------------------------------------------------- the plot
 
 
-def plot(file: Path, jobs: list[Job], keys: list[str], metric: str, maximize: bool) -> None:
+def plot(file: Path, jobs: list[RecordedJob], keys: list[str], metric: str, maximize: bool) -> None:
     """The metric against each swept key: every job as a dot, the mean over the other keys with a std bar."""
     import matplotlib
 

@@ -170,15 +170,20 @@ def sample_run(run_dir: str, opts, seed: int = 0) -> list[Path]:
     return written
 
 
+def run(cfg: DictConfig) -> list[Path]:
+    """cvae-sample's work on a composed `sample` config: the PNG files it wrote (cvae_exp.api.sample)."""
+    require_run_dir(cfg, "cvae-sample")
+    check_keys(cfg, SampleApp)
+    validate(cfg.sample)
+    return sample_run(cfg.run_dir, cfg.sample, cfg.seed)
+
+
 @no_wait_after_storage_failure
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="sample")
 @exit_on_user_error
 @console
 def main(cfg: DictConfig) -> None:
-    require_run_dir(cfg, "cvae-sample")
-    check_keys(cfg, SampleApp)
-    validate(cfg.sample)
-    for file in sample_run(cfg.run_dir, cfg.sample, cfg.seed):
+    for file in run(cfg):
         print(file)
 
 

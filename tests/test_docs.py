@@ -15,6 +15,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
 PAGES = sorted(DOCS.glob("*.md"))
+README = REPO / "README.md"
 
 CODE_REF = re.compile(r"\b(cvae_exp/[\w/]+\.py):([A-Za-z_][\w.]*\w)")
 TEST_REF = re.compile(r"\b(tests/[\w/]+\.py)::(\w+)")
@@ -177,13 +178,27 @@ def links(pages=PAGES) -> list[tuple[str, str]]:
     return sorted(out)
 
 
-@pytest.mark.parametrize("page, target", [link for link in links() if not re.match(r"[a-z]+:", link[1])])
+@pytest.mark.parametrize(
+    "page, target", [link for link in links([*PAGES, README]) if not re.match(r"[a-z]+:", link[1])]
+)
 def test_relative_link_resolves(page, target):
+    """Every link of the README and of every docs page leads to a file that exists (and a heading there)."""
+    home = REPO if page == README.name else DOCS
     file_part, _, anchor = target.partition("#")
-    path = (DOCS / file_part).resolve() if file_part else DOCS / page
+    path = (home / file_part).resolve() if file_part else home / page
     assert path.exists(), f"{page} links to {target}, but {path} does not exist"
     if anchor and path.suffix == ".md":
         assert anchor in anchors(path), f"{page} links to {target}, but {path.name} has no heading #{anchor}"
+
+
+def test_every_docs_page_is_linked_from_the_readme():
+    """The README is short; what moved out of it must stay reachable from it."""
+    linked = {(REPO / target.partition("#")[0]).resolve() for _, target in links([README])}
+    assert [p.name for p in PAGES if p.resolve() not in linked] == []
+
+
+def test_the_readme_is_short():
+    assert len(README.read_text().splitlines()) <= 300
 
 
 # ----------------------------------------------------------------------------- math that GitHub renders

@@ -15,7 +15,7 @@ MACHINE = {"devices": 2, "processes": 1, "hardware": "2 x cpu (cpu), 2 CPU cores
 
 class Early:
     def __init__(self, done: bool, best_step: int | None):
-        self.done, self.best_step = done, best_step
+        self.done, self.best_seen_step = done, best_step
 
 
 def seed_result(seed: int, elbo: float, skipped: int) -> dict:

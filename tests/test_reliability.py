@@ -65,12 +65,11 @@ def verifies(run_dir: Path, step: int) -> bool:
     finite parameters (what resume, cvae-eval and cvae-sample check)."""
     from cvae_exp.runs import checkpoint
     from cvae_exp.runs.trained_run import run_config, state_target
-    from cvae_exp.training.experiment import build_experiment
 
     cfg = run_config(run_dir)
     manager = checkpoint.make_manager(run_dir, 1, read_only=True)
     try:
-        restored = checkpoint.restore_first(manager, state_target(build_experiment(cfg), cfg), [step])
+        restored = checkpoint.restore_first(manager, state_target(cfg), [step])
     except Exception:  # UserError: it did not restore or verify
         return False
     finally:

@@ -164,8 +164,8 @@ def test_resume_data_change_lets_other_data_through_for_this_launch_only():
     saved = resume.SavedRun({"resume_data_change": True}, 20, {"source": "a", "train": 1000}, [], {})
     now = {"source": "a", "train": 600}
     with pytest.raises(UserError, match=r"\(train 600 instead of 1000\)"):
-        resume.check_data(resume.Resumed(OmegaConf.create({"resume_data_change": False}), saved), now)
-    resume.check_data(resume.Resumed(OmegaConf.create({"resume_data_change": True}), saved), now)
+        resume.check_data(saved, OmegaConf.create({"resume_data_change": False}), now)
+    resume.check_data(saved, OmegaConf.create({"resume_data_change": True}), now)
     assert "resume_data_change" in resume.PER_LAUNCH
 
 
@@ -218,10 +218,9 @@ def test_single_bit_flips_in_array_data_are_always_detected(base, tmp_path):
 
     from cvae_exp.runs import checkpoint
     from cvae_exp.runs.trained_run import run_config, state_target
-    from cvae_exp.training.experiment import build_experiment
 
     cfg = run_config(base["run"])
-    target = state_target(build_experiment(cfg), cfg)
+    target = state_target(cfg)
     reference = checkpoint.restore_first(checkpoint.make_manager(base["run"], 1, read_only=True), target, [STEPS])
     values = jax.tree.leaves(jax.device_get(reference.state))
     rng, silent, unchanged = random.Random(2), 0, 0

@@ -76,14 +76,14 @@ MEMBERS = {  # job number: its own overrides
 def make_job(tiny_mnist, run_dir: Path, num: int, overrides: tuple[str, ...]):
     from omegaconf import OmegaConf
 
-    from cvae_exp.runs.group import Job
+    from cvae_exp.runs.vmap_sweep import SweepJob
 
     cfg = compose_config(shrunk(tiny_mnist, None, *QUADRANTS, *overrides), hydra_config=True)
     hydra = cfg.hydra
     with open_dict(hydra):
         hydra.job.name, hydra.job.num = "train", num
     task = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
-    return Job(num, task, hydra, run_dir, list(overrides))
+    return SweepJob(num, task, hydra, run_dir, list(overrides))
 
 
 def separate_run(tiny_mnist, run_dir: Path, overrides, monkeypatch) -> dict:
@@ -97,11 +97,11 @@ def separate_run(tiny_mnist, run_dir: Path, overrides, monkeypatch) -> dict:
 
 @pytest.fixture(scope="module")
 def group_dirs(tiny_mnist, tmp_path_factory):
-    from cvae_exp.runs.group import train_group
+    from cvae_exp.runs.vmap_sweep import train_partition
 
     root = tmp_path_factory.mktemp("group")
     jobs = [make_job(tiny_mnist, root / str(n), n, o) for n, o in MEMBERS.items()]
-    group = train_group(jobs, 0, ["seed", "optimizer.lr"])
+    group = train_partition(jobs, 0, ["seed", "optimizer.lr"])
     return root, jobs, group
 
 
@@ -143,7 +143,7 @@ def test_each_member_equals_its_separate_run_and_a_diverging_one_fails_alone(
 
 
 def test_a_killed_group_resumes_bit_for_bit(group_dirs):
-    from cvae_exp.runs.group import train_group
+    from cvae_exp.runs.vmap_sweep import train_partition
 
     root, jobs, _ = group_dirs
     kept = (0, 1, 3)
@@ -154,7 +154,7 @@ def test_a_killed_group_resumes_bit_for_bit(group_dirs):
         shutil.rmtree(root / str(n) / "checkpoints" / str(STEPS))
     for n in kept:
         os.remove(root / str(n) / "metrics.json")
-    group = train_group([jobs[n] for n in kept], 0, [])
+    group = train_partition([jobs[n] for n in kept], 0, [])
     assert [m.resumed_from for m in group] == [10, 10, 10]
     for n in kept:
         after = json.loads((root / str(n) / "metrics.json").read_text())
@@ -164,15 +164,17 @@ def test_a_killed_group_resumes_bit_for_bit(group_dirs):
 
 def test_a_job_dir_of_another_model_is_refused_by_name_and_left_as_it_is(group_dirs, tiny_mnist):
     from cvae_exp.errors import UserError
-    from cvae_exp.runs.group import check_saved_model
+    from cvae_exp.runs.vmap_sweep import check
 
     root, _, _ = group_dirs
     before = sorted(p.name for p in (root / "0" / "checkpoints").iterdir())
     other = make_job(tiny_mnist, root / "0", 0, (*MEMBERS[0], "model.latent_dim=8"))
-    with pytest.raises(UserError, match=r"holds checkpoints of another model \(model.latent_dim changed\)"):
-        check_saved_model(other)
+    with pytest.raises(
+        UserError, match=r"^Job 0: The checkpoint at step \d+ .* was trained with different model.latent_dim"
+    ):
+        check(other, [])
     assert sorted(p.name for p in (root / "0" / "checkpoints").iterdir()) == before
-    check_saved_model(make_job(tiny_mnist, root / "0", 0, MEMBERS[0]))  # its own model: accepted
+    check(make_job(tiny_mnist, root / "0", 0, MEMBERS[0]), [])  # its own model: accepted
 
 
 # ----------------------------------------------------------------------------- the real launcher, once
@@ -203,5 +205,5 @@ def test_cli_sweep_writes_ordinary_jobs_in_two_partitions_and_cvae_report_lists_
     refused = run_module("cvae_exp.train", refused, env=cli_env, cwd=tmp_path)
     assert refused.returncode == 2, refused.stderr[-2000:]
     lines = refused.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: optimizer.lr=0") and "must be positive" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("error: Job 1: optimizer.lr=0") and "must be positive" in lines[0]
     assert sorted(p.name for p in (tmp_path / "no").iterdir()) == ["multirun.yaml"]  # no job directory

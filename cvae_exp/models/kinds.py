@@ -16,7 +16,7 @@ class Kind:
     recognition: bool  # has q(z | x, y): trained through it, importance-sampled, reconstructed
     prior_term: bool  # trains through the prior p(z | x) (the GSNN term), so it needs the learned prior
     fixed_prior: bool  # always the standard normal prior and no condition (the VAE)
-    conditional: bool  # predicts y from a condition x (refuses data.condition=none)
+    needs_condition: bool  # refuses data.condition=none (it predicts y from x); the cvae and vae accept it
     aided: bool  # can be built on a pre-trained baseline (model.baseline_run)
 
     @property
@@ -30,17 +30,37 @@ class Kind:
 KINDS = {
     k.name: k
     for k in (
-        Kind("cvae", latent=True, recognition=True, prior_term=False, fixed_prior=False, conditional=False, aided=True),
-        Kind("vae", latent=True, recognition=True, prior_term=False, fixed_prior=True, conditional=False, aided=False),
-        Kind("gsnn", latent=True, recognition=False, prior_term=True, fixed_prior=False, conditional=True, aided=True),
-        Kind("hybrid", latent=True, recognition=True, prior_term=True, fixed_prior=False, conditional=True, aided=True),
+        Kind(
+            "cvae",
+            latent=True,
+            recognition=True,
+            prior_term=False,
+            fixed_prior=False,
+            needs_condition=False,
+            aided=True,
+        ),
+        Kind(
+            "vae", latent=True, recognition=True, prior_term=False, fixed_prior=True, needs_condition=False, aided=False
+        ),
+        Kind(
+            "gsnn", latent=True, recognition=False, prior_term=True, fixed_prior=False, needs_condition=True, aided=True
+        ),
+        Kind(
+            "hybrid",
+            latent=True,
+            recognition=True,
+            prior_term=True,
+            fixed_prior=False,
+            needs_condition=True,
+            aided=True,
+        ),
         Kind(
             "baseline",
             latent=False,
             recognition=False,
             prior_term=False,
             fixed_prior=False,
-            conditional=True,
+            needs_condition=True,
             aided=False,
         ),
     )

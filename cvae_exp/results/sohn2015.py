@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cvae_exp.errors import UserError
-from cvae_exp.results.sweeps import Job, markdown_table
+from cvae_exp.results.sweeps import RecordedJob, markdown_table
 
 # Sohn et al. (2015) Table 1, test set, as recalled in the project's design notes: NOT read from the paper,
 # whose Table 1 we could not consult; printed only under a label that says so. GSNN and hybrid: not recalled.
@@ -61,7 +61,7 @@ BINARIZATION = {
 
 @dataclass
 class PaperJob:
-    job: Job
+    job: RecordedJob
     cfg: dict
     kind: str
     n_given: int
@@ -70,7 +70,7 @@ class PaperJob:
     hardware: str
 
 
-def _evals(job: Job) -> dict:
+def _evals(job: RecordedJob) -> dict:
     """split -> the job's evaluation of it: eval_<split>.json, else eval.json when that one is of this split."""
     out = {}
     for split in SPLITS:
@@ -82,12 +82,12 @@ def _evals(job: Job) -> dict:
     return out
 
 
-def _log(job: Job) -> str:
+def _log(job: RecordedJob) -> str:
     """The job's Hydra log (`<job>/<job name>.log`), where cvae-train records its data sizes and devices."""
     return "\n".join(f.read_text(errors="replace") for f in sorted(job.path.glob("*.log")))
 
 
-def train_size(cfg: dict, job: Job) -> int | None:
+def train_size(cfg: dict, job: RecordedJob) -> int | None:
     """Training digits: metrics.json's `train_examples` if recorded, else the log's, else the source's standard size."""
     if isinstance(job.metrics.get("train_examples"), int):
         return job.metrics["train_examples"]
@@ -100,7 +100,7 @@ def train_size(cfg: dict, job: Job) -> int | None:
     return total - int(data.get("val_size", 0)) if total else None
 
 
-def hardware(job: Job) -> str:
+def hardware(job: RecordedJob) -> str:
     """metrics.json's `hardware` if recorded, else the platform from the job's log and this machine's CPU."""
     if isinstance(job.metrics.get("hardware"), str):
         return job.metrics["hardware"]
@@ -110,7 +110,7 @@ def hardware(job: Job) -> str:
     return f"{os.cpu_count()}-core {platform.machine()} CPU ({found[-1][1] if found else 'platform not logged'})"
 
 
-def collect(jobs: list[Job]) -> list[PaperJob]:
+def collect(jobs: list[RecordedJob]) -> list[PaperJob]:
     out = []
     for job in jobs:
         cfg = job.config
@@ -364,7 +364,7 @@ def _relative_source(source: str | None) -> str | None:
     return f"{kind}:{os.path.relpath(path)}" if path.startswith("/") else source
 
 
-def sohn2015_table(root: Path, jobs: list[Job], command: str | None) -> tuple[str, list[Path]]:
+def sohn2015_table(root: Path, jobs: list[RecordedJob], command: str | None) -> tuple[str, list[Path]]:
     paper_jobs = collect(jobs)
     shown = os.path.relpath(root)  # as the user would type it from here
     if not paper_jobs:

@@ -1,4 +1,4 @@
-"""A sweep on disk, read once for every report: its jobs (`Job`, `load_job`), what was swept, and the
+"""A sweep on disk, read once for every report: its jobs (`RecordedJob`, `load_job`), what was swept, and the
 table formatting both reports print with. `cvae_exp.report` (the sweep table and plot) and
 `cvae_exp.results.sohn2015` (Sohn et al. 2015 Table 1) sit above this module and never import each other's
 reading. No JAX here.
@@ -27,7 +27,7 @@ MAX_DEPTH = 4
 
 
 @dataclass
-class Job:
+class RecordedJob:
     name: str  # path relative to the sweep dir, e.g. "3"
     path: Path
     overrides: dict[str, str]  # key -> value, as given on the command line / by the sweeper
@@ -84,14 +84,14 @@ def _numbers(data: dict, prefix: str = "") -> dict:
     return out
 
 
-def load_job(root: Path, path: Path) -> Job:
+def load_job(root: Path, path: Path) -> RecordedJob:
     name = path.relative_to(root).as_posix() if path != root else path.name
     try:
         listed = yaml.safe_load((path / ".hydra" / "overrides.yaml").read_text()) or []
     except (OSError, yaml.YAMLError):
         listed = []
     overrides = dict(_split_override(o) for o in listed if not str(o).startswith("hydra."))
-    job = Job(name, path, overrides)
+    job = RecordedJob(name, path, overrides)
     try:
         job.saved = json.loads((path / "metrics.json").read_text())
         job.metrics = _numbers(job.saved)
@@ -141,7 +141,7 @@ def multirun_info(root: Path) -> tuple[list[str], str | None]:
     return list(dict.fromkeys(keys)), command
 
 
-def swept_keys(jobs: list[Job], declared: list[str]) -> list[str]:
+def varied_keys(jobs: list[RecordedJob], declared: list[str]) -> list[str]:
     """Keys whose values differ across jobs, plus the declared ones, in first-seen order."""
     seen = list(dict.fromkeys(k for job in jobs for k in job.overrides))
     differ = {k for k in seen if len({job.overrides.get(k) for job in jobs}) > 1}
@@ -182,7 +182,7 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def load_sweep(sweep_dir: str | Path) -> tuple[Path, list[Job], list[str], str | None]:
+def load_sweep(sweep_dir: str | Path) -> tuple[Path, list[RecordedJob], list[str], str | None]:
     root = Path(sweep_dir).expanduser()
     if not root.is_dir():
         raise UserError(f"The sweep directory {root} does not exist (pass the folder a multirun wrote).")
@@ -192,4 +192,4 @@ def load_sweep(sweep_dir: str | Path) -> tuple[Path, list[Job], list[str], str |
         raise UserError(f"{root} holds no job directories (subfolders with a .hydra/ folder); is it a multirun dir?")
     jobs = [load_job(root, p) for p in paths]
     declared, command = multirun_info(root)
-    return root, jobs, swept_keys(jobs, declared), command
+    return root, jobs, varied_keys(jobs, declared), command

@@ -1,247 +1,266 @@
-"""One vmap group, top to bottom: devices → data → the members' states → restore → records → loop → final
-evaluation → each job's metrics.json. `cvae_exp.runs.vmap_sweep` calls `train_group` for every partition.
+"""Training a group of jobs, top to bottom: devices → data → program → restore → records → loop → final
+evaluation → each job's metrics.json. A `cvae-train` run is a group of one job (cvae_exp.runs.job); the vmap
+launcher hands it the jobs of one static-signature partition (cvae_exp.runs.vmap_sweep). Both differ only in
+the jobs and run directories they hand over, and in the words of their messages (`Launch`).
 
-Every member is an ordinary job: its own directory with `.hydra/`, `train.log`, `tb/`, `checkpoints/`
-(single-run checkpoints of its own state, cvae_exp.training.members.plain_state) and `metrics.json`, equal to what a
-separate `cvae-train` run of its config writes, plus a `group` entry. What acts per member and what per
-group: see cvae_exp.runs.group_loop.
+Every job restores its own newest verified checkpoint. Jobs that then stand at different steps (a relaunch
+after a fault, a job added to a sweep) train as separate groups, one after another, so that no job redoes a
+step it has a checkpoint of and none is stepped past its own checkpoints.
 """
 
 from __future__ import annotations
 
-import contextlib
+import json
 import logging
+import math
+import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import jax
-import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from cvae_exp.errors import UserError
-from cvae_exp.runs import checkpoint
-from cvae_exp.runs.launch import RECORD_DIR, _write, watch_background_writes
-from cvae_exp.runs.rundir import RunLock
+from cvae_exp.runs import checkpoint, launch, resume
+from cvae_exp.runs.metrics import final_metrics, hparams, per_seed_results, prefixed, summarize, write_metrics
+from cvae_exp.runs.outputs import JobOutput, Outputs, _take
+from cvae_exp.runs.tensorboard import hparams_first
 from cvae_exp.runs.trained_run import baseline_params
-from cvae_exp.training import devices, members, steps
+from cvae_exp.training import devices, loop
 from cvae_exp.training.experiment import build_experiment, training_mesh
-from cvae_exp.training.feed import make_feed
-from cvae_exp.training.loop import EarlyStopping
+from cvae_exp.training.program import Program, build_program
 
 log = logging.getLogger("cvae_exp")
-_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's job log format
 
 
 @dataclass
-class Job:
-    """One job of the multirun as Hydra composed it."""
+class JobSpec:
+    """One job as its launcher hands it over: checked (cvae_exp.runs.preflight), its directory held."""
 
-    num: int  # hydra.job.num
-    cfg: DictConfig  # the task config
-    hydra: DictConfig  # its `hydra` node (runtime.output_dir set), for <run dir>/.hydra/
+    cfg: DictConfig  # what it trains (a resumed run: its own config with the command's overrides on top)
     run_dir: Path
-    overrides: list[str]  # this job's own overrides (what cvae-report lists)
-
-
-@dataclass
-class Member:
-    """A job inside the group: what the host keeps for it besides its slice of the stacked state."""
-
-    job: Job
-    plain: dict  # the resolved config
-    until: int  # the step it stops at: trainer.max_steps, or where early stopping ended it
-    early: EarlyStopping
-    manager: object = None
-    writer: object = None
-    log: logging.Logger | None = None
-    val: dict = field(default_factory=dict)  # its latest val/* floats
-    error: str | None = None  # one sentence: why this job failed (the NaN policy), else None
-    resumed_from: int | None = None
-    start_step: int = 0
+    saved: Any  # resume.SavedRun of the run it continues, or None (a fresh run)
+    accept: Callable[[], None]  # writes its record (.hydra/) and lets its log reach its file
+    log: logging.Logger = log
+    label: str = ""  # "" for a run of its own; "job 3, " in a vmap group
+    extra: dict = field(default_factory=dict)  # added to its metrics.json (a vmap group's "group" entry)
     metrics: dict | None = None  # its metrics.json, once written
+    error: str | None = None  # why it failed (the NaN policy), else None
+    resumed_from: int | None = None  # the step of the checkpoint it continued from
 
     @property
-    def seed(self) -> int:
-        return self.plain["seed"]
+    def plain(self) -> dict:
+        return OmegaConf.to_container(self.cfg, resolve=True)
+
+    @property
+    def seeds(self) -> list[int]:
+        return list(range(self.cfg.seed, self.cfg.seed + self.cfg.trainer.num_seeds))
 
 
-def check_job(cfg: DictConfig) -> None:
-    """What the vmap launcher refuses beyond a single run's checks (one sentence naming the key)."""
-    if cfg.trainer.num_seeds != 1:
-        raise UserError(
-            f"trainer.num_seeds={cfg.trainer.num_seeds} is not for hydra/launcher=vmap, which trains one model "
-            "per job: sweep seed=0,1,... instead."
-        )
-    if cfg.cluster.coordinator_address is not None or cfg.cluster.num_processes not in (None, 1):
-        raise UserError("hydra/launcher=vmap trains in one process: leave cluster.* unset.")
+@dataclass
+class Launch:
+    """What differs between the commands that train groups."""
+
+    swept: list[str]  # the keys the sweep varies (HPARAMS shows them first)
+    stop_message: Callable[[str, int], str]  # (signal name, step) -> the warning after a stop request
+    after_training: Callable[[int], str]  # step -> the message of a signal during the final evaluation
+    signals: Any = None  # launch.Interruptible: signals outside the loop (checked between phases)
+    processes: int = 1
 
 
-def check_saved_model(job: Job) -> None:
-    """A job directory that holds checkpoints of another model (a changed shape key) is refused by name
-    before anything is written, rather than having its checkpoints fail to restore and set aside."""
-    if not (job.run_dir / "checkpoints").is_dir():
-        return
-    manager = checkpoint.make_manager(job.run_dir, job.cfg.checkpoint.keep, read_only=True)
-    found = checkpoint.newest_meta(manager)
-    manager.close()
-    saved = (found[1].get("config") if found else None) or {}
-    changed = checkpoint.changed_shape_keys(saved, OmegaConf.to_container(job.cfg, resolve=True)) if saved else []
-    if changed:
-        raise UserError(
-            f"Job {job.num}'s directory {job.run_dir} holds checkpoints of another model ({', '.join(changed)} "
-            "changed): relaunch it with its own overrides, or choose another hydra.sweep.dir."
-        )
-
-
-def member_logger(job: Job, handlers: list) -> logging.Logger:
-    """The job's own log (<run dir>/<job name>.log) beside the console; `handlers` collects the file
-    handlers, which also receive the group's messages."""
-    handler = logging.FileHandler(job.run_dir / f"{job.hydra.job.name}.log")
-    handler.setFormatter(logging.Formatter(_FORMAT))
-    handlers.append(handler)
-    logger = logging.getLogger(f"cvae_exp.job{job.num}")
-    logger.handlers = [handler]
-    logger.setLevel(logging.INFO)
-    return logger
-
-
-def write_record(job: Job) -> None:
-    """<run dir>/.hydra/{config,hydra,overrides}.yaml, as Hydra writes them for any job."""
-    out = job.run_dir / RECORD_DIR
-    out.mkdir(parents=True, exist_ok=True)
-    _write(out / "config.yaml", OmegaConf.to_yaml(job.cfg))
-    _write(out / "hydra.yaml", OmegaConf.to_yaml(OmegaConf.create({"hydra": job.hydra})))
-    _write(out / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(job.overrides))))
-
-
-def restore(group: list[Member], fresh: list[dict], shardings) -> tuple[list[dict], int | None]:
-    """Each member's state from the group's newest verified checkpoint: the newest step at which every
-    member has a checkpoint, a member that had finished by then counting with its final one. Damaged
-    checkpoints are set aside, as a single run does. Returns the states (plain or fresh) and the step."""
-    on_disk = [sorted(m.manager.all_steps(), reverse=True) for m in group]
-    if not any(on_disk):
-        return fresh, None
-    finished = []  # per member: {step: True} for checkpoints that ended it (max_steps or early stopping)
-    for m, saved in zip(group, on_disk, strict=True):
-        ends = {}
-        for s in saved:
-            meta = checkpoint.read_meta(m.manager, s) or {}
-            probe = EarlyStopping(m.plain["trainer"]["patience"])
-            probe.load(meta.get("early_stopping"))
-            ends[s] = s >= m.plain["trainer"]["max_steps"] or probe.done
-        finished.append(ends)
-    for step in sorted({s for saved in on_disk for s in saved}, reverse=True):
-        chosen = []
-        for saved, ends in zip(on_disk, finished, strict=True):
-            at = step if step in saved else max((s for s in saved if s < step and ends[s]), default=None)
-            chosen.append(at)
-        if None in chosen:
-            continue
-        states, damaged = [], False
-        for m, at, init, sharding in zip(group, chosen, fresh, shardings, strict=True):
-            target = checkpoint.abstract(jax.device_put(members.plain_state(init), sharding))
-            try:
-                restored = checkpoint.restore_first(m.manager, target, [at])
-            except UserError:
-                checkpoint.set_aside(m.manager, [at])
-                on_disk = [sorted(x.manager.all_steps(), reverse=True) for x in group]
-                damaged = True
-                break
-            m.early.load(restored.meta.get("early_stopping"))
-            m.resumed_from = restored.step
-            if m.early.done:
-                m.until = restored.step
-            states.append(members.from_plain(restored.state, init))
-        if not damaged:
-            return states, step
-    raise UserError(
-        "No step has a checkpoint that restores and verifies for every job of the group "
-        f"({', '.join(str(m.job.run_dir) for m in group)})."
-    )
-
-
-def train_group(jobs: list[Job], partition: int, swept: list[str]) -> list[Member]:
-    """Trains the jobs of one partition as one program; returns its members (each with `error` set when
-    that job failed). A stop signal checkpoints every member and raises SystemExit(128 + signal)."""
-    from cvae_exp.runs import group_loop
-
-    watch_background_writes()
+def train_group(specs: list[JobSpec], how: Launch) -> list[JobSpec]:
+    """Trains `specs` (one static signature) and writes each job's metrics.json; returns them, each with
+    `error` set when that job failed. A stop request checkpoints every job and raises SystemExit(128 + signal)."""
+    launch.watch_background_writes()
     t0 = time.perf_counter()
-    plains = [OmegaConf.to_container(j.cfg, resolve=True) for j in jobs]
-    cfg = jobs[0].cfg
-    t = cfg.trainer
-    traced = members.varying(plains)
-    group = [
-        Member(j, p, p["trainer"]["max_steps"], EarlyStopping(p["trainer"]["patience"], p["trainer"]["min_delta"]))
-        for j, p in zip(jobs, plains, strict=True)
-    ]
-    k = len(group)
-
-    # ---- devices
+    cfg = specs[0].cfg
+    # ---- devices, data and the network (one experiment for the group: they share every shape)
     mesh = training_mesh(cfg)
-    state_sharding, batch_sharding = devices.replicated(mesh), devices.data_sharded(mesh, k)
-    eval_sharding = devices.data_sharded(mesh)
-    eval_batch = devices.round_to_devices(t.eval_batch_size, mesh)
-
-    # ---- data, model and the members' optimizers and states
     exp = build_experiment(cfg)
-    splits, task, graphdef = exp.splits, exp.task, exp.graphdef
-    opt, txs, fresh = members.initial_states(exp, plains, traced, baseline_params(exp.baseline_run))
-    data = exp.fingerprint
+    baseline = baseline_params(cfg.model.baseline_run)
+    program = build_program(exp, _member_plains(specs), mesh, baseline)  # refuses a batch larger than the split
+    fingerprint = exp.fingerprint
+    log.info("Data: %s; train %d, val %d, test %d", exp.source, *(fingerprint[s] for s in ("train", "val", "test")))
+    for spec in specs:
+        resume.check_data(spec.saved, spec.cfg, fingerprint)
+    outs = [_output(spec, fingerprint) for spec in specs]
+    try:
+        # ---- restore (verified), then each job is accepted: its record and its log go to disk
+        restored = [
+            _restore(spec, out, program, span) for spec, out, span in zip(specs, outs, _spans(specs), strict=True)
+        ]
+        _check(how)
+        for spec in specs:
+            spec.accept()
+        for start in sorted({r[1] for r in restored}):
+            chosen = [i for i, r in enumerate(restored) if r[1] == start]
+            part = [specs[i] for i in chosen]
+            group = (
+                program if len(chosen) == len(specs) else build_program(exp, _member_plains(part), mesh, baseline, True)
+            )
+            _train(group, part, [outs[i] for i in chosen], [restored[i] for i in chosen], how, mesh, t0)
+    finally:
+        for out in outs:
+            out.manager.wait_until_finished()  # Orbax saves are async: the last one must land before exit
+            out.manager.close()
+    launch.check_background_writes()
+    return specs
 
-    with contextlib.ExitStack() as held:
-        # ---- the job directories: locked, checkpoints restored, then the records and logs go to disk
-        for m in group:
-            m.job.run_dir.mkdir(parents=True, exist_ok=True)
-            held.enter_context(RunLock(m.job.run_dir))
-            m.manager = checkpoint.make_manager(m.job.run_dir, m.plain["checkpoint"]["keep"])
-        states, resumed_at = restore(group, fresh, [state_sharding] * k)
-        state = jax.device_put(steps.stack(states), state_sharding)
-        handlers: list[logging.Handler] = []
-        for m in group:
-            write_record(m.job)
-            m.log = member_logger(m.job, handlers)
-            m.start_step = int(np.asarray(jax.device_get(state["step"]))[group.index(m)])
-        say = group_loop.Announcer(handlers)
-        say.info(
-            "vmap group %d: jobs %s in one program (%d members; traced per member: %s)",
-            partition,
-            ", ".join(str(m.job.num) for m in group),
-            k,
-            ", ".join(traced) or "nothing",
+
+def _check(how: Launch) -> None:
+    if how.signals is not None:
+        how.signals.check()  # a signal during start-up that a library swallowed
+
+
+def _member_plains(specs: list[JobSpec]) -> list[dict]:
+    """Every model's resolved config: a job of K seeds (trainer.num_seeds) is K members, seed by seed."""
+    return [{**spec.plain, "seed": s} for spec in specs for s in spec.seeds]
+
+
+def _spans(specs: list[JobSpec]) -> list[range]:
+    spans, start = [], 0
+    for spec in specs:
+        spans.append(range(start, start + len(spec.seeds)))
+        start += len(spec.seeds)
+    return spans
+
+
+def _output(spec: JobSpec, fingerprint: dict) -> JobOutput:
+    """The job's checkpoint manager and what its checkpoints record (the config as written, never a resolved
+    secret: cvae_exp.runs.resume.recorded)."""
+    if not (spec.run_dir / "checkpoints").exists():
+        launch.created(spec.run_dir / "checkpoints")  # removed again if this launch is refused
+    manager = checkpoint.make_manager(spec.run_dir, spec.cfg.checkpoint.keep)
+    return JobOutput(spec.run_dir, resume.recorded(spec.cfg), fingerprint, manager, spec.seeds)
+
+
+def _restore(spec: JobSpec, out: JobOutput, program: Program, span: range) -> tuple[Any, int, loop.EarlyStopping]:
+    """The job's newest checkpoint that verifies (damaged ones set aside) and its early stopping; a fresh
+    job's first state. Returns (plain job state, step, early stopping)."""
+    t = spec.cfg.trainer
+    early = loop.EarlyStopping(t.patience, t.min_delta)
+    if spec.saved is None:
+        return program.fresh_job_state(span), 0, early
+    found = checkpoint.restore_newest(out.manager, program.job_target(span))  # raises when none verifies
+    checkpoint.set_aside(out.manager, found.damaged)  # so that their steps can be saved again
+    early.load(found.meta.get("early_stopping"))
+    spec.resumed_from = found.step
+    spec.log.info("%sResumed from step %d in %s", spec.label, found.step, out.manager.directory)
+    return found.state, found.step, early
+
+
+def _train(program: Program, specs, outs, restored, how: Launch, mesh, t0: float) -> None:
+    """One group of jobs that stand at the same step: the loop, then the final evaluation and metrics."""
+    spans = _spans(specs)
+    jobs = [
+        loop.Job(span, spec.cfg.trainer.max_steps, early, spec.log, spec.label, start=step)
+        for spec, span, (_, step, early) in zip(specs, spans, restored, strict=True)
+    ]
+    for job, out in zip(jobs, outs, strict=True):
+        out.open_writers(job.start if job.start else None)
+    state = program.group_state([r[0] for r in restored], spans)
+    hooks = Outputs(program, jobs, outs)
+    t = specs[0].cfg.trainer
+    plan = loop.Plan(t.log_every, t.eval_every, specs[0].cfg.checkpoint.every, t.batch_size, t.nan_policy,
+                     t.skip_limit, t.progress)  # fmt: skip
+    start_step, train_start = min(j.start for j in jobs), time.perf_counter()
+    try:
+        state, stopped = loop.fit(state, program.step, program.feed, plan, jobs, hooks)
+    finally:
+        for out in outs:
+            out.manager.wait_until_finished()
+        hooks.flush()
+    if stopped:
+        _stopped(outs, how, stopped, loop.current_step(state))
+    for spec, job in zip(specs, jobs, strict=True):
+        spec.error = job.error
+    if how.signals is not None:
+        how.signals.after_training = how.after_training(loop.current_step(state))
+    steps_run = loop.current_step(state) - start_step
+    timing = {"steps_run": steps_run, "train_s": time.perf_counter() - train_start, "t0": t0}
+    _finish(program, specs, outs, jobs, state, how, mesh, timing)
+
+
+def _stopped(outs: list[JobOutput], how: Launch, signum: int, step: int) -> None:
+    """After a stop request: every job's checkpoint is written; the command ends with 128 + the signal (the
+    run did not finish, so `cvae-train && cvae-eval` or a scheduler's afterok must not treat it as done)."""
+    for out in outs:
+        out.manager.wait_until_finished()
+        for writer in out.writers:
+            writer.close()
+    log.warning("%s", how.stop_message(signal.Signals(signum).name, step))
+    raise SystemExit(128 + signum)
+
+
+def _finish(program: Program, specs, outs, jobs, state, how: Launch, mesh, timing: dict) -> None:
+    """The final evaluation of every job that did not fail, its metrics.json and its HPARAMS."""
+    finals = [job.final if job.final is not None else program.job_state(state, job.members) for job in jobs]
+    params = program.group_state(finals, [job.members for job in jobs])["params"]
+    splits = program.exp.splits
+    val = None
+    if any(not job.val for job in jobs):  # resumed after it had finished: evaluated as it stands
+        val = prefixed("val", program.evaluate(params, splits.val))
+    test = prefixed("test", program.evaluate(params, splits.test))
+    machine = {"devices": mesh.size, "processes": jax.process_count(), "hardware": devices.hardware(mesh.size)}
+    for spec, out, job, final in zip(specs, outs, jobs, finals, strict=True):
+        if job.error is not None:
+            for writer in out.writers:
+                writer.close()
+            continue
+        job_val = job.val or summarize({k: _take(v, job.members, program.vmapped) for k, v in val.items()})
+        job_test = {k: _take(v, job.members, program.vmapped) for k, v in test.items()}
+        per_seed = per_seed_results(final, job_val, job_test, spec.seeds)
+        spec.metrics = (
+            final_metrics(
+                step=loop.current_step(final),
+                val=job_val,
+                test=job_test,
+                per_seed=per_seed,
+                steps_run=timing["steps_run"],
+                batch_size=spec.cfg.trainer.batch_size,
+                train_seconds=timing["train_s"],
+                wall_seconds=time.perf_counter() - timing["t0"],
+                previous=_read_json(spec.run_dir / "metrics.json"),
+                source=program.exp.source,
+                train_examples=len(splits.train.images),
+                early=job.early,
+                machine=machine,
+            )
+            | spec.extra
         )
-        say.info("Devices: %d (%s); data: %s; train %d, val %d, test %d", mesh.size, jax.devices()[0].platform,
-                 exp.source, data["train"], data["val"], data["test"])  # fmt: skip
-        if resumed_at is not None:
-            say.info("Resumed the group at step %d", resumed_at)
-        run = group_loop.GroupRun(
-            group=group,
-            graphdef=graphdef,
-            task=task,
-            splits=splits,
-            data=data,
-            traced=traced,
-            hp=members.task_values(plains, traced),
-            opt=opt,
-            tx=txs[0],
-            feed=make_feed(
-                splits.train, t.batch_size, [m.seed for m in group], state_sharding, batch_sharding, t.data_on_device
-            ),  # fmt: skip
-            shardings=(state_sharding, eval_sharding),
-            eval_batch=eval_batch,
-            cfg=cfg,
-            say=say,
-            swept=swept,
-            partition=partition,
+        _close(out, per_seed, how.swept)
+        if jax.process_index() == 0:
+            write_metrics(spec.run_dir, spec.metrics)
+        spec.log.info("Done%s: %s", f" ({spec.label.rstrip(', ')})" if spec.label else "", json.dumps(spec.metrics))
+
+
+def _close(out: JobOutput, per_seed: list[dict], swept: list[str]) -> None:
+    """Each model's HPARAMS summary, then its writer closed. The same metric names in every job, whatever its
+    model kind, so the HPARAMS view compares them all; the sweep's swept keys first."""
+    run_hparams = hparams_first(hparams(out.plain), swept)
+    for writer, result in zip(out.writers, per_seed, strict=True):
+        writer.hparams(
+            run_hparams | {"seed": result["seed"]},
+            {f"{s}/{n}": result.get(f"{s}/{n}", math.nan) for s in ("val", "test") for n in ("elbo", "kl", "recon")},
         )
-        try:
-            state = run.fit(state)
-            run.finish(state, t0)
-        finally:
-            for m in group:
-                m.manager.wait_until_finished()
-                m.manager.close()
-            for h in handlers:
-                h.close()
-    return group
+        writer.close()
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        return json.loads(file.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def failed(specs: list[JobSpec]) -> list[JobSpec]:
+    return [spec for spec in specs if spec.error is not None]
+
+
+def refuse_if_failed(spec: JobSpec) -> None:
+    """A run of its own that failed by the NaN policy ends the command with its sentence (exit 2)."""
+    if spec.error is not None:
+        raise UserError(spec.error)

@@ -159,13 +159,19 @@ def accept(
             hydra_cfg["hydra"]["overrides"]["task"] = list(overrides)
         if choices:
             hydra_cfg["hydra"]["runtime"]["choices"].update(choices)
-        out = run_dir / RECORD_DIR
-        out.mkdir(parents=True, exist_ok=True)
-        _write(out / "config.yaml", OmegaConf.to_yaml(cfg))
-        _write(out / "hydra.yaml", OmegaConf.to_yaml(OmegaConf.create(hydra_cfg)))
-        _write(out / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(hydra_cfg["hydra"]["overrides"]["task"])))
+        write_run_record(run_dir, cfg, OmegaConf.create(hydra_cfg), hydra_cfg["hydra"]["overrides"]["task"])
     release_log()
     _Launch.accepted = True
+
+
+def write_run_record(run_dir: Path, cfg: DictConfig, hydra_cfg: DictConfig, overrides: list[str]) -> None:
+    """<run dir>/.hydra/{config,hydra,overrides}.yaml, as Hydra writes them for any job (`hydra_cfg`: its
+    {"hydra": ...} node), each file replaced whole."""
+    out = run_dir / RECORD_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    _write(out / "config.yaml", OmegaConf.to_yaml(cfg))
+    _write(out / "hydra.yaml", OmegaConf.to_yaml(hydra_cfg))
+    _write(out / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
 
 
 def release_log() -> None:
@@ -262,10 +268,14 @@ class Interruptible:
             after, name = self.after_training, signal.Signals(self.received).name
             raise Interrupted(self.received, after.format(signal=name) if after else startup_message(self.received))
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         sys.unraisablehook = self._unraisable
+        if exc is not None and self.received is not None and not isinstance(exc, (Interrupted, SystemExit)):
+            # A library caught the Interrupted our handler raised and raised its own (datasets wraps any error
+            # while it generates a split): the command was stopped by the signal, and says so.
+            self.check()
 
 
 def startup_message(signum: int) -> str:
@@ -273,3 +283,27 @@ def startup_message(signum: int) -> str:
         f"Stopped by {signal.Signals(signum).name} during start-up, before the first training step: "
         "nothing was trained yet and no checkpoint was written."
     )
+
+
+def multirun_swept_keys() -> list[str]:
+    """In a multirun job: the config keys its sweep varies, read from the sweep's multirun.yaml (the job's own
+    overrides hold one value each); else []."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    if not HydraConfig.initialized() or str(HydraConfig.get().mode) != "RunMode.MULTIRUN":
+        return []
+    record = Path(str(HydraConfig.get().sweep.dir)) / "multirun.yaml"
+    try:
+        return swept_by(OmegaConf.load(record).hydra)
+    except (OSError, ValueError, AttributeError):
+        return []
+
+
+def swept_by(hydra_cfg) -> list[str]:
+    """The keys a multirun's `hydra` node sweeps: its sweeper's params, then the sweeps on its command line."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(hydra_cfg.overrides.task))
+    params = hydra_cfg.sweeper.get("params") or {}
+    return list(dict.fromkeys([*params, *(o.key_or_group for o in parsed if o.is_sweep_override())]))

@@ -49,9 +49,10 @@ def final_metrics(
         "wall_s": wall_seconds,
         "data_source": source,
         "train_examples": train_examples,
-        # early stopping (trainer.patience): whether it ended the run, and the step of the best val/elbo
+        # early stopping (trainer.patience): whether it ended the run; the step of the best val/elbo of any
+        # evaluation (the checkpoint cvae-eval and cvae-sample use)
         "stopped_early": early.done,
-        "best_step": early.best_step,
+        "best_step": early.best_seen_step,
         "hardware": machine["hardware"],
     }
     if num_seeds > 1:  # top-level values are means over the seeds; each seed's own values here

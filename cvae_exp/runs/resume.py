@@ -24,8 +24,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from cvae_exp.config import check_targets, onto_schema, validate
-from cvae_exp.data import sources
+from cvae_exp.config import onto_schema
 from cvae_exp.errors import UserError
 from cvae_exp.runs import checkpoint
 
@@ -144,8 +143,8 @@ def _launch_overrides() -> tuple[list[str], dict] | None:
 
 
 def settle(cfg: DictConfig, run_dir: Path, mode: str) -> Resumed:
-    """The config this launch trains, checked: a fresh run's own, or (resume) the run's with the command's
-    overrides on top. Refuses, naming the keys, a resume that changes shapes or (not asked for) the data."""
+    """The config this launch trains: a fresh run's own, or (resume) the run's with the command's overrides
+    on top. Checked by the caller (cvae_exp.runs.preflight); refuses a resume=true with nothing to resume."""
     saved = saved_run(run_dir) if mode in ("true", "auto") else None
     if saved is None and mode == "true":
         raise UserError(
@@ -153,39 +152,38 @@ def settle(cfg: DictConfig, run_dir: Path, mode: str) -> Resumed:
             "(check hydra.run.dir; resume=auto starts a new run when there is none)."
         )
     launch = _launch_overrides() if saved is not None else None
-    resumed = resumed_config(cfg, saved, *launch) if launch is not None else Resumed(cfg, saved)
-    new = resumed.cfg
-    validate(new)
-    sources.check_path(new.data.path)
-    check_targets(new)
-    if saved is not None:
-        plain = OmegaConf.to_container(new, resolve=True)
-        where = (
-            f"The checkpoint at step {saved.step} in {run_dir / 'checkpoints'}"
-            if saved.step
-            else f"The run in {run_dir}"
+    return resumed_config(cfg, saved, *launch) if launch is not None else Resumed(cfg, saved)
+
+
+def check_resumable(resumed: Resumed, run_dir: Path) -> None:
+    """Refuses, naming the keys, a resume that changes what the arrays' shapes depend on or (not asked for
+    with resume_data_change=true) the data."""
+    saved, new = resumed.saved, resumed.cfg
+    if saved is None:
+        return
+    plain = OmegaConf.to_container(new, resolve=True)
+    where = (
+        f"The checkpoint at step {saved.step} in {run_dir / 'checkpoints'}" if saved.step else f"The run in {run_dir}"
+    )
+    changed = checkpoint.changed_shape_keys(saved.config, plain)
+    if changed:
+        raise UserError(
+            f"{where} was trained with different {', '.join(changed)}; resume it with the same values or "
+            "start a new run directory."
         )
-        changed = checkpoint.changed_shape_keys(saved.config, plain)
-        if changed:
-            raise UserError(
-                f"{where} was trained with different {', '.join(changed)}; resume it with the same values or "
-                "start a new run directory."
-            )
-        was, now = saved.config.get("data", {}), plain["data"]
-        data = [k for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
-        if data and not new.resume_data_change:
-            listed = ", ".join(f"data.{k}={now.get(k)} (trained with {was.get(k)})" for k in data)
-            raise UserError(
-                f"Resuming the run in {run_dir} with {listed} would change the data it trains on: resume without "
-                "them, or pass resume_data_change=true to change it deliberately."
-            )
-    return resumed
+    was, now = saved.config.get("data", {}), plain["data"]
+    data = [k for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
+    if data and not new.resume_data_change:
+        listed = ", ".join(f"data.{k}={now.get(k)} (trained with {was.get(k)})" for k in data)
+        raise UserError(
+            f"Resuming the run in {run_dir} with {listed} would change the data it trains on: resume without "
+            "them, or pass resume_data_change=true to change it deliberately."
+        )
 
 
-def check_data(resumed: Resumed, fingerprint: dict) -> None:
+def check_data(saved: SavedRun | None, cfg: DictConfig, fingerprint: dict) -> None:
     """Refuses (unless resume_data_change=true) data that differs from what the checkpoint trained on."""
-    saved = resumed.saved
-    if saved is None or not saved.data or saved.data == fingerprint or resumed.cfg.resume_data_change:
+    if saved is None or not saved.data or saved.data == fingerprint or cfg.resume_data_change:
         return
     diff = "; ".join(
         f"{k} {fingerprint.get(k)} instead of {saved.data.get(k)}"
@@ -196,3 +194,8 @@ def check_data(resumed: Resumed, fingerprint: dict) -> None:
         f"The data differs from what the checkpoint at step {saved.step} was trained on ({diff}); "
         "point data.path at the run's data, or pass resume_data_change=true to change it deliberately."
     )
+
+
+def recorded(cfg: DictConfig) -> dict:
+    """The config as a run records it (checkpoint meta, HPARAMS), plain Python."""
+    return OmegaConf.to_container(cfg, resolve=True)

@@ -79,30 +79,6 @@ def hparams_first(hparams: dict, swept: list[str]) -> dict:
     return {k: hparams[k] for k in first} | {k: v for k, v in hparams.items() if k not in first}
 
 
-def swept_keys() -> list[str]:
-    """In a multirun job: the config keys its sweep varies, read from the sweep's multirun.yaml (the job's own
-    overrides hold one value each); else []."""
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import OmegaConf
-
-    if not HydraConfig.initialized() or str(HydraConfig.get().mode) != "RunMode.MULTIRUN":
-        return []
-    record = Path(str(HydraConfig.get().sweep.dir)) / "multirun.yaml"
-    try:
-        return sweep_keys(OmegaConf.load(record).hydra)
-    except (OSError, ValueError, AttributeError):
-        return []
-
-
-def sweep_keys(hydra_cfg) -> list[str]:
-    """The keys a multirun's `hydra` node sweeps: its sweeper's params, then the sweeps on its command line."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    parsed = OverridesParser.create().parse_overrides(list(hydra_cfg.overrides.task))
-    params = hydra_cfg.sweeper.get("params") or {}
-    return list(dict.fromkeys([*params, *(o.key_or_group for o in parsed if o.is_sweep_override())]))
-
-
 def tile(images: np.ndarray, pad: int = 1) -> np.ndarray:
     """[rows, cols, 784] images in [0, 1] -> one [H, W] grid with a light border between digits."""
     rows, cols = images.shape[:2]

@@ -13,13 +13,13 @@ from typing import Any
 import jax
 from omegaconf import DictConfig
 
-from cvae_exp.config import onto_schema, read_run_config
+from cvae_exp.config import check_targets, onto_schema, read_run_config
 from cvae_exp.data.pipeline import Splits
 from cvae_exp.errors import UserError
 from cvae_exp.runs import checkpoint
 from cvae_exp.runs.rundir import RunLock
 from cvae_exp.training import steps
-from cvae_exp.training.experiment import Experiment, build_experiment
+from cvae_exp.training.experiment import build_experiment, state_shape
 
 log = logging.getLogger("cvae_exp")
 
@@ -39,9 +39,18 @@ def run_config(run_dir: Path) -> DictConfig:
 
 
 def load_run(run_dir: str | Path, sharding=None, seed_index: int = 0) -> TrainedRun:
-    """The run's best checkpoint by val/elbo (the newest where none has a val/elbo); of a run that
-    trained K seeds together (trainer.num_seeds=K), the model of seed `seed` + `seed_index`."""
+    """The run's best checkpoint by val/elbo (the newest where none has a val/elbo), with its data; of a run
+    that trained K seeds together (trainer.num_seeds=K), the model of seed `seed` + `seed_index`."""
     run_dir = Path(run_dir).resolve()
+    cfg, step, state = _best_state(run_dir, sharding, seed_index)
+    exp = build_experiment(cfg)
+    params = steps.member(state["params"], seed_index) if cfg.trainer.num_seeds > 1 else state["params"]
+    return TrainedRun(cfg, step, exp.graphdef, params, exp.task, exp.splits)
+
+
+def _best_state(run_dir: Path, sharding=None, seed_index: int = 0) -> tuple[DictConfig, int, Any]:
+    """(the config its weights were trained with, step, state) of the run's best checkpoint that verifies
+    (damaged ones set aside unless the run is live); only the checkpoint is read, none of the data."""
     cfg = run_config(run_dir)
     if not (run_dir / "checkpoints").is_dir():
         raise UserError(f"run_dir={run_dir} holds no checkpoints/ folder.")
@@ -54,35 +63,29 @@ def load_run(run_dir: str | Path, sharding=None, seed_index: int = 0) -> Trained
     saved = checkpoint.first_meta(manager, ranked)
     if saved and saved[1].get("config"):
         cfg = onto_schema(saved[1]["config"])
-
     num_seeds = cfg.trainer.num_seeds
     if not 0 <= seed_index < num_seeds:
         raise UserError(
             f"eval.seed_index={seed_index} is out of range: run_dir={run_dir} trained {num_seeds} seed(s), "
             f"so it must lie in 0..{num_seeds - 1}."
         )
-
-    exp = build_experiment(cfg)
-    restored = checkpoint.restore_first(manager, state_target(exp, cfg, sharding), ranked)
+    check_targets(cfg)  # a saved config may come from someone else: instantiate only safe targets
+    restored = checkpoint.restore_first(manager, state_target(cfg, sharding), ranked)
     if restored.damaged:
         _set_aside(run_dir, manager, restored.damaged)
     manager.close()
-    state = restored.state
-    params = steps.member(state["params"], seed_index) if num_seeds > 1 else state["params"]
-    return TrainedRun(cfg, restored.step, exp.graphdef, params, exp.task, exp.splits)
+    return cfg, restored.step, restored.state
 
 
-def state_target(exp: Experiment, cfg: DictConfig, sharding=None) -> Any:
-    """The abstract state a checkpoint of this run restores onto (with the seed axis of a K-seed run)."""
+def state_target(cfg: DictConfig, sharding=None) -> Any:
+    """The abstract state a checkpoint of the run `cfg` restores onto (with the seed axis of a K-seed run)."""
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.eval_shape(lambda: exp.init_state(cfg.seed))  # no baseline run read: the shapes are the same
-    lead = (cfg.trainer.num_seeds,) if cfg.trainer.num_seeds > 1 else ()  # the seed axis of a vmapped run
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(lead + a.shape, a.dtype, sharding=sharding), target)
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), state_shape(cfg))
 
 
 def baseline_params(baseline_run: str | None) -> Any:
-    """The best params of `baseline_run` (model.baseline_run), on the host, for `Experiment.init_state`;
-    None without one."""
+    """The best params of `baseline_run` (model.baseline_run), on the host, read from its verified checkpoint
+    without its data; None without one."""
     if not baseline_run:
         return None
     return _best_params(str(Path(baseline_run).expanduser().resolve()))
@@ -91,7 +94,9 @@ def baseline_params(baseline_run: str | None) -> Any:
 @functools.lru_cache(maxsize=4)
 def _best_params(run_dir: str) -> Any:
     """A finished run's best params, on the host (read once per process, however many seeds start from it)."""
-    return jax.device_get(load_run(run_dir).params)
+    cfg, _, state = _best_state(Path(run_dir))
+    params = steps.member(state["params"], 0) if cfg.trainer.num_seeds > 1 else state["params"]
+    return jax.device_get(params)
 
 
 def _set_aside(run_dir: Path, manager, steps: list[int]) -> None:

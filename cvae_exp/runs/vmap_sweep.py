@@ -1,11 +1,13 @@
 """`hydra/launcher=vmap`: every job of a multirun composed and checked, partitioned by static signature
 (cvae_exp.training.members), and each partition trained as one vmapped program (cvae_exp.runs.group).
 
-Order: compose every job's config → check them all (a refused sweep writes no job directory) → partition →
-train the partitions one after another → one JobReturn per job. A job that failed by the NaN policy does
-not stop its group: the sweep finishes, then names each failed job in one sentence and exits 2.
-Relaunching the same command (with the same hydra.sweep.dir) continues every partition from its newest
-verified checkpoint: under this launcher `resume=false` is read as `resume=auto`, as under SLURM.
+Order: compose every job's config → the pre-flight of every job (a refused sweep writes no job directory) →
+partition → train the partitions one after another → one JobReturn per job. A job that failed by the NaN
+policy does not stop its group: the sweep finishes, then names each failed job in one sentence and exits 2.
+Relaunching the same command (with the same hydra.sweep.dir) continues every job from its newest verified
+checkpoint: under this launcher `resume=false` is read as `resume=auto`, as under SLURM. A job directory is
+continued only by the job that wrote it: a relaunch whose sweep values no longer match (a value removed
+renumbers the jobs) is refused before anything is written.
 """
 
 from __future__ import annotations
@@ -15,23 +17,33 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, setup_globals
-from omegaconf import OmegaConf, open_dict, read_write
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from cvae_exp.config import check_keys, check_targets, resume_mode, validate
-from cvae_exp.data import sources
 from cvae_exp.errors import UserError
+from cvae_exp.runs import launch, preflight, resume
 
 log = logging.getLogger("cvae_exp")
+_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's job log format
 
 
-def compose_jobs(launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list:
+@dataclass
+class SweepJob:
+    """One job of the multirun as Hydra composed it."""
+
+    num: int  # hydra.job.num
+    cfg: DictConfig  # the task config
+    hydra: DictConfig  # its `hydra` node (runtime.output_dir set), for <run dir>/.hydra/
+    run_dir: Path
+    overrides: list[str]  # this job's own overrides (what cvae-report lists)
+
+
+def compose_jobs(launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[SweepJob]:
     """Every job's config as Hydra's own launchers compose it (load_sweep_config), with its directory."""
-    from cvae_exp.runs.group import Job
-
     jobs = []
     for idx, overrides in enumerate(job_overrides):
         sweep_config = launcher.hydra_context.config_loader.load_sweep_config(launcher.config, list(overrides))
@@ -46,72 +58,148 @@ def compose_jobs(launcher, job_overrides: Sequence[Sequence[str]], initial_job_i
         task_cfg = copy.deepcopy(sweep_config)
         with read_write(task_cfg), open_dict(task_cfg):
             del task_cfg["hydra"]
-        jobs.append(Job(num, task_cfg, sweep_config.hydra, run_dir.absolute(), list(overrides)))
+        jobs.append(SweepJob(num, task_cfg, sweep_config.hydra, run_dir.absolute(), list(overrides)))
     return jobs
 
 
-def check(job) -> None:
-    """A single run's checks, and the launcher's own; nothing is written yet."""
-    from cvae_exp.runs.group import check_job, check_saved_model
-
+def check(job: SweepJob, swept: list[str]) -> resume.Resumed:
+    """The job's pre-flight (a single run's, with resume read as auto, and its own config as composed: the
+    sweep defines it) and the launcher's own checks; nothing is written yet."""
     cfg = job.cfg
-    check_keys(cfg)
-    validate(cfg)
-    sources.check_path(cfg.data.path)
-    check_targets(cfg)
-    check_job(cfg)
-    if resume_mode(cfg) == "true" and not any((job.run_dir / "checkpoints").glob("[0-9]*")):
-        raise UserError(f"resume=true, but job {job.num}'s directory {job.run_dir} holds no checkpoint.")
-    check_saved_model(job)
+    mode = preflight.mode_of(cfg, default_auto=True)
+    if cfg.trainer.num_seeds != 1:
+        raise UserError(
+            f"trainer.num_seeds={cfg.trainer.num_seeds} is not for hydra/launcher=vmap, which trains one model "
+            "per job: sweep seed=0,1,... instead."
+        )
+    if cfg.cluster.coordinator_address is not None or cfg.cluster.num_processes not in (None, 1):
+        raise UserError("hydra/launcher=vmap trains in one process: leave cluster.* unset.")
+    try:
+        resumed = preflight.check_run(cfg, job.run_dir, mode, merge=False)
+    except UserError as err:
+        raise UserError(f"Job {job.num}: {err}") from None
+    _same_job(job, resumed.saved, swept)
+    return resumed
 
 
-def launch(launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[JobReturn]:
+def _same_job(job: SweepJob, saved, swept: list[str]) -> None:
+    """A job directory holds the checkpoints of the job that wrote it: the swept values it recorded must be
+    this job's (a value removed from the sweep renumbers the jobs after it)."""
+    if saved is None or not saved.overrides:
+        return
+    was, now = _values(saved.overrides, swept), _values(job.overrides, swept)
+    if was != now:
+        raise UserError(
+            f"Job {job.num}'s directory {job.run_dir} holds the checkpoints of the job {' '.join(was) or '(none)'}, "
+            f"but job {job.num} of this sweep is {' '.join(now) or '(none)'}: the sweep changed (a value added "
+            "or removed renumbers the jobs); relaunch it as it was, or choose another hydra.sweep.dir."
+        )
+
+
+def _values(overrides: list[str], swept: list[str]) -> list[str]:
+    keys = {k.lstrip("+~") for k in swept}
+    return sorted(o for o in overrides if o.split("=", 1)[0].lstrip("+~") in keys)
+
+
+def launch_sweep(launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[JobReturn]:
     setup_globals()
     configure_log(launcher.config.hydra.hydra_logging, launcher.config.hydra.verbose)
     if not _is_cvae_train(launcher.task_function):
         raise UserError("hydra/launcher=vmap launches cvae-train multiruns only.")
     if launcher.max_members is not None and launcher.max_members < 1:
         raise UserError(f"hydra.launcher.max_members={launcher.max_members} must be at least 1 (or null for no cap).")
+    swept = launch.swept_by(launcher.config.hydra)
     jobs = compose_jobs(launcher, job_overrides, initial_job_idx)
-    for job in jobs:
-        check(job)
-    from cvae_exp.runs.tensorboard import sweep_keys
+    checked = [check(job, swept) for job in jobs]
     from cvae_exp.training import members
 
-    plains = [OmegaConf.to_container(j.cfg, resolve=True) for j in jobs]
-    parts = members.partition(plains, launcher.max_members)
+    parts = members.partition([OmegaConf.to_container(j.cfg, resolve=True) for j in jobs], launcher.max_members)
     log.info("vmap launcher: %d jobs in %d partition(s), sweep dir %s", len(jobs), len(parts),
              launcher.config.hydra.sweep.dir)  # fmt: skip
     for p, idxs in enumerate(parts):
         for i in idxs:
             log.info("\t#%d (partition %d): %s", jobs[i].num, p, " ".join(filter_overrides(jobs[i].overrides)))
-    swept = sweep_keys(launcher.config.hydra)
-    from cvae_exp.runs.group import train_group
-
-    returns: dict[int, JobReturn] = {}
-    failed = []
-    for p, idxs in enumerate(parts):
-        for m in train_group([jobs[i] for i in idxs], p, swept):
-            returns[m.job.num] = _job_return(m)
-            if m.error is not None:
-                failed.append(f"error: job {m.job.num} ({' '.join(m.job.overrides)}): {m.error}")
+    returns, failed = {}, []
+    with launch.Interruptible() as signals:
+        for p, idxs in enumerate(parts):
+            specs = train_partition([jobs[i] for i in idxs], p, swept, [checked[i] for i in idxs], signals)
+            for i, spec in zip(idxs, specs, strict=True):
+                returns[jobs[i].num] = _job_return(jobs[i], spec)
+                if spec.error is not None:
+                    failed.append(f"error: job {jobs[i].num} ({' '.join(jobs[i].overrides)}): {spec.error}")
     if failed:
         print("\n".join(failed), file=sys.stderr)
         sys.exit(2)
     return [returns[j.num] for j in jobs]
 
 
-def _job_return(member) -> JobReturn:
-    job = member.job
+def train_partition(jobs: list[SweepJob], partition: int, swept: list[str], checked=None, signals=None) -> list:
+    """Trains the jobs of one partition as one program (cvae_exp.runs.group.train_group), each job's
+    directory locked; returns their JobSpecs (each with `metrics`, or `error` when that job failed)."""
+    import contextlib
+
+    from cvae_exp.runs.group import JobSpec, Launch, train_group
+    from cvae_exp.runs.rundir import RunLock
+    from cvae_exp.training import members
+
+    checked = checked or [check(job, swept) for job in jobs]
+    plains = [OmegaConf.to_container(j.cfg, resolve=True) for j in jobs]
+    traced = members.varying(plains)
+    handlers: list[logging.Handler] = []
+    specs = []
+    for job, resumed in zip(jobs, checked, strict=True):
+        entry = {"partition": partition, "index": len(specs), "members": [j.num for j in jobs], "size": len(jobs),
+                 "traced": traced}  # fmt: skip
+        specs.append(JobSpec(resumed.cfg, job.run_dir, resumed.saved, _acceptor(job, handlers, partition, traced),
+                             logging.getLogger(f"cvae_exp.job{job.num}"), f"job {job.num}, ", {"group": entry}))  # fmt: skip
+    how = Launch(
+        swept=swept,
+        stop_message=lambda name, step: (
+            f"Stopped by {name} at step {step} with every job's checkpoint written. Continue with the same command."
+        ),
+        after_training=lambda step: (
+            "Stopped by {signal} after training, during the final evaluation: every job's "
+            "checkpoint is written; the same command evaluates them and writes their metrics.json."
+        ),
+        signals=signals,
+    )
+    with contextlib.ExitStack() as held:
+        for job in jobs:
+            job.run_dir.mkdir(parents=True, exist_ok=True)
+            held.enter_context(RunLock(job.run_dir))
+        try:
+            return train_group(specs, how)
+        finally:
+            for handler in handlers:
+                handler.close()
+
+
+def _acceptor(job: SweepJob, handlers: list, partition: int, traced: list[str]):
+    """What accepting the job does: its record (.hydra/), its own log file, and the group's first line in it."""
+
+    def accept() -> None:
+        launch.write_run_record(job.run_dir, job.cfg, OmegaConf.create({"hydra": job.hydra}), job.overrides)
+        handler = logging.FileHandler(job.run_dir / f"{job.hydra.job.name}.log")
+        handler.setFormatter(logging.Formatter(_FORMAT))
+        handlers.append(handler)
+        logger = logging.getLogger(f"cvae_exp.job{job.num}")
+        logger.handlers = [handler]
+        logger.setLevel(logging.INFO)
+        logger.info("vmap group %d: job %d (traced per member: %s)", partition, job.num, ", ".join(traced) or "nothing")
+
+    return accept
+
+
+def _job_return(job: SweepJob, spec) -> JobReturn:
     ret = JobReturn(
         overrides=list(job.overrides),
         cfg=job.cfg,
         hydra_cfg=OmegaConf.create({"hydra": job.hydra}),
         working_dir=os.getcwd(),
         task_name=str(job.hydra.job.name),
-        status=JobStatus.COMPLETED if member.error is None else JobStatus.FAILED,
+        status=JobStatus.COMPLETED if spec.error is None else JobStatus.FAILED,
     )
-    ret.return_value = (member.metrics or {}).get("val/elbo", float("nan"))
+    ret.return_value = (spec.metrics or {}).get("val/elbo", float("nan"))
     return ret
 
 

@@ -1,7 +1,7 @@
 """Building a new experiment from a config: its data, the static task, the network and its optimizer
-(`build_experiment`), and placing it on the devices for training: the mesh, the shardings, the feed and
-the first state (`training_mesh`, `on_devices`). Loading a finished run, the pre-trained baseline of an
-aided one included, is `cvae_exp.runs.trained_run`.
+(`build_experiment`), and the devices it trains on (`training_mesh`). What trains it is
+`cvae_exp.training.program`; loading a finished run, the pre-trained baseline of an aided one included, is
+`cvae_exp.runs.trained_run`.
 """
 
 from __future__ import annotations
@@ -15,13 +15,11 @@ import jax.numpy as jnp
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from cvae_exp.config import check_targets
 from cvae_exp.data import sources
 from cvae_exp.data.pipeline import PIXELS, Splits, condition_dim, make_splits
 from cvae_exp.errors import UserError
 from cvae_exp.models.build import build_model
 from cvae_exp.training import devices, steps
-from cvae_exp.training import feed as feeds
 
 
 @dataclass
@@ -55,17 +53,9 @@ class Experiment:
             params = with_baseline(params, baseline, self.baseline_run)
         return steps.init_state(params, self.opt.tx, seed)
 
-    def initial_state(self, seeds: list[int], baseline: Any = None) -> dict:
-        """One run's fresh state, or the stacked states of vmapped seeds (trainer.num_seeds > 1):
-        seed s starts exactly as a single run with `seed=s` would (its own parameters and root key)."""
-        if len(seeds) == 1:
-            return self.init_state(seeds[0], baseline=baseline)
-        return steps.stack([self.init_state(s, self.build_params(s), baseline) for s in seeds])
-
 
 def build_experiment(cfg: DictConfig) -> Experiment:
     """Loads the data and builds the network and optimizer that `cfg` describes (no devices yet)."""
-    check_targets(cfg)  # a saved config may come from someone else: instantiate only safe targets
     raw = sources.load(cfg.data.name, cfg.data.path, cfg.data.hub_id)
     splits = make_splits(
         raw,
@@ -75,15 +65,30 @@ def build_experiment(cfg: DictConfig) -> Experiment:
         binarize_seed=cfg.data.binarize_seed,
     )
     task = steps.build_task(cfg, splits.dynamic)
-
-    def build_params(seed: int):
-        return build_model(cfg.model, condition_dim(task.condition), PIXELS, precision=cfg.trainer.precision, seed=seed)
-
+    build_params, opt = _network(cfg, task.condition)
     graphdef, params = build_params(cfg.seed)
-    opt = instantiate(cfg.optimizer, total_steps=cfg.trainer.max_steps, _convert_="all")
     return Experiment(
         raw.source, splits, task, graphdef, params, opt, lambda seed: build_params(seed)[1], cfg.model.baseline_run
     )
+
+
+def _network(cfg: DictConfig, condition: str):
+    """(seed -> (graphdef, params), optimizer) of the config's network: nothing of the data is read."""
+
+    def build_params(seed: int):
+        return build_model(cfg.model, condition_dim(condition), PIXELS, precision=cfg.trainer.precision, seed=seed)
+
+    return build_params, instantiate(cfg.optimizer, total_steps=cfg.trainer.max_steps, _convert_="all")
+
+
+def state_shape(cfg: DictConfig) -> Any:
+    """The shapes of a run's training state (its checkpoints' `state` item, with the seed axis of a K-seed
+    run), built from its config alone: reading a run's parameters needs none of its data."""
+    build_params, opt = _network(cfg, steps.build_task(cfg, dynamic=False).condition)
+    _, params = build_params(cfg.seed)
+    shape = jax.eval_shape(lambda: steps.init_state(params, opt.tx, cfg.seed))
+    lead = (cfg.trainer.num_seeds,) if cfg.trainer.num_seeds > 1 else ()
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(lead + a.shape, a.dtype), shape)
 
 
 def with_baseline(params: dict, loaded: Any, baseline_run: str | None) -> dict:
@@ -110,28 +115,3 @@ def training_mesh(cfg: DictConfig) -> jax.sharding.Mesh:
     mesh = devices.make_mesh(cfg.trainer.devices)
     devices.check_batch("trainer.batch_size", cfg.trainer.batch_size, mesh)
     return mesh
-
-
-@dataclass
-class OnDevices:
-    """An experiment placed for training: what the train step is built with and starts from."""
-
-    seeds: list[int]  # one model per seed, vmapped when there are several (trainer.num_seeds)
-    state_sharding: Any  # replicated over the mesh
-    batch_sharding: Any  # split along "data" (with the seed axis in front when there are several)
-    feed: Any  # feed(step): the train step's second argument (feeds.make_feed)
-    state: dict  # the first state, on the devices
-
-
-def on_devices(exp: Experiment, cfg: DictConfig, mesh, baseline: Any = None) -> OnDevices:
-    """The shardings, the training feed and the first state (with `baseline`, the pre-trained baseline's
-    params, in an aided run) of `exp` on `mesh`."""
-    train = cfg.trainer
-    seeds = list(range(cfg.seed, cfg.seed + train.num_seeds))
-    state_sharding = devices.replicated(mesh)
-    batch_sharding = devices.data_sharded(mesh, train.num_seeds)
-    feed = feeds.make_feed(
-        exp.splits.train, train.batch_size, seeds, state_sharding, batch_sharding, train.data_on_device
-    )
-    state = jax.device_put(exp.initial_state(seeds, baseline), state_sharding)
-    return OnDevices(seeds, state_sharding, batch_sharding, feed, state)

@@ -1,7 +1,15 @@
-"""The fit loop: cadences (log, evaluate, checkpoint), early stopping, the NaN policy and stop signals.
+"""The one training loop: a group of jobs trained by one jitted step, with what acts per job and what per group.
 
-`fit(state, train_step, feed, loop)` runs the jitted step of cvae_exp.training.steps; everything it does besides
-stepping goes through the `Loop`'s callbacks, so the loop itself touches no files.
+A *job* is one run directory's worth of training: one model (`cvae-train`), K models sharing a config
+(`trainer.num_seeds=K`, vmapped), or one member of a vmap launcher's group. Each job has its members (its
+models' indices on the member axis), its step budget (trainer.max_steps: a job that reaches it keeps the
+state of that step while the group steps on, ignored), early stopping on its SELECTION metric (the mean over
+its members), and the NaN policy (nan_policy=stop: a job whose loss goes non-finite fails with one sentence,
+the others go on; skip: its steps are skipped and its own skip_limit counted). What acts per group: the
+cadences (log, eval, checkpoint) and stop signals (SIGTERM/SIGINT: every job saves at the current step).
+
+`fit` touches no files: what it does besides stepping goes through `Hooks` (the run directory's side, in
+cvae_exp.runs). Host syncs happen on log, evaluation and checkpoint steps only.
 """
 
 from __future__ import annotations
@@ -10,18 +18,20 @@ import logging
 import math
 import signal
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import numpy as np
 from tqdm import tqdm
 
 from cvae_exp.errors import Interrupted
-from cvae_exp.training.steps import host_value
 
 log = logging.getLogger("cvae_exp")
+
+# What early stopping and the "best" checkpoint rank by: the negative ELBO (lower is better); for the
+# kinds without a recognition network (baseline, GSNN) the same key holds their negative log-likelihood.
+SELECTION = "val/elbo"
 
 
 class StopRequest:
@@ -79,16 +89,20 @@ class TooManySkipped(Exception):
 
 @dataclass
 class EarlyStopping:
-    """Early stopping on val/elbo (the negative ELBO, lower is better; the mean over the seeds when there
-    are several): the run stops after `patience` evaluations in a row that did not lower the best value
-    so far by more than `min_delta`. patience 0: never. Only the evaluations of the eval_every cadence
-    count. Its state travels in every checkpoint's JSON item, so a resumed run keeps counting."""
+    """Early stopping on SELECTION (lower is better; the mean over a job's members): the job stops after
+    `patience` evaluations in a row that did not lower the best value so far by more than `min_delta`.
+    patience 0: never. Only the evaluations of the eval_every cadence count for it; `seen` also notes the
+    others (a run's last step), so that `best_seen_step` is the step of the best value of every evaluation,
+    the checkpoint cvae-eval ranks first. Its state travels in every checkpoint's JSON item, so a resumed
+    run keeps counting."""
 
     patience: int = 0
     min_delta: float = 0.0
     best: float = math.inf
     best_step: int | None = None
     waited: int = 0  # evaluations since the best
+    best_seen: float = math.inf  # the best value of any evaluation ...
+    best_seen_step: int | None = None  # ... and its step
 
     def update(self, step: int, value: float) -> None:
         if value < self.best - self.min_delta:  # False for NaN: a non-finite evaluation is no improvement
@@ -96,136 +110,213 @@ class EarlyStopping:
         else:
             self.waited += 1
 
+    def seen(self, step: int, value: float) -> None:
+        if value < self.best_seen:  # False for NaN
+            self.best_seen, self.best_seen_step = value, step
+
     @property
     def done(self) -> bool:
         return self.patience > 0 and self.waited >= self.patience
 
     def state(self) -> dict:
+        finite = lambda v: None if math.isinf(v) else v
         return {
-            "best": None if math.isinf(self.best) else self.best,
+            "best": finite(self.best),
             "best_step": self.best_step,
             "waited": self.waited,
+            "best_seen": finite(self.best_seen),
+            "best_seen_step": self.best_seen_step,
         }
 
     def load(self, saved: dict | None) -> None:
-        """Takes up the counting of a resumed run (its checkpoint's `state()`); patience and min_delta stay."""
+        """Takes up the counting of a resumed run (its checkpoint's `state()`); patience and min_delta stay.
+        A checkpoint from before `best_seen` existed gives the best of the cadence's evaluations."""
         if saved:
             best = saved.get("best")
             self.best = math.inf if best is None else float(best)
             self.best_step, self.waited = saved.get("best_step"), int(saved.get("waited", 0))
+            seen = saved.get("best_seen", best)
+            self.best_seen = math.inf if seen is None else float(seen)
+            self.best_seen_step = saved.get("best_seen_step", self.best_step)
 
 
 @dataclass
-class Loop:
-    """The cadences and the side effects the fit loop calls; see `fit`."""
+class Job:
+    """What the loop knows of one job: its members, budget, early stopping, and how it ended."""
 
-    max_steps: int
+    members: range  # its models' indices on the group's member axis
+    until: int  # the step it stops at: trainer.max_steps, or where early stopping ended it
+    early: EarlyStopping
+    log: logging.Logger = log  # where its own lines go
+    label: str = ""  # how its lines name it ("" for a run of its own; "job 3, " in a vmap group)
+    start: int = 0  # the step it starts (or resumed) from
+    error: str | None = None  # one sentence: why it failed (the NaN policy), else None
+    val: dict = field(default_factory=dict)  # its latest validation summary
+    final: Any = None  # its state when it finished (the group may step it on, ignored)
+    skip_since: int = 0  # nan_policy=skip: the step of its last evaluation ...
+    skipped_before: int = 0  # ... and its skipped steps then
+
+    def trains(self, done: int) -> bool:
+        """Whether it trained the step that ended at `done`."""
+        return self.error is None and self.start < done <= self.until
+
+
+@dataclass
+class Plan:
+    """The cadences and policies of the group (one signature: the same for every job)."""
+
     log_every: int
     eval_every: int
     checkpoint_every: int
-    batch_size: int  # per seed
-    nan_policy: str
-    progress: bool
-    on_log: Callable[[int, dict], None]
-    on_eval: Callable[[int, Any], dict]
-    on_checkpoint: Callable[[int, Any, dict], None]
-    seeds: int = 1  # models trained together (vmapped); metrics carry a seed axis when > 1
-    early_stop: EarlyStopping = field(default_factory=EarlyStopping)
+    batch_size: int  # per model
+    nan_policy: str = "stop"
     skip_limit: float = 1.0  # nan_policy=skip: the largest share of skipped steps between evaluations
+    progress: bool = False
 
 
-def fit(state, train_step, feed: Callable[[int], Any], loop: Loop):
-    """Runs steps until `max_steps`, early stopping (`loop.early_stop`) or a stop request; returns
-    (state, last val metrics, stopped), where `stopped` is the number of the signal that stopped the
-    run, or None when it finished (early stopping included)."""
-    start = current_step(state)
-    val: dict = {}
-    if loop.early_stop.done:  # resumed after it had stopped early: nothing left to train
-        return state, val, None
-    bar = tqdm(total=loop.max_steps, initial=start, disable=not loop.progress, dynamic_ncols=True, unit="step")
-    window_start, window_steps = time.perf_counter(), 0
-    skips = SkipCount(state, start, loop.skip_limit) if loop.nan_policy == "skip" else None
+class Hooks(Protocol):
+    """The run directory's side of the loop (cvae_exp.runs.hooks)."""
+
+    def on_log(self, done: int, metrics: dict, jobs: list[Job], examples_per_s: float, skipped) -> None: ...
+
+    def on_eval(self, done: int, state, jobs: list[Job]) -> list[dict]: ...
+
+    def on_checkpoint(self, job: Job, done: int, state, val: dict) -> None: ...
+
+    def fail(self, job: Job, err: Exception) -> str: ...
+
+    def snapshot(self, state, job: Job) -> Any: ...
+
+
+def fit(state, step_fn, feed, plan: Plan, jobs: list[Job], hooks: Hooks):
+    """Steps the group from its jobs' start until every job is done (its budget, early stopping, a failure)
+    or a stop request; returns (state, the signal that stopped the loop or None)."""
+    skipped = _skipped(state)
+    for j in jobs:
+        j.skip_since, j.skipped_before = j.start, int(skipped[j.members.start : j.members.stop].max())
+        if j.start >= j.until or j.early.done:  # finished before this launch: it stays as restored
+            j.until = min(j.until, j.start)
+            j.final = hooks.snapshot(state, j)
+    start, end = min(j.start for j in jobs), max(j.until for j in jobs)
+    bar = tqdm(total=end, initial=start, disable=not plan.progress, dynamic_ncols=True, unit="step")
+    window = _Window(plan.batch_size * _models(jobs))
     with StopRequest() as stop:
-        for step in range(start, loop.max_steps):
-            # Host work for the next step overlaps the device's work on this one (async dispatch).
-            state, metrics = train_step(state, feed(step))
+        for step in range(start, end):
+            if not any(j.error is None and j.until > step for j in jobs):
+                break
+            state, metrics = step_fn(state, feed(step))  # async dispatch: the host runs ahead of the device
             if not stop.started:
                 if stop.requested:  # it came while the first step was compiled: nothing is trained yet
                     bar.close()
                     raise Interrupted(stop.signum)
                 stop.started = True
-            done = step + 1
-            window_steps += 1
+            window.steps += 1
             bar.update(1)
-            # One read of the flag per step: a signal that lands during this step's logging or evaluation
-            # is acted on after the next step, so the stop always goes through the full log/eval/save path.
+            # One read of the flag per step: a signal during this step's logging or evaluation is acted on
+            # after the next step, so the stop always goes through the full log/eval/save path.
             stopping = stop.requested
-            last = done == loop.max_steps or stopping
-            if done % loop.log_every == 0 or last:
-                host = jax.device_get(metrics)  # host sync: only on log steps
-                _check_finite(state, loop.nan_policy)
-                elapsed = time.perf_counter() - window_start
-                host = {k: host_value(v) for k, v in host.items()}
-                # all seeds together; per seed it is this divided by loop.seeds
-                host["examples_per_s"] = window_steps * loop.batch_size * loop.seeds / max(elapsed, 1e-9)
-                host["skipped_steps"] = host_value(jax.device_get(state["nonfinite"]))
-                loop.on_log(done, host)
-                bar.set_postfix(loss=f"{np.mean(host['loss']):.2f}", ex_s=f"{host['examples_per_s']:.0f}")
-                window_start, window_steps = time.perf_counter(), 0
-            if done % loop.eval_every == 0 or last:
-                _check_finite(state, loop.nan_policy)
-                if skips is not None:
-                    skips.check(state, done)
-                val = loop.on_eval(done, state)
-                if done % loop.eval_every == 0:
-                    loop.early_stop.update(done, val["val/elbo"])
-                    if loop.early_stop.done:
-                        last = True
-                        log.info(
-                            "Early stopping at step %d: val/elbo has not improved on %.4f (step %s) in %d evaluations.",
-                            done,
-                            loop.early_stop.best,
-                            loop.early_stop.best_step,
-                            loop.early_stop.waited,
-                        )
-            if done % loop.checkpoint_every == 0 or last:
-                _check_finite(state, loop.nan_policy)  # never save parameters past a NaN
-                loop.on_checkpoint(done, state, val if done % loop.eval_every == 0 or last else {})
+            _after_step(step + 1, state, metrics, plan, jobs, hooks, stopping, window, bar)
             if stopping:
                 bar.close()
-                return state, val, stop.signum
-            if last:  # early stopping
-                break
+                return state, stop.signum
     bar.close()
-    return state, val, None
+    return state, None
 
 
-class SkipCount:
-    """nan_policy=skip's bound: at each evaluation, the share of the steps since the previous one whose update
-    was discarded (the worst seed's) may not exceed `limit`."""
+def _after_step(done, state, metrics, plan: Plan, jobs: list[Job], hooks: Hooks, stopping, window, bar) -> None:
+    """What happens after a step: the checks, logging, evaluation, early stopping and checkpoints it is due."""
+    active = [j for j in jobs if j.trains(done)]
+    ending = [j for j in active if done == j.until or stopping]
+    at_log = done % plan.log_every == 0 or bool(ending)
+    at_eval = done % plan.eval_every == 0 or bool(ending)
+    if at_log or at_eval or done % plan.checkpoint_every == 0:
+        _check_finite(state, active, plan, hooks)  # host sync: never log, evaluate or save past a NaN
+        active = [j for j in active if j.error is None]
+        ending = [j for j in ending if j.error is None]
+    if at_log and active:
+        host = {name: np.asarray(v) for name, v in jax.device_get(metrics).items()}  # host sync
+        hooks.on_log(done, host, active, window.rate(), _skipped(state))
+        bar.set_postfix(loss=f"{np.mean(host['loss']):.2f}", ex_s=f"{window.rate():.0f}")
+        window.reset()
+    if at_eval and active:
+        if plan.nan_policy == "skip":
+            _check_skips(state, active, done, plan, hooks)
+            active = [j for j in active if j.error is None]
+        _evaluate(done, state, plan, active, hooks)
+        ending = [j for j in active if done == j.until or stopping]
+    for j in active:
+        if done % plan.checkpoint_every == 0 or j in ending:
+            hooks.on_checkpoint(j, done, state, j.val if done % plan.eval_every == 0 or j in ending else {})
+        if done == j.until:  # done: keep its state; the group steps it on, ignored
+            j.final = hooks.snapshot(state, j)
 
-    def __init__(self, state, step: int, limit: float):
-        self.limit, self.since, self.before = limit, step, self._read(state)
 
-    @staticmethod
-    def _read(state) -> np.ndarray:
-        return np.asarray(jax.device_get(state["nonfinite"])).reshape(-1)  # host sync: evaluation steps only
+def _evaluate(done: int, state, plan: Plan, active: list[Job], hooks: Hooks) -> None:
+    """The validation pass of the active jobs, and early stopping on its cadence (which may end a job here)."""
+    for j, val in zip(active, hooks.on_eval(done, state, active), strict=True):
+        j.val = val
+        j.early.seen(done, val[SELECTION])
+        if done % plan.eval_every:
+            continue
+        j.early.update(done, val[SELECTION])
+        if j.early.done and j.until > done:
+            j.until = done
+            j.log.info(
+                "%sEarly stopping at step %d: %s has not improved on %.4f (step %s) in %d evaluations.",
+                j.label,
+                done,
+                SELECTION,
+                j.early.best,
+                j.early.best_step,
+                j.early.waited,
+            )
 
-    def check(self, state, step: int) -> None:
-        now = self._read(state)
-        skipped = int((now - self.before).max())
-        if step > self.since and skipped / (step - self.since) > self.limit:
-            raise TooManySkipped(step, skipped, self.since, self.limit)
-        self.since, self.before = step, now
+
+def _check_finite(state, active: list[Job], plan: Plan, hooks: Hooks) -> None:
+    """nan_policy=stop: a job any of whose members went non-finite fails (its first bad step named)."""
+    if plan.nan_policy != "stop":
+        return
+    bad = np.asarray(jax.device_get(state["nonfinite"])).reshape(-1)  # host sync
+    first = np.asarray(jax.device_get(state["first_nonfinite"])).reshape(-1)
+    for j in active:
+        if bad[j.members.start : j.members.stop].max() > 0:
+            firsts = first[j.members.start : j.members.stop]
+            j.error = hooks.fail(j, NonFinite(int(firsts[firsts >= 0].min())))
+
+
+def _check_skips(state, active: list[Job], done: int, plan: Plan, hooks: Hooks) -> None:
+    """nan_policy=skip: at each evaluation, the share of a job's steps since the previous one whose update
+    was discarded (its worst member's) may not exceed skip_limit."""
+    now = _skipped(state)
+    for j in active:
+        count = int(now[j.members.start : j.members.stop].max())
+        skipped = count - j.skipped_before
+        if done > j.skip_since and skipped / (done - j.skip_since) > plan.skip_limit:
+            j.error = hooks.fail(j, TooManySkipped(done, skipped, j.skip_since, plan.skip_limit))
+        j.skip_since, j.skipped_before = done, count
+
+
+def _skipped(state) -> np.ndarray:
+    return np.asarray(jax.device_get(state["nonfinite"])).reshape(-1)  # host sync: log and eval steps only
+
+
+def _models(jobs: list[Job]) -> int:
+    return sum(len(j.members) for j in jobs)
+
+
+class _Window:
+    """Examples per second since the last log step (all models together)."""
+
+    def __init__(self, examples_per_step: int):
+        self.examples_per_step, self.steps, self.t0 = examples_per_step, 0, time.perf_counter()
+
+    def rate(self) -> float:
+        return self.steps * self.examples_per_step / max(time.perf_counter() - self.t0, 1e-9)
+
+    def reset(self) -> None:
+        self.steps, self.t0 = 0, time.perf_counter()
 
 
 def current_step(state) -> int:
-    """The step of a state, with or without a seed axis (every seed is at the same step)."""
-    return int(np.asarray(jax.device_get(state["step"])).reshape(-1)[0])
-
-
-def _check_finite(state, policy: str) -> None:
-    """With several seeds, the first seed to go non-finite stops them all (policy stop)."""
-    if policy == "stop" and np.any(np.asarray(state["nonfinite"]) > 0):  # host sync
-        first = np.asarray(state["first_nonfinite"])
-        raise NonFinite(int(first[first >= 0].min()))
+    """The step of a state, with or without a member axis (the newest member's)."""
+    return int(np.asarray(jax.device_get(state["step"])).reshape(-1).max())

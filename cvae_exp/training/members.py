@@ -177,6 +177,13 @@ def from_plain(plain: dict, fresh: dict) -> dict:
     return {**plain, "opt_state": opt_state}
 
 
+def base_task(task: steps.Task, plain: dict) -> steps.Task:
+    """`task` (built from one config) with the member-valued Task fields of the config `plain`."""
+    values = dotted(plain)
+    dtypes = {"beta": float, "alpha": float, "n_given": int}
+    return dataclasses.replace(task, **{name: dtypes[name](values[key]) for key, name in TASK_KEYS.items()})
+
+
 def task_values(plains: list[dict], traced: list[str]) -> dict[str, np.ndarray]:
     """The per-member arrays of the Task fields that differ (beta, alpha, n_given)."""
     out = {}

@@ -25,4 +25,4 @@ class VmapLauncher(Launcher):
         from cvae_exp.cli import exit_on_user_error  # a refused sweep: one sentence, exit 2
         from cvae_exp.runs import vmap_sweep
 
-        return exit_on_user_error(vmap_sweep.launch)(self, job_overrides, initial_job_idx)
+        return exit_on_user_error(vmap_sweep.launch_sweep)(self, job_overrides, initial_job_idx)
