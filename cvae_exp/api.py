@@ -11,6 +11,7 @@ same conf/ with the same overrides), the same checks and the same run directory;
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,8 @@ def _run(config_name: str, job_name: str, overrides: list[str], task: Callable[[
     from hydra.types import HydraContext, RunMode
 
     GlobalHydra.instance().clear()
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level  # Hydra's job logging replaces them: put back after
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name=job_name):
             hydra = GlobalHydra.instance().hydra
@@ -74,9 +77,20 @@ def _run(config_name: str, job_name: str, overrides: list[str], task: Callable[[
         raise
     finally:
         GlobalHydra.instance().clear()
+        _restore_logging(handlers, level)
     if ret.status == JobStatus.FAILED:  # raised as it is (JobReturn.return_value would print a line first)
         raise ret._return_value
     return ret.return_value
+
+
+def _restore_logging(handlers: list[logging.Handler], level: int) -> None:
+    """The caller's root logging as it was: the run's own handlers (its log file) closed and removed."""
+    root = logging.getLogger()
+    for handler in root.handlers:
+        if handler not in handlers:
+            handler.close()
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 def _guarded(task: Callable[[Any], Any]) -> Callable[[Any], Any]:

@@ -93,8 +93,10 @@ def train_group(specs: list[JobSpec], how: Launch) -> list[JobSpec]:
             _restore(spec, out, program, span) for spec, out, span in zip(specs, outs, _spans(specs), strict=True)
         ]
         _check(how)
-        for spec in specs:
+        for spec, out in zip(specs, outs, strict=True):
             spec.accept()
+            if spec.resumed_from is not None:
+                spec.log.info("%sResumed from step %d in %s", spec.label, spec.resumed_from, out.manager.directory)
         for start in sorted({r[1] for r in restored}):
             chosen = [i for i, r in enumerate(restored) if r[1] == start]
             part = [specs[i] for i in chosen]
@@ -148,7 +150,6 @@ def _restore(spec: JobSpec, out: JobOutput, program: Program, span: range) -> tu
     checkpoint.set_aside(out.manager, found.damaged)  # so that their steps can be saved again
     early.load(found.meta.get("early_stopping"))
     spec.resumed_from = found.step
-    spec.log.info("%sResumed from step %d in %s", spec.label, found.step, out.manager.directory)
     return found.state, found.step, early
 
 

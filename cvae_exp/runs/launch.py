@@ -42,6 +42,7 @@ class _Launch:
     created: list[Path] = []  # deepest first
     accepted: bool = False
     failures: list[BaseException] = []  # background write failures, first first
+    replaced: dict[Path, bytes] = {}  # files a multirun rewrites before its jobs are checked: their old bytes
 
 
 def begin() -> None:
@@ -81,6 +82,10 @@ class LaunchRecord(Callback):
         self.sweep = Path(str(config.hydra.sweep.dir)).absolute()
         self.missing = _missing(self.sweep)
         self.sweep_children = set(os.listdir(self.sweep)) if self.sweep.is_dir() else set()
+        # Hydra's sweeper rewrites <sweep dir>/multirun.yaml before any job is checked: a relaunch that is
+        # refused puts the old one back (cvae_exp.runs.launch.discard)
+        record = self.sweep / "multirun.yaml"
+        _Launch.replaced = {record: record.read_bytes()} if record.is_file() else {}
 
     def on_job_start(self, config: DictConfig, **kwargs) -> None:
         created = list(self.missing)
@@ -137,6 +142,12 @@ def _write(file: Path, text: str) -> None:
     os.replace(tmp, file)
 
 
+def _write_bytes(file: Path, data: bytes) -> None:
+    tmp = file.with_name(f".{file.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, file)
+
+
 def accept(
     run_dir: Path,
     cfg: DictConfig,
@@ -174,6 +185,12 @@ def write_run_record(run_dir: Path, cfg: DictConfig, hydra_cfg: DictConfig, over
     _write(out / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
 
 
+def mark_accepted() -> None:
+    """A job of a multirun the launcher trains itself (hydra/launcher=vmap) is accepted: a later refusal of
+    the command keeps what the sweep wrote."""
+    _Launch.accepted = True
+
+
 def release_log() -> None:
     """The held log records go to their file, and so do the next ones (also cvae-eval and cvae-sample,
     once the run they read has loaded)."""
@@ -186,6 +203,10 @@ def discard() -> None:
     created (still empty: nothing else was written). An accepted run keeps everything."""
     if _Launch.accepted:
         return
+    for file, old in _Launch.replaced.items():
+        with contextlib.suppress(OSError):
+            _write_bytes(file, old)
+    _Launch.replaced = {}
     for handler in _run_logs():
         handler.drop()
     for folder in _Launch.created:

@@ -83,6 +83,16 @@ def state_target(cfg: DictConfig, sharding=None) -> Any:
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), state_shape(cfg))
 
 
+def newest_params(run_dir: str | Path) -> Any:
+    """The parameters of a run's newest checkpoint that verifies, on the host (no data read)."""
+    run_dir = Path(run_dir).resolve()
+    cfg = onto_schema(run_config(run_dir))
+    manager = checkpoint.make_manager(run_dir, cfg.checkpoint.keep, read_only=True)
+    restored = checkpoint.restore_newest(manager, state_target(cfg))
+    manager.close()
+    return jax.device_get(restored.state["params"])
+
+
 def baseline_params(baseline_run: str | None) -> Any:
     """The best params of `baseline_run` (model.baseline_run), on the host, read from its verified checkpoint
     without its data; None without one."""

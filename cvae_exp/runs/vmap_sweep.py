@@ -102,6 +102,7 @@ def _values(overrides: list[str], swept: list[str]) -> list[str]:
 
 
 def launch_sweep(launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[JobReturn]:
+    launch.begin()  # nothing of this sweep is accepted yet
     setup_globals()
     configure_log(launcher.config.hydra.hydra_logging, launcher.config.hydra.verbose)
     if not _is_cvae_train(launcher.task_function):
@@ -178,6 +179,7 @@ def _acceptor(job: SweepJob, handlers: list, partition: int, traced: list[str]):
     """What accepting the job does: its record (.hydra/), its own log file, and the group's first line in it."""
 
     def accept() -> None:
+        launch.mark_accepted()
         launch.write_run_record(job.run_dir, job.cfg, OmegaConf.create({"hydra": job.hydra}), job.overrides)
         handler = logging.FileHandler(job.run_dir / f"{job.hydra.job.name}.log")
         handler.setFormatter(logging.Formatter(_FORMAT))

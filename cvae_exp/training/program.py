@@ -80,7 +80,7 @@ class Program:
 
     def job_state(self, state, span: range):
         """The plain state of the job owning members `span` (what its checkpoints hold), out of the group's."""
-        if not self.vmapped or len(span) == self.size:
+        if not self.vmapped or len(span) > 1:
             return state  # one model, or K seeds that are the whole group (nothing injected: only seeds differ)
         return members.plain_state(steps.member(state, span.start))
 
@@ -141,7 +141,7 @@ def build_program(exp, plains: list[dict], mesh, baseline: Any = None, vmapped: 
     values = members.task_values(plains, traced)
     hp = jax.device_put(values, state_sharding)  # the traced Task fields, placed once
     task = members.base_task(exp.task, plains[0])  # the Task fields no member traces, from the members' own
-    group_step = members.make_group_train_step(exp.graphdef, opt, txs[0], task, state_sharding, feed)
+    group_step = members.make_group_train_step(exp.graphdef, opt, txs[0], task, state_sharding, feed, k)
     group_eval = members.make_group_eval_step(exp.graphdef, task, state_sharding)
     return Program(
         vmapped=True,
