@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from cvae_exp.errors import Interrupted
 from cvae_exp.runs import checkpoint
-from cvae_exp.runs.tensorboard import Writer, hparams_first, tile
+from cvae_exp.runs.tensorboard import Writer, hparams_first
 from cvae_exp.training import devices, members, steps
 from cvae_exp.training.loop import NonFinite, StopRequest, TooManySkipped
 
@@ -198,7 +198,7 @@ class GroupRun:
             m.writer.scalars(m.val, done)
             if m.plain["logger"]["images"]:
                 for tag, grid in self._images(i, state, done).items():
-                    m.writer.image(tag, tile(grid), done)
+                    m.writer.image(tag, grid, done)
             m.log.info("job %d, step %d: %s", m.job.num, done, ", ".join(f"{n}={v:.3f}" for n, v in m.val.items()))
             if done % self.eval_every == 0:
                 m.early.update(done, m.val["val/elbo"])

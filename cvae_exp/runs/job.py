@@ -17,8 +17,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from cvae_exp.config import RESUME, check_keys, check_targets, resume_mode, validate
-from cvae_exp.data import sources
+from cvae_exp.config import RESUME, check_data_path, check_keys, check_targets, resume_mode, validate
 from cvae_exp.errors import Interrupted, UserError
 from cvae_exp.runs import launch
 from cvae_exp.runs.metrics import (
@@ -128,7 +127,7 @@ def _checks(cfg: DictConfig) -> str:
         mode = "auto"
     if mode == "false":  # a resumed run is checked once its own config is known (resume.settle)
         validate(cfg)
-        sources.check_path(cfg.data.path)
+        check_data_path(cfg)
         check_targets(cfg)  # imports optax (and JAX): after the checks that need nothing
     return mode
 
@@ -315,7 +314,6 @@ class _Hooks:
     def on_eval(self, step: int, state: dict) -> dict:
         import jax
 
-        from cvae_exp.runs.tensorboard import tile
         from cvae_exp.training import steps
 
         val = prefixed("val", self.evaluate(state["params"], self.val_split))
@@ -325,7 +323,7 @@ class _Hooks:
                 params = state["params"] if self.num_seeds == 1 else steps.member(state["params"], i)
                 key = self.evaluate.key if self.num_seeds == 1 else self.evaluate.key[i]
                 for tag, grid in self.draw(params, jax.random.fold_in(key, step)).items():
-                    writer.image(tag, tile(grid), step)
+                    writer.image(tag, grid, step)
         summary = summarize(val)
         log.info("step %d: %s", step, ", ".join(f"{name}={summary[name]:.3f}" for name in val))
         return summary

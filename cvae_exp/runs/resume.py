@@ -24,8 +24,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from cvae_exp.config import check_targets, onto_schema, validate
-from cvae_exp.data import sources
+from cvae_exp.config import check_data_path, check_targets, onto_schema, validate
 from cvae_exp.errors import UserError
 from cvae_exp.runs import checkpoint
 
@@ -156,7 +155,7 @@ def settle(cfg: DictConfig, run_dir: Path, mode: str) -> Resumed:
     resumed = resumed_config(cfg, saved, *launch) if launch is not None else Resumed(cfg, saved)
     new = resumed.cfg
     validate(new)
-    sources.check_path(new.data.path)
+    check_data_path(new)
     check_targets(new)
     if saved is not None:
         plain = OmegaConf.to_container(new, resolve=True)
@@ -183,14 +182,27 @@ def settle(cfg: DictConfig, run_dir: Path, mode: str) -> Resumed:
 
 
 def check_data(resumed: Resumed, fingerprint: dict) -> None:
-    """Refuses (unless resume_data_change=true) data that differs from what the checkpoint trained on."""
+    """Refuses data of another geometry than the checkpoint's (its networks would not fit; a checkpoint without
+    one was trained on MNIST), and (unless resume_data_change=true) data that differs in any other way."""
+    from cvae_exp.data.geometry import Geometry
+
     saved = resumed.saved
-    if saved is None or not saved.data or saved.data == fingerprint or resumed.cfg.resume_data_change:
+    if saved is None or not saved.data:
+        return
+    was, now = Geometry.from_record(saved.data.get("geometry")), Geometry.from_record(fingerprint.get("geometry"))
+    if not was.same_shape(now):
+        raise UserError(
+            f"The data's images are {now.describe()}, but the checkpoint at step {saved.step} was trained on "
+            f"{was.describe()}: point data.path at data of that geometry, or start a new run directory."
+        )
+    # a record-less checkpoint (MNIST's shapes) names no classes: the data's own names stand for them
+    recorded = {**saved.data, "geometry": saved.data.get("geometry") or fingerprint.get("geometry")}
+    if recorded == fingerprint or resumed.cfg.resume_data_change:
         return
     diff = "; ".join(
-        f"{k} {fingerprint.get(k)} instead of {saved.data.get(k)}"
-        for k in sorted(set(fingerprint) | set(saved.data))
-        if fingerprint.get(k) != saved.data.get(k)
+        f"{k} {fingerprint.get(k)} instead of {recorded.get(k)}"
+        for k in sorted(set(fingerprint) | set(recorded))
+        if fingerprint.get(k) != recorded.get(k)
     )
     raise UserError(
         f"The data differs from what the checkpoint at step {saved.step} was trained on ({diff}); "

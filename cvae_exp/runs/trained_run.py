@@ -63,6 +63,7 @@ def load_run(run_dir: str | Path, sharding=None, seed_index: int = 0) -> Trained
         )
 
     exp = build_experiment(cfg)
+    check_geometry(run_dir, saved, exp)
     restored = checkpoint.restore_first(manager, state_target(exp, cfg, sharding), ranked)
     if restored.damaged:
         _set_aside(run_dir, manager, restored.damaged)
@@ -70,6 +71,21 @@ def load_run(run_dir: str | Path, sharding=None, seed_index: int = 0) -> Trained
     state = restored.state
     params = steps.member(state["params"], seed_index) if num_seeds > 1 else state["params"]
     return TrainedRun(cfg, restored.step, exp.graphdef, params, exp.task, exp.splits)
+
+
+def check_geometry(run_dir: Path, saved: tuple[int, dict] | None, exp: Experiment) -> None:
+    """Refuses data whose geometry differs from the one the checkpoint was trained on (one without a record
+    was trained on MNIST), naming both, before a restore would fail on the shapes."""
+    from cvae_exp.data.geometry import Geometry
+
+    if not saved or not saved[1].get("data"):
+        return
+    was = Geometry.from_record(saved[1]["data"].get("geometry"))
+    if not was.same_shape(exp.geometry):
+        raise UserError(
+            f"run_dir={run_dir} was trained on images of {was.describe()}, but its data now holds "
+            f"{exp.geometry.describe()}: point the run's data.path back at its data."
+        )
 
 
 def state_target(exp: Experiment, cfg: DictConfig, sharding=None) -> Any:

@@ -21,8 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, setup_globals
 from omegaconf import OmegaConf, open_dict, read_write
 
-from cvae_exp.config import check_keys, check_targets, resume_mode, validate
-from cvae_exp.data import sources
+from cvae_exp.config import check_data_path, check_keys, check_targets, resume_mode, validate
 from cvae_exp.errors import UserError
 
 log = logging.getLogger("cvae_exp")
@@ -57,7 +56,7 @@ def check(job) -> None:
     cfg = job.cfg
     check_keys(cfg)
     validate(cfg)
-    sources.check_path(cfg.data.path)
+    check_data_path(cfg)
     check_targets(cfg)
     check_job(cfg)
     if resume_mode(cfg) == "true" and not any((job.run_dir / "checkpoints").glob("[0-9]*")):
