@@ -21,8 +21,8 @@ from omegaconf import OmegaConf
 
 import cvae_exp.cli  # noqa: F401  (registers the schemas in Hydra's ConfigStore)
 from cvae_exp.config import ModelConfig, validate
-from cvae_exp.errors import UserError
 from cvae_exp.data.geometry import MNIST
+from cvae_exp.errors import UserError
 from cvae_exp.models.build import build_model
 
 QUADRANTS = ["data.condition=quadrants", "data.n_given=1", "logger.images=false"]

@@ -55,7 +55,7 @@ def make_splits(raw, *, val_size: int, split_seed: int, binarize: str, binarize_
     """
     n_train = len(raw.train_images)
     if val_size >= n_train:
-        raise UserError(f"data.val_size={val_size} leaves no training data: the training split holds {n_train} digits.")
+        raise UserError(f"data.val_size={val_size} leaves no training data: the training split holds {n_train} images.")
     order = np.random.default_rng(split_seed).permutation(n_train)
     flat = raw.train_images.reshape(n_train, -1)
     test_images = raw.test_images.reshape(len(raw.test_images), -1)
@@ -80,7 +80,7 @@ class BatchSampler:
     def __init__(self, split: Split, batch_size: int, seed: int):
         if batch_size > len(split.images):
             raise UserError(
-                f"trainer.batch_size={batch_size} is larger than the training split ({len(split.images)} digits)."
+                f"trainer.batch_size={batch_size} is larger than the training split ({len(split.images)} images)."
             )
         self.split, self.batch_size, self.seed = split, batch_size, seed
         self.steps_per_epoch = len(split.images) // batch_size

@@ -35,6 +35,14 @@ MIN_LOG_SCALE = -7.0 - math.log(2.0)
 LIKELIHOODS = ("discretized_gaussian", "discretized_logistic")  # the heads built here (and `gaussian`)
 
 
+def bin_edges(y: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The edges (k - 1/2) / 255 and (k + 1/2) / 255 of the bin of y = k / 255, each computed from the integer
+    k + 1/2 alike, so that one bin's upper edge is its neighbour's lower edge to the bit and the masses of
+    neighbouring bins telescope (in float32, y + d and the next y - d differ by rounding)."""
+    k = jnp.round(y * 255.0)
+    return (k - 0.5) / 255.0, (k + 0.5) / 255.0
+
+
 class DiscretizedGaussian(NamedTuple):
     """N(mean, exp(log_var)) integrated over each pixel value's bin, per dimension."""
 
@@ -44,8 +52,9 @@ class DiscretizedGaussian(NamedTuple):
     def log_prob(self, y: jax.Array) -> jax.Array:
         """log P(k) per dimension [..., D] for y = k / 255."""
         inv = jnp.exp(-0.5 * self.log_var)
-        a = (y - HALF_BIN - self.mean) * inv  # the bin's edges in standard units
-        b = (y + HALF_BIN - self.mean) * inv
+        lower, upper = bin_edges(y)
+        a = (lower - self.mean) * inv  # the bin's edges in standard units
+        b = (upper - self.mean) * inv
         middle = _log_normal_mass(a, b, 2.0 * HALF_BIN * inv)
         return jnp.where(y < HALF_BIN, log_ndtr(b), jnp.where(y > 1.0 - HALF_BIN, log_ndtr(-a), middle))
 
@@ -104,9 +113,10 @@ class LogisticMixture(NamedTuple):
         """log P(pixel) per pixel [..., P], its channels jointly, for y [..., P * C] = k / 255."""
         pixels, channels = self.means.shape[-3], self.means.shape[-2]
         yc = y.reshape(*y.shape[:-1], pixels, channels)[..., None]  # [..., P, C, 1]
-        centred = yc - self._coupled(yc)
+        means = self._coupled(yc)
         inv = jnp.exp(-self.log_scales)
-        a, b = (centred - HALF_BIN) * inv, (centred + HALF_BIN) * inv
+        lower, upper = bin_edges(yc)
+        a, b = (lower - means) * inv, (upper - means) * inv
         log_below_b = -jax.nn.softplus(-b)  # log sigmoid(b): the mass below the bin's top
         log_above_a = -jax.nn.softplus(a)  # log (1 - sigmoid(a)): the mass above its bottom
         # sigmoid(b) - sigmoid(a) = sigmoid(b) sigmoid(-a) (1 - exp(a - b)), with b - a = 2 d / s exactly
