@@ -55,7 +55,10 @@ def make_splits(raw, *, val_size: int, split_seed: int, binarize: str, binarize_
     """
     n_train = len(raw.train_images)
     if val_size >= n_train:
-        raise UserError(f"data.val_size={val_size} leaves no training data: the training split holds {n_train} images.")
+        raise UserError(
+            f"data.val_size={val_size} leaves no training data: the training split holds {n_train} images; "
+            f"set data.val_size below that (a tenth would be {max(1, n_train // 10)})."
+        )
     order = np.random.default_rng(split_seed).permutation(n_train)
     flat = raw.train_images.reshape(n_train, -1)
     test_images = raw.test_images.reshape(len(raw.test_images), -1)
