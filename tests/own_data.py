@@ -9,19 +9,20 @@ from pathlib import Path
 
 import numpy as np
 
-CLASSES = ("blue", "green", "red")
+CLASSES = ("blue", "green", "red")  # sorted, as datasets numbers an image folder's classes
+COLOURS = {"red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0), "blue": (0.0, 0.0, 1.0)}
 
 
 def shapes(labels: np.ndarray, height: int, width: int, channels: int, rng: np.random.Generator) -> np.ndarray:
-    """uint8 [N, height, width, channels]: class c puts a block in one of three places, in colour c (or a grey
-    level of its own), and a stripe in column 2 + 3c."""
+    """uint8 [N, height, width, channels]: class c puts a block in one of three places, in the colour it is named
+    after (or a grey level of its own), and a stripe in column 2 + 3c."""
     images = np.zeros((len(labels), height, width, channels), np.float32)
     bh, bw = max(2, height // 3), max(2, width // 3)
     for i, c in enumerate(labels):
         r0, c0 = (height - bh) * (c % 2), (width - bw) * c // 2
         r, col = (min(start + shift, size - extent) for start, shift, size, extent in
                   zip((r0, c0), rng.integers(0, 2, size=2), (height, width), (bh, bw), strict=True))  # fmt: skip
-        images[i, r : r + bh, col : col + bw] = np.eye(3)[c] if channels == 3 else [0.35 + 0.3 * c]
+        images[i, r : r + bh, col : col + bw] = COLOURS[CLASSES[c]] if channels == 3 else [0.35 + 0.3 * c]
         images[i, :, min(width - 1, 2 + 3 * int(c))] = 0.8
     images += rng.normal(0.0, 0.04, images.shape).astype(np.float32)
     return (np.clip(images, 0.0, 1.0) * 255).round().astype(np.uint8)

@@ -77,7 +77,9 @@ def test_idx_folder_round_trips(tmp_path, suffix):
         _write_idx(tmp_path / (stem + suffix), splits[split][0 if kind == "images" else 1].astype(np.uint8))
     data = sources.load(path=str(tmp_path))
     _assert_equal(data, splits)
-    assert data.source == f"idx:{tmp_path.resolve()}"
+    assert data.source == f"idx:{tmp_path.resolve()}" and data.geometry == MNIST
+    with pytest.raises(UserError, match=r"holds IDX files, arrays without columns .* unset data\.image_column"):
+        sources.load(path=str(tmp_path), columns=Columns(resize=(14, 14)))
 
 
 def test_read_idx_rejects_truncated_and_wrong_magic(tmp_path):

@@ -344,6 +344,11 @@ def load(
     if path is not None:
         root = Path(path).expanduser().resolve()
         if all(_idx_files(root).values()):
+            if columns != Columns():
+                raise UserError(
+                    f"data.path={path} holds IDX files, arrays without columns to name or images to resize: unset "
+                    "data.image_column, data.label_column and data.resize."
+                )
             return _load_idx(root, f"data.path={path}")
         return _load_folder(root, f"data.path={path}", cache_dir, columns)
     if hub is None and name not in DATASETS:

@@ -218,7 +218,8 @@ def _data_fingerprint(exp, resumed) -> dict:
     from cvae_exp.runs import resume
 
     fingerprint = exp.fingerprint
-    log.info("Data: %s; train %d, val %d, test %d", exp.source, *(fingerprint[s] for s in ("train", "val", "test")))
+    sizes = (fingerprint[s] for s in ("train", "val", "test"))
+    log.info("Data: %s; train %d, val %d, test %d; %s", exp.source, *sizes, exp.geometry.describe())
     resume.check_data(resumed, fingerprint)
     return fingerprint
 
