@@ -31,7 +31,7 @@ def log_dir(run_dir: str | None) -> str:
 OmegaConf.register_new_resolver("cvae_log_dir", log_dir, replace=True)
 
 PRIORS = ("learned", "standard")
-LIKELIHOODS = ("bernoulli", "gaussian")
+LIKELIHOODS = ("bernoulli", "gaussian", "discretized_gaussian", "discretized_logistic")
 BINARIZE = ("static", "dynamic", "threshold", "none")
 CONDITIONS = ("label", "none", "quadrants")
 PRECISIONS = ("fp32", "bf16")
@@ -49,8 +49,9 @@ class ModelConfig:
     hidden: list[int] = field(default_factory=lambda: [500, 500])  # every MLP's hidden widths
     latent_dim: int = 20  # dimensions of z
     prior: str = "learned"  # learned p(z|x) or the fixed N(0, I)
-    likelihood: str = "bernoulli"  # bernoulli | gaussian (learned per-pixel variance)
-    min_log_var: float = -6.0  # variance floor of the Gaussian likelihood, as a log-variance
+    likelihood: str = "bernoulli"  # bernoulli (binarized pixels) | discretized_gaussian | discretized_logistic | gaussian (8-bit pixels: data.binarize=none; gaussian dequantizes)
+    min_log_var: float = -6.0  # variance floor of the continuous gaussian likelihood, as a log-variance
+    mixtures: int = 10  # discretized_logistic: mixture components per pixel (PixelCNN++ and VDVAE use 10)
     alpha: float = 0.5  # hybrid: alpha * L_CVAE + (1 - alpha) * L_GSNN
     beta: float = 1.0  # weight of the KL term
     kl_warmup_steps: int = 0  # KL weight ramps linearly from 0 to beta over these steps
@@ -63,8 +64,13 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     name: str = "mnist"  # mnist | fashion_mnist
-    path: Optional[str] = None  # local Hub-layout Parquet folder or IDX folder; unset: the Hub
-    hub_id: Optional[str] = None  # overrides the Hub dataset id for `name`
+    path: Optional[str] = (
+        None  # a local folder: Parquet (Hub layout), images (imagefolder layout) or IDX; unset: the Hub
+    )
+    hub: Optional[str] = None  # a Hub dataset <owner/name> (cached by datasets), instead of the one `name` stands for
+    image_column: Optional[str] = None  # the image column of a table; null: the Image feature (else `image`)
+    label_column: Optional[str] = None  # the class label column; null: the ClassLabel feature (else `label`)
+    resize: Optional[list[int]] = None  # [H, W]: resize every image to H x W (bilinear); null: all must be one size
     binarize: str = "dynamic"  # static | dynamic | threshold | none
     val_size: int = 5000  # carved from the training split with `split_seed`
     split_seed: int = 0  # seed of the train/val split
@@ -239,10 +245,27 @@ def check_targets(cfg: DictConfig) -> None:
 MOVED_TARGETS = {"cvae_exp.optim.make_optimizer": "cvae_exp.training.optim.make_optimizer"}
 
 
+# Keys renamed since a run saved its config: {group: {old name: new name}}.
+RENAMED_KEYS = {"data": {"hub_id": "hub"}}
+
+
+def _renamed(saved: Any) -> Any:
+    """A saved config with the keys renamed since it was saved under their new names."""
+    plain = OmegaConf.to_container(saved) if isinstance(saved, DictConfig) else saved
+    if not isinstance(plain, dict):
+        return saved
+    out = dict(plain)
+    for group, names in RENAMED_KEYS.items():
+        node = out.get(group)
+        if isinstance(node, dict) and any(old in node for old in names):
+            out[group] = {names.get(k, k): v for k, v in node.items()}
+    return out
+
+
 def onto_schema(saved: Any) -> DictConfig:
     """A saved config (dict or DictConfig) merged onto the schema: keys added since it was saved get their
-    defaults, factories that moved since are found where they are now, and types are checked."""
-    out = OmegaConf.merge(OmegaConf.structured(Config), saved)
+    defaults, keys and factories that moved since are found where they are now, and types are checked."""
+    out = OmegaConf.merge(OmegaConf.structured(Config), _renamed(saved))
     target = out.optimizer.get("_target_")
     if target in MOVED_TARGETS:
         out.optimizer._target_ = MOVED_TARGETS[target]
@@ -307,6 +330,40 @@ def check_baseline_run(cfg: DictConfig) -> None:
         raise UserError(f"{key} holds no checkpoint in {folder}: let the baseline run save one first.")
 
 
+def check_likelihood(likelihood: str, binarize: str) -> None:
+    """Every figure a run reports is a log-likelihood of its data: Bernoulli for binarized pixels, a
+    probability of the 256 values for 8-bit pixels, the continuous Gaussian only on dequantized ones."""
+    if likelihood == "bernoulli" and binarize == "none":
+        raise UserError(
+            "model.likelihood=bernoulli scores binarized pixels, but data.binarize=none keeps 8-bit ones: use "
+            "model.likelihood=discretized_gaussian, discretized_logistic or gaussian (dequantized), or binarize."
+        )
+    if likelihood == "gaussian" and binarize != "none":
+        raise UserError(
+            f"model.likelihood=gaussian is a density of continuous values, so it needs data.binarize=none (8-bit "
+            f"pixels, dequantized), not data.binarize={binarize}: use model.likelihood=bernoulli for binarized pixels."
+        )
+
+
+def data_columns(cfg: DictConfig):
+    """How the data's tables are read (cvae_exp.data.decode.Columns), from data.image_column,
+    data.label_column and data.resize."""
+    from cvae_exp.data.decode import Columns
+
+    d = cfg.data
+    resize = tuple(int(v) for v in d.resize) if d.resize is not None else None
+    return Columns(d.image_column, d.label_column, resize)
+
+
+def check_data_path(cfg: DictConfig) -> None:
+    """data.path (and a table's image and label columns) checked in milliseconds, before any work: a model
+    conditioned on labels needs a label column."""
+    from cvae_exp.data import sources
+
+    labels = cfg.data.condition == "label" and not kind(cfg.model.kind).fixed_prior
+    sources.check_path(cfg.data.path, data_columns(cfg), needs_labels=labels)
+
+
 def check_keys(cfg: DictConfig, schema: type | None = None) -> None:
     """Refuses a key the schema does not have, such as one added with `+` (`+trainer.max_stepz=5`), which
     Hydra accepts; open nodes (optimizer.transform) take any key."""
@@ -364,6 +421,10 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(f"model.kind={m.kind} predicts y from a condition, but data.condition=none.")
     if kind(m.kind).prior_term and m.prior != "learned":
         raise UserError(f"model.kind={m.kind} trains through the prior network and needs model.prior=learned.")
+    check_likelihood(m.likelihood, d.binarize)
+    _at_least("model.mixtures", m.mixtures, 1)
+    if d.resize is not None and (len(d.resize) != 2 or min(d.resize) < 1):
+        raise UserError(f"data.resize={list(d.resize)} must be [height, width], two positive sizes (or null).")
     _choice("model.baseline_into", m.baseline_into, BASELINE_INTO)
     for i, width in enumerate(m.baseline_hidden or []):
         _at_least(f"model.baseline_hidden[{i}]", width, 1)

@@ -3,8 +3,10 @@
 Writes `<run dir>/eval.json` and prints it as the last line: `ncll_is` (importance sampling from
 q(z | x, y)), `ncll_mc` (Monte Carlo from the prior), `neg_elbo`, and for the baseline the exact
 value; `ncll` is the headline figure (IS where the model has q, MC for the GSNN, exact for the
-baseline); `*_per_pixel` divide by the scored pixels; `*_sem` is the standard error of the mean over the
-evaluated digits. All in nats, lower is better. `eval.examples=N` evaluates the first N digits of the
+baseline); `*_per_pixel` divide by the scored dimensions; `*_sem` is the standard error of the mean over the
+evaluated images. All in nats per image, lower is better. On 8-bit data (`data.binarize=none`) also
+`*_bits_per_dim`: nats / (scored dimensions x ln 2), the unit the field reports for 8-bit images (with the
+dequantized `gaussian` likelihood an upper bound on the discrete figure). `eval.examples=N` evaluates the first N digits of the
 split; `eval.tag=T` writes eval_<split>_T.json instead of eval_<split>.json (for studies beside the table,
 e.g. other S).
 """
@@ -90,12 +92,14 @@ def evaluate_run(
     # The same batched loop as the validation pass: per-example means over the split (a host sync).
     result = evaluate(step, run.params, data, batch_size, sharding, key)
     seconds = time.perf_counter() - start
-    pixels = result.pop("pixels")  # scored pixels per example
+    pixels = result.pop("pixels")  # scored dimensions per example
     n = len(data.images)
     squares = {k[: -len("_sq")]: result.pop(k) for k in list(result) if k.endswith("_sq")}
     headline = kind(run.task.kind).headline  # IS with q, MC without, exact for the baseline
     result["ncll"] = result.get(f"ncll_{headline}")
-    result |= {f"{k}_per_pixel": v / pixels for k, v in result.items()}
+    eight_bit = run.cfg.data.binarize == "none"  # bits per dimension: the figure of 8-bit image models
+    bits = {f"{k}_bits_per_dim": v / (pixels * math.log(2.0)) for k, v in result.items()} if eight_bit else {}
+    result |= {f"{k}_per_pixel": v / pixels for k, v in result.items()} | bits
     # Standard error over the digits: the sample standard deviation of the per-digit values over sqrt(n).
     sems = {f"{k}_sem": math.sqrt(max(sq - result[k] ** 2, 0.0) * n / max(n - 1, 1) / n) for k, sq in squares.items()}
     result |= sems
@@ -110,6 +114,8 @@ def evaluate_run(
         "samples": samples if kind(run.task.kind).latent else 0,
         "examples": n,
         "scored_pixels_per_example": pixels,
+        "likelihood": run.cfg.model.likelihood,
+        "geometry": run.task.geometry.record(),
         "seconds": seconds,  # the evaluation pass, compilation excluded
         "compile_seconds": compile_seconds,
         "devices": mesh.size,

@@ -2,19 +2,20 @@
 
     cvae-sample run_dir=outputs/2026-11-26/10-00-00 [sample.cols=10] [sample.walk=9] [seed=0]
 
-Writes into `<run dir>/samples/` (and logs to `<run dir>/tb/` under `samples/<name>` at the checkpoint's step):
-- `class_samples.png`: 10 rows, one per digit, `sample.cols` samples each, when the condition is the
-  label; `samples.png`: 10 x `sample.cols` unconditional samples for a VAE (z from the prior; every grid
-  shows the decoder's mean);
+Writes into `<run dir>/samples/` (and logs to `<run dir>/tb/` under `samples/<name>` at the checkpoint's step),
+in the data's geometry (grayscale or RGB, images of its height and width):
+- `class_samples.png`: one row per class (the first `sample.classes` classes), named on the left, `sample.cols`
+  samples each, when the condition is the label; `samples.png`: 10 x `sample.cols` unconditional samples for a
+  VAE (z from the prior; every grid shows the decoder's mean);
 - `completions.png` (quadrant task): one row per input: the condition (unobserved pixels grey),
   `sample.completions` samples, the truth;
 - `reconstructions.png` (models with a recognition network): inputs on the top row, their
   reconstructions through q(z | x, y) below;
 - `latent_walk.png` (latent_dim=2): z on a `sample.walk` x `sample.walk` grid over [-2, 2]^2 in the
-  prior's standard coordinates (z = mean + sigma * u), decoded; one panel per digit (2 x 5) for the
-  label condition, one panel otherwise (for the quadrant task: conditioned on the first input digit).
+  prior's standard coordinates (z = mean + sigma * u), decoded; one panel per class (rows of 5, the first
+  `sample.classes`) for the label condition, one panel otherwise (for the quadrant task: conditioned on the first input digit).
   Columns run along z1 from -2 to 2, rows along z2 from 2 (top) to -2.
-Every grid has a grey 1-pixel border between digits and is scaled up `sample.scale` times.
+Every grid has a grey 1-pixel border between images and is scaled up `sample.scale` times.
 """
 
 from __future__ import annotations
@@ -33,12 +34,13 @@ from cvae_exp.errors import UserError
 from cvae_exp.models.kinds import kind
 from cvae_exp.runs import launch
 
-PANEL_GAP = 4  # white pixels between the per-digit panels of the latent walk
+PANEL_GAP = 4  # white pixels between the per-class panels of the latent walk
 
 
 @dataclass
 class SampleOptions:
     cols: int = 10
+    classes: int = 20  # class-conditional samples and latent walks: the first this many classes, one row each
     inputs: int = 10
     completions: int = 6
     walk: int = 9
@@ -60,7 +62,7 @@ ConfigStore.instance().store(name="sample_app_schema", node=SampleApp)
 
 
 def validate(opts) -> None:
-    for key in ("cols", "inputs", "completions", "walk", "scale"):
+    for key in ("cols", "classes", "inputs", "completions", "walk", "scale"):
         if getattr(opts, key) < 1:
             raise UserError(f"sample.{key}={getattr(opts, key)} must be at least 1.")
     if opts.split not in ("val", "test"):
@@ -68,12 +70,13 @@ def validate(opts) -> None:
 
 
 def mosaic(panels: list[np.ndarray], cols: int, gap: int = PANEL_GAP) -> np.ndarray:
-    """Equal-sized [H, W] panels in rows of `cols`, `gap` white pixels around each; one panel is returned as is."""
+    """Equal-sized [H, W] (or [H, W, 3]) panels in rows of `cols`, `gap` white pixels around each; one panel is
+    returned as is."""
     if len(panels) == 1:
         return panels[0]
-    h, w = panels[0].shape
+    h, w = panels[0].shape[:2]
     rows = -(-len(panels) // cols)
-    out = np.ones((rows * h + (rows + 1) * gap, cols * w + (cols + 1) * gap), np.float32)
+    out = np.ones((rows * h + (rows + 1) * gap, cols * w + (cols + 1) * gap, *panels[0].shape[2:]), np.float32)
     for i, panel in enumerate(panels):
         r, c = divmod(i, cols)
         out[gap + r * (h + gap) : gap + r * (h + gap) + h, gap + c * (w + gap) : gap + c * (w + gap) + w] = panel
@@ -90,10 +93,11 @@ def save_png(grid: np.ndarray, file: Path, scale: int) -> None:
 
 
 def latent_walk(graphdef, params, x, n: int):
-    """[n, n, 784] decoder means over a grid of u in [-2, 2]^2, z = prior mean + sigma * u, for one condition x [1, d]."""
-    import jax
+    """[n, n, dims] decoder means over a grid of u in [-2, 2]^2, z = prior mean + sigma * u, for one condition x [1, d]."""
     import jax.numpy as jnp
     from flax import nnx
+
+    from cvae_exp.models.distributions import mean_of
 
     model = nnx.merge(graphdef, params)
     u = jnp.linspace(-2.0, 2.0, n)
@@ -101,9 +105,7 @@ def latent_walk(graphdef, params, x, n: int):
     grid = jnp.stack([z1.ravel(), z2.ravel()], axis=-1)
     xs = jnp.repeat(x, n * n, axis=0)
     mean, log_var = model.prior(xs)
-    loc, out_log_var = model.generate(mean + jnp.exp(0.5 * log_var) * grid, xs)
-    means = jax.nn.sigmoid(loc) if out_log_var is None else loc
-    return means.reshape(n, n, -1)
+    return mean_of(model.generate(mean + jnp.exp(0.5 * log_var) * grid, xs)).reshape(n, n, -1)
 
 
 def draw(run, opts, seed: int) -> dict[str, np.ndarray]:
@@ -113,11 +115,12 @@ def draw(run, opts, seed: int) -> dict[str, np.ndarray]:
     import jax
     import jax.numpy as jnp
 
-    from cvae_exp.data.pipeline import NUM_CLASSES, prepare
-    from cvae_exp.runs.tensorboard import tile
+    from cvae_exp.data.pipeline import prepare
     from cvae_exp.training import images
+    from cvae_exp.training.grids import tile
 
     task, graphdef, params = run.task, run.graphdef, run.params
+    geometry = task.geometry
     key = jax.random.key(seed)
     split = run.splits.val if opts.split == "val" else run.splits.test
     n = min(opts.inputs, len(split.images))
@@ -125,27 +128,31 @@ def draw(run, opts, seed: int) -> dict[str, np.ndarray]:
     grids = {}
 
     def stack(fn, *args, **static) -> np.ndarray:
-        """[rows, cols, 784] from one of cvae_exp.training.images' drawings, jitted with its static arguments bound."""
+        """[rows, cols, dims] from one of cvae_exp.training.images' drawings, jitted with its static arguments bound."""
         return np.asarray(jax.jit(functools.partial(fn, graphdef, task=task, **static))(params, *args))
 
     if task.condition == "quadrants":
         completions = stack(images.completions, few, jax.random.fold_in(key, 0), samples=int(opts.completions))
-        grids["completions"] = tile(completions)
+        grids["completions"] = tile(completions, geometry)
     else:
         name = "class_samples" if task.condition == "label" else "samples"  # a VAE's are unconditional
-        grids[name] = tile(stack(images.class_samples, jax.random.fold_in(key, 1), cols=int(opts.cols)))
+        rows = images.class_rows(task, int(opts.classes))
+        samples = stack(images.class_samples, jax.random.fold_in(key, 1), cols=int(opts.cols), rows=rows)
+        grids[name] = images.class_grid(samples, task)
     if kind(task.kind).recognition:  # inputs on the top row, reconstructions below
-        grids["reconstructions"] = tile(stack(images.reconstructions, few, jax.random.fold_in(key, 2)).swapaxes(0, 1))
+        pairs = stack(images.reconstructions, few, jax.random.fold_in(key, 2)).swapaxes(0, 1)
+        grids["reconstructions"] = tile(pairs, geometry)
     if kind(task.kind).latent and run.cfg.model.latent_dim == 2:
         if task.condition == "label":
-            conditions = [jax.nn.one_hot(jnp.array([d]), NUM_CLASSES) for d in range(NUM_CLASSES)]
+            classes = min(geometry.classes, int(opts.classes))
+            conditions = [jax.nn.one_hot(jnp.array([c]), geometry.classes) for c in range(classes)]
         elif task.condition == "quadrants":
             x, _, _ = prepare({name: v[:1] for name, v in few.items()}, key, task)
             conditions = [x]
         else:
             conditions = [jnp.zeros((1, 0), jnp.float32)]
-        walk = jax.jit(lambda p, x: latent_walk(graphdef, p, x, int(opts.walk)))  # compiled once for all digits
-        panels = [tile(np.asarray(walk(params, x))) for x in conditions]
+        walk = jax.jit(lambda p, x: latent_walk(graphdef, p, x, int(opts.walk)))  # compiled once for all classes
+        panels = [tile(np.asarray(walk(params, x)), geometry) for x in conditions]
         grids["latent_walk"] = mosaic(panels, cols=5)
     return grids
 

@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 
 import cvae_exp.cli  # noqa: F401  (registers the schemas in Hydra's ConfigStore)
 from cvae_exp.config import ModelConfig, validate
+from cvae_exp.data.geometry import MNIST
 from cvae_exp.errors import UserError
 from cvae_exp.models.build import build_model
 
@@ -46,7 +47,7 @@ def test_aided_networks_grow_by_the_output_size(into):
     for aided in (False, True):
         cfg = OmegaConf.structured(ModelConfig(kind="hybrid", hidden=[8], latent_dim=3, baseline_into=into))
         cfg.baseline_run = "/somewhere" if aided else None
-        _, params = build_model(cfg, 784, 784)
+        _, params = build_model(cfg, 784, MNIST)
         shapes[aided] = jax.tree.map(lambda a: a.shape, params)
     plain, aided = shapes[False], shapes[True]
     assert "baseline" not in plain
@@ -67,9 +68,9 @@ def test_a_frozen_baseline_keeps_its_parameters_and_the_rest_trains(tmp_path, sm
     cfg = compose_cfg(small_overrides(tmp_path / "unused", "model=cvae", "optimizer=adamw", *QUADRANTS))
     for frozen in (True, False):
         cfg.model.baseline_run, cfg.model.baseline_frozen = "/somewhere", frozen
-        graphdef, params = build_model(cfg.model, 784, 784, seed=0)
+        graphdef, params = build_model(cfg.model, 784, MNIST, seed=0)
         start = jax.device_get(params)  # the step donates the state's buffers
-        task = trainer_steps.build_task(cfg, dynamic=False)
+        task = trainer_steps.build_task(cfg, dynamic=False, geometry=MNIST)
         assert task.frozen_baseline is frozen
         opt = instantiate(cfg.optimizer, total_steps=10, _convert_="all")
         state = trainer_steps.init_state(params, opt.tx, 0)

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from cvae_exp.data.geometry import MNIST
 from cvae_exp.data.pipeline import BINARIZE_SEED, make_splits
 
 
@@ -23,6 +24,7 @@ def raw():
         train_labels=rng.integers(0, 10, 600),
         test_images=rng.integers(0, 256, (200, 28, 28), dtype=np.uint8),
         test_labels=rng.integers(0, 10, 200),
+        geometry=MNIST,
     )
 
 

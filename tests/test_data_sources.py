@@ -1,9 +1,11 @@
-"""Tests for cvae_exp.data.sources: IDX and Parquet folders, the cache, errors, and the offline fallback."""
+"""Tests for cvae_exp.data.sources: IDX and Parquet folders, the cache, errors, and the offline fallback.
+(Image folders, other column names, RGB, sizes and the geometry: tests/test_own_data.py.)"""
 
 from __future__ import annotations
 
 import gzip
 import logging
+import shutil
 import struct
 import time
 from pathlib import Path
@@ -14,6 +16,8 @@ import pytest
 from PIL import Image
 
 from cvae_exp.data import sources
+from cvae_exp.data.decode import Columns
+from cvae_exp.data.geometry import MNIST
 from cvae_exp.errors import UserError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared/data/mnist"
@@ -61,7 +65,7 @@ def _assert_equal(data: sources.RawData, splits: dict) -> None:
     for split, (images, labels) in splits.items():
         got_images, got_labels = getattr(data, f"{split}_images"), getattr(data, f"{split}_labels")
         assert got_images.dtype == np.uint8 and got_labels.dtype == np.int32
-        np.testing.assert_array_equal(got_images, images)
+        np.testing.assert_array_equal(got_images, images[..., None])  # [N, H, W, 1]: one channel
         np.testing.assert_array_equal(got_labels, labels)
 
 
@@ -73,7 +77,9 @@ def test_idx_folder_round_trips(tmp_path, suffix):
         _write_idx(tmp_path / (stem + suffix), splits[split][0 if kind == "images" else 1].astype(np.uint8))
     data = sources.load(path=str(tmp_path))
     _assert_equal(data, splits)
-    assert data.source == f"idx:{tmp_path.resolve()}"
+    assert data.source == f"idx:{tmp_path.resolve()}" and data.geometry == MNIST
+    with pytest.raises(UserError, match=r"holds IDX files, arrays without columns .* unset data\.image_column"):
+        sources.load(path=str(tmp_path), columns=Columns(resize=(14, 14)))
 
 
 def test_read_idx_rejects_truncated_and_wrong_magic(tmp_path):
@@ -111,7 +117,7 @@ def test_corrupt_cache_is_ignored_and_rewritten(tiny_parquet, tmp_path):
     cache.write_bytes(b"not a zip file")
     _assert_equal(sources.load(path=str(root), cache_dir=str(tmp_path / "cache")), splits)
     with np.load(cache, allow_pickle=False) as z:
-        np.testing.assert_array_equal(z["train_images"], splits["train"][0])
+        np.testing.assert_array_equal(z["train_images"], splits["train"][0][..., None])
 
 
 def test_changed_files_invalidate_the_cache(tiny_parquet, tmp_path):
@@ -138,28 +144,52 @@ def test_bad_paths_raise_user_errors_naming_data_path(tmp_path):
             sources.load(path=str(tmp_path / name))
 
 
-def test_parquet_without_label_column_is_refused(tmp_path):
+def test_a_class_label_column_is_found_by_its_type_and_a_plain_one_only_by_name(tmp_path):
     images, labels = _digits(8)
-    root = _write_parquet(tmp_path / "nolabel", {"train": (images, labels), "test": (images, labels)}, "digit")
-    with pytest.raises(UserError, match=r"^data\.path=.*nolabel.* no 'label' column"):
-        sources.load(path=str(root))
+    root = _write_parquet(tmp_path / "digit", {"train": (images, labels), "test": (images, labels)}, "digit")
+    data = sources.load(path=str(root))  # "digit" is the ClassLabel column: the labels, with their names
+    _assert_equal(data, {"train": (images, labels), "test": (images, labels)})
+    assert data.geometry == MNIST
+    # A column of plain integers under another name is no label column unless named; a label condition needs one.
+    plain = tmp_path / "plain"
+    shutil.copytree(root, plain)
+    for file in (plain / "mnist").glob("*.parquet"):
+        ds = datasets.Dataset.from_parquet(str(file))
+        ds.cast_column("digit", datasets.Value("int64")).to_parquet(str(file))
+    with pytest.raises(UserError, match=r"^data\.path=.*plain has no 'label' column and no ClassLabel feature in"):
+        sources.check_path(str(plain), needs_labels=True)
+    sources.check_path(str(plain), Columns(label="digit"), needs_labels=True)
+    named = sources.load(path=str(plain), columns=Columns(label="digit"))
+    assert named.geometry.classes == 10 and named.geometry.class_names == MNIST.class_names
+    unlabelled = sources.load(path=str(plain))
+    assert unlabelled.geometry.classes == 0 and not unlabelled.train_labels.any()
+    with pytest.raises(UserError, match=r"^data\.label_column=fine is not a column of data\.path="):
+        sources.load(path=str(plain), columns=Columns(label="fine"))
 
 
-def test_parquet_without_test_split_is_refused(tmp_path):
-    root = _write_parquet(tmp_path / "trainonly", {"train": _digits(8)})
-    with pytest.raises(UserError, match=r"^data\.path=.*trainonly.* no 'test' split"):
-        sources.load(path=str(root))
+def test_a_missing_test_split_is_carved_from_train_the_same_every_time(tmp_path):
+    images, labels = _digits(40)
+    root = _write_parquet(tmp_path / "trainonly", {"train": (images, labels)})
+    data = sources.load(path=str(root), cache_dir=str(tmp_path / "a"))
+    assert len(data.test_images) == 4 and len(data.train_images) == 36  # one in sources.TEST_SHARE
+    assert "test split carved from train: 4 of 40" in data.source
+    together = np.concatenate([data.train_images, data.test_images])[..., 0]
+    assert sorted(map(bytes, together)) == sorted(map(bytes, images))  # every image once, in one split or the other
+    again = sources.load(path=str(root), cache_dir=str(tmp_path / "b"))  # decoded afresh: the same split
+    np.testing.assert_array_equal(again.test_images, data.test_images)
 
 
-def test_32x32_images_are_refused(tmp_path):
-    root = _write_parquet(tmp_path / "big", {"train": _digits(8, side=32), "test": _digits(4, side=32)})
-    with pytest.raises(UserError, match=r"^data\.path=.*big holds 32x32 .*needs 28x28"):
-        sources.load(path=str(root))
+def test_any_size_is_read_with_its_geometry(tmp_path):
+    splits = {"train": _digits(8, side=32), "test": _digits(4, side=32)}
+    data = sources.load(path=str(_write_parquet(tmp_path / "big", splits)))
+    _assert_equal(data, splits)
+    assert data.geometry.shape == (32, 32, 1) and data.geometry.classes == 10
 
 
 def _assert_bundled(data: sources.RawData) -> None:
     assert data.source == "bundled sample (10000 train / 2000 test)"
-    assert data.train_images.shape == (10_000, 28, 28) and data.test_images.shape == (2_000, 28, 28)
+    assert data.train_images.shape == (10_000, 28, 28, 1) and data.test_images.shape == (2_000, 28, 28, 1)
+    assert data.geometry == MNIST
     assert data.train_images.dtype == np.uint8 and data.train_labels.dtype == np.int32
     assert set(np.unique(data.train_labels)) == set(np.unique(data.test_labels)) == set(range(10))
 
@@ -211,13 +241,13 @@ def test_hub_dataset_is_decoded_and_cached(tiny_parquet, monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", hub)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(sources, "_hub_reachable", lambda: True)
-    data = sources.load(hub_id="someone/digits")
+    data = sources.load(hub="someone/digits")
     _assert_equal(data, splits)
     assert data.source == "hub:someone/digits"
 
     monkeypatch.setattr(sources, "_hub_reachable", lambda: False)
     monkeypatch.setattr(sources, "_decode", lambda *a: pytest.fail("decoded again despite the cache"))
-    _assert_equal(sources.load(hub_id="someone/digits"), splits)
+    _assert_equal(sources.load(hub="someone/digits"), splits)
     assert offline_flags == [False, True] and datasets.config.HF_HUB_OFFLINE is False
 
 
@@ -229,7 +259,8 @@ def test_unknown_name_is_refused():
 @needs_shared
 def test_full_mnist_parquet_and_idx_agree():
     hf, idx = sources.load(path=str(SHARED / "hf")), sources.load(path=str(SHARED / "idx"))
-    assert hf.train_images.shape == (60_000, 28, 28) and hf.test_images.shape == (10_000, 28, 28)
+    assert hf.train_images.shape == (60_000, 28, 28, 1) and hf.test_images.shape == (10_000, 28, 28, 1)
+    assert hf.geometry == idx.geometry == MNIST
     for key in sources.IDX_NAMES:
         np.testing.assert_array_equal(getattr(hf, key), getattr(idx, key))
 

@@ -76,6 +76,7 @@ def test_standard_error_and_subset_match_the_per_digit_values(quadrant_runs):
     import numpy as np
     from flax import nnx
 
+    from cvae_exp.data.geometry import MNIST
     from cvae_exp.data.pipeline import prepare_arrays
     from cvae_exp.evaluate import evaluate_run
     from cvae_exp.models.distributions import log_likelihood
@@ -85,7 +86,9 @@ def test_standard_error_and_subset_match_the_per_digit_values(quadrant_runs):
     assert result["examples"] == 40
     run = load_run(quadrant_runs["baseline"])
     batch = {"image": run.splits.test.images[:40], "label": run.splits.test.labels[:40]}
-    x, y, mask = prepare_arrays(batch, jax.random.key(0), dynamic=False, condition="quadrants", n_given=1)
+    x, y, mask = prepare_arrays(
+        batch, jax.random.key(0), geometry=MNIST, dynamic=False, condition="quadrants", n_given=1
+    )
     values = -np.asarray(log_likelihood(y, nnx.merge(run.graphdef, run.params)(x), mask), np.float64)
     assert result["ncll_exact"] == pytest.approx(values.mean(), rel=1e-5)
     assert result["ncll_sem"] == result["ncll_exact_sem"] == pytest.approx(values.std(ddof=1) / np.sqrt(40), rel=1e-3)

@@ -12,12 +12,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cvae_exp.data.pipeline import PIXELS, SIDE, prepare_arrays, quadrant_mask
+from cvae_exp.data.geometry import MNIST
+from cvae_exp.data.pipeline import prepare_arrays, quadrant_mask
 from cvae_exp.models.cvae import CVAE, Baseline, OutputHead
 from cvae_exp.models.distributions import gaussian_log_prob, kl_diag_gaussians, log_likelihood, reparameterize
 from cvae_exp.models.objectives import conditional_nll, kl_weight, per_example_loss
 
 LOG_2PI = math.log(2 * math.pi)
+SIDE, PIXELS = MNIST.height, MNIST.dims
 
 
 def random_gaussian(rng, batch: int, dim: int):
@@ -491,11 +493,11 @@ def _quadrants_given(n_given: int, layout: str) -> np.ndarray:
 @pytest.mark.parametrize("n_given", [1, 2, 3])
 def test_quadrant_condition_scores_exactly_the_unobserved_pixels(n_given, layout):
     given = _quadrants_given(n_given, layout)
-    np.testing.assert_array_equal(quadrant_mask(n_given, layout) > 0, given)
+    np.testing.assert_array_equal(quadrant_mask(n_given, layout, MNIST) > 0, given)
     rng = np.random.default_rng(n_given)
     batch = {"image": rng.integers(0, 256, (3, PIXELS)).astype(np.uint8), "label": np.arange(3)}
     x, y, mask = prepare_arrays(
-        batch, jax.random.key(0), dynamic=False, condition="quadrants", n_given=n_given, layout=layout
+        batch, jax.random.key(0), geometry=MNIST, dynamic=False, condition="quadrants", n_given=n_given, layout=layout
     )
     x, y, mask = map(np.asarray, (x, y, mask))
     np.testing.assert_array_equal(mask, np.broadcast_to(~given, mask.shape).astype(np.float32))

@@ -8,6 +8,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from cvae_exp.config import ModelConfig
+from cvae_exp.data.geometry import MNIST
 from cvae_exp.models.build import build_model
 from cvae_exp.training.steps import Task, loss_fn
 
@@ -16,11 +17,11 @@ def test_bf16_step_agrees_with_fp32():
     cfg = OmegaConf.structured(ModelConfig(hidden=[256, 256], latent_dim=16))
     rng = np.random.default_rng(0)
     batch = {"image": rng.integers(0, 256, (64, 784)).astype(np.uint8), "label": rng.integers(0, 10, 64)}
-    task = Task(kind="cvae", condition="label", dynamic=True)
+    task = Task(kind="cvae", condition="label", geometry=MNIST, dynamic=True)
     key = jax.random.key(3)
     results = {}
     for precision in ("fp32", "bf16"):
-        graphdef, params = build_model(cfg, 10, 784, precision=precision, seed=0)
+        graphdef, params = build_model(cfg, 10, MNIST, precision=precision, seed=0)
         assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))  # parameters stay fp32
 
         def mean_loss(p, graphdef=graphdef):

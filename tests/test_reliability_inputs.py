@@ -41,6 +41,16 @@ def write_parquet(root: Path, side: int = 28, label_column: str = "label") -> Pa
     return root
 
 
+def write_mixed(root: Path) -> Path:
+    """A Hub-layout folder of 28 x 28 training images and 30 x 30 test images: sizes that differ."""
+    write_parquet(root)
+    other = write_parquet(root.parent / f"{root.name}_30", side=30)
+    (root / "mnist" / "test-00000-of-00001.parquet").write_bytes(
+        (other / "mnist" / "test-00000-of-00001.parquet").read_bytes()
+    )
+    return root
+
+
 def write_broken(root: Path, *, image: bytes | None = None, label: int | None = None, garbage: bool = False) -> Path:
     """A Hub-layout folder whose train split has, at row 7, `image` bytes and/or the `label`; or (`garbage`)
     a train "Parquet" file that is not Parquet at all."""
@@ -68,7 +78,7 @@ def bad_data(tmp_path_factory) -> dict[str, str]:
     return {
         "missing": str(root / "no_such_folder"),
         "nolabel": str(write_parquet(root / "nolabel", label_column="digit")),
-        "big": str(write_parquet(root / "big", side=32)),
+        "mixed": str(write_mixed(root / "mixed")),
         "garbage": str(write_broken(root / "garbage", garbage=True)),
         "undecodable": str(write_broken(root / "undecodable", image=b"\x89PNG\r\n\x1a\n but then nothing")),
         "label": str(write_broken(root / "label", label=2**40)),  # an int32 cast would make it 0
@@ -82,7 +92,10 @@ CASES = [
     (["data.condition=quadrants", "data.n_given=0"], "data.n_given=0"),
     (["data.path=<missing>"], "data.path=<missing> does not exist"),
     (["data.path=<nolabel>"], "data.path=<nolabel> has no 'label' column"),
-    (["data.path=<big>"], "data.path=<big> holds 32x32 images"),
+    (["data.path=<nolabel>", "data.image_column=picture"], "data.image_column=picture is not a column of data.path="),
+    (["data.binarize=none"], "model.likelihood=bernoulli scores binarized pixels, but data.binarize=none"),
+    (["model.likelihood=gaussian"], "model.likelihood=gaussian is a density of continuous values"),
+    (["data.resize=[0,4]"], "data.resize=[0, 4] must be [height, width]"),
     (
         ["data.path=<garbage>"],
         "data.path=<garbage>: <garbage>/mnist/train-00000-of-00001.parquet is not a readable Parquet file",
@@ -129,11 +142,16 @@ def test_cli_refuses_bad_data_with_one_sentence(tiny_mnist, bad_data, cli_env, t
     base = ["data.val_size=200", "trainer.progress=false", "model.hidden=[32]", "model.latent_dim=4"]
     cases = {
         "missing": ([f"data.path={bad_data['missing']}"], f"data.path={bad_data['missing']} does not exist"),
-        "big": ([f"data.path={bad_data['big']}"], f"data.path={bad_data['big']} holds 32x32 images"),
+        # Sizes are compared while the images are decoded: one file (here a row of it) and its size are named.
+        "mixed": (
+            [f"data.path={bad_data['mixed']}"],
+            f"data.path={bad_data['mixed']} holds images of different sizes: row 0 of {bad_data['mixed']}/mnist/"
+            "test-00000-of-00001.parquet is 30x30 but row 0 of",
+        ),
         # The split's size is known only once the data is read: refused then, before anything is compiled.
         "batch": (
             [f"data.path={tiny_mnist}", "trainer.batch_size=2000"],
-            "trainer.batch_size=2000 is larger than the training split (1000 digits)",
+            "trainer.batch_size=2000 is larger than the training split (1000 images)",
         ),
         # Found while decoding, before anything is compiled: the file and the row are named.
         "undecodable": (

@@ -12,7 +12,9 @@ import tbevents
 from conftest import in_process, run_module
 from PIL import Image
 
+from cvae_exp.data.geometry import MNIST
 from cvae_exp.sample import PANEL_GAP
+from cvae_exp.training.grids import label_width
 
 SIDE, PAD = 28, 1  # a digit and the border cvae_exp.runs.tensorboard.tile puts around it
 STEPS = 30
@@ -71,14 +73,17 @@ def test_label_run_class_samples_reconstructions_and_latent_walk(runs, cli_env):
 
     panel_w, panel_h = grid_px(5, 5)  # one 5 x 5 walk per digit, 2 rows of 5 panels with white gaps
     walk = (5 * panel_w + 6 * PANEL_GAP, 2 * panel_h + 3 * PANEL_GAP)
+    margin = label_width(list(MNIST.class_names), MNIST)  # the class names, left of their rows
+    grid_w, grid_h = grid_px(10, 4)
     assert sizes(run / "samples") == {
-        "class_samples": scaled(grid_px(10, 4), 2),  # one row per digit, sample.cols samples each
+        "class_samples": scaled((margin + grid_w, grid_h), 2),  # one row per digit, sample.cols samples each
         "reconstructions": scaled(grid_px(2, 3), 2),  # inputs above, reconstructions below
         "latent_walk": scaled(walk, 2),
     }
     with Image.open(run / "samples" / "class_samples.png") as img:
         pixels = np.asarray(img)
-    assert pixels.ndim == 2 and pixels[0, 0] == pixels[1, 1] == 128  # the grey border, 2x scaled
+    assert pixels.ndim == 2 and pixels[0, 2 * margin] == pixels[1, 2 * margin + 1] == 128  # the grey border, 2x scaled
+    assert pixels[0, 0] == 255 and pixels[:, : 2 * margin].min() == 0  # white margin, black names
 
     tb = tbevents.load(run / "tb")
     for name in ("class_samples", "reconstructions", "latent_walk"):

@@ -54,11 +54,12 @@ def test_a_traced_quadrant_count_picks_the_same_mask():
     import jax
     import numpy as np
 
+    from cvae_exp.data.geometry import MNIST
     from cvae_exp.data.pipeline import _given, quadrant_mask
 
-    picked = jax.jit(lambda n: _given(n, "left_first"))
+    picked = jax.jit(lambda n: _given(n, "left_first", MNIST))
     for n in (1, 2, 3):
-        np.testing.assert_array_equal(np.asarray(picked(np.int32(n))), quadrant_mask(n))
+        np.testing.assert_array_equal(np.asarray(picked(np.int32(n))), quadrant_mask(n, "left_first", MNIST))
 
 
 # ----------------------------------------------------------------------------- one group, in process

@@ -1,7 +1,10 @@
-"""Raw 28x28 digit images from the Hugging Face Hub, a local folder, or the sample bundled with the package.
+"""Raw images from the Hugging Face Hub, a local folder, or the MNIST sample bundled with the package.
 
-Everything ends as plain uint8/int32 numpy arrays (`RawData`), decoded once: PNG decoding is far too slow to
-repeat per training step, so decoded arrays are also cached as an `.npz` keyed by a fingerprint of the source.
+Sources: a Parquet folder in the Hub's layout, an image folder in the `imagefolder` layout of `datasets`
+(one sub-folder per class, optional train/ and test/), a folder of the four MNIST IDX files, a Hub dataset by
+name. Everything ends as plain uint8/int32 numpy arrays with the geometry read off them (`RawData`), decoded
+once: PNG decoding is far too slow to repeat per training step, so decoded arrays are also cached as an `.npz`
+keyed by a fingerprint of the source. A source without a test split gets one carved from its training images.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ import contextlib
 import functools
 import gzip
 import hashlib
-import io
+import json
 import logging
 import math
 import os
@@ -20,12 +23,13 @@ import threading
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
+from cvae_exp.data.decode import Columns, class_count, decode_dataset, first_line, open_image, pick_columns
+from cvae_exp.data.geometry import Geometry, numbered
 from cvae_exp.errors import UserError
 
 DATASETS = {"mnist": "ylecun/mnist", "fashion_mnist": "zalando-datasets/fashion_mnist"}
@@ -36,22 +40,25 @@ IDX_NAMES = {
     "test_images": "t10k-images-idx3-ubyte",
     "test_labels": "t10k-labels-idx1-ubyte",
 }
-_DATA_SUFFIXES = {".parquet", ".arrow", ".png", ".jpg", ".jpeg"}  # files load_dataset makes an image dataset of
-_SIDE = 28
-_NUM_CLASSES = 10
+_TABLE_SUFFIXES = {".parquet", ".arrow"}  # a folder of these is read as the Hub's layout
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}  # a folder of these (no tables) as an imagefolder
+_CACHE_FORMAT = 2  # 2: images [N, H, W, C] and the geometry beside them
+TEST_SHARE = 10  # a source without a test split: one image in TEST_SHARE held out as its test split
 _HUB_PROBE_TIMEOUT_S = 3.0
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class RawData:
-    """Decoded digits: images uint8 [N, 28, 28], labels int32 [N] in 0..9, and where they came from."""
+    """Decoded images uint8 [N, H, W, C] and labels int32 [N] (zeros where the data has no classes), their
+    geometry, and where they came from."""
 
     train_images: np.ndarray
     train_labels: np.ndarray
     test_images: np.ndarray
     test_labels: np.ndarray
     source: str
+    geometry: Geometry
 
 
 def _arrays(data: RawData) -> dict[str, np.ndarray]:
@@ -64,11 +71,12 @@ def _idx_files(root: Path) -> dict[str, Path | None]:
     return {key: next((f for f in files if f.is_file()), None) for key, files in found}
 
 
-def check_path(path: str | None) -> None:
+def check_path(path: str | None, columns: Columns | None = None, needs_labels: bool = False) -> None:
     """Fail in milliseconds on a bad data.path, before anything slow (imports, JIT, decoding) has run.
 
     Accepted: a folder with the four MNIST IDX files (gzipped or not), or with files datasets.load_dataset can
-    read as an image dataset (Parquet in the Hub layout, Arrow, an imagefolder of PNG/JPEG).
+    read as an image dataset (Parquet in the Hub layout, Arrow, an imagefolder of PNG/JPEG). A Parquet table's
+    columns are checked from its footer: the image column, and the label column when `needs_labels`.
     """
     if path is None:
         return
@@ -80,17 +88,30 @@ def check_path(path: str | None) -> None:
     idx = _idx_files(root)
     if all(idx.values()):
         return
-    files = [f for f in root.rglob("*") if f.is_file() and f.suffix.lower() in _DATA_SUFFIXES]
+    files = [f for f in root.rglob("*") if f.is_file() and f.suffix.lower() in _TABLE_SUFFIXES | _IMAGE_SUFFIXES]
     if files:
-        _check_parquet(path, [f for f in sorted(files) if f.suffix.lower() == ".parquet"])
+        parquet = [f for f in sorted(files) if f.suffix.lower() == ".parquet"]
+        _check_parquet(path, parquet, columns or Columns(), needs_labels)
         return
     if any(idx.values()):
         missing = ", ".join(IDX_NAMES[k] + "[.gz]" for k, f in idx.items() if f is None)
         raise UserError(f"data.path={path} holds only part of the MNIST IDX files: {missing} is missing.")
-    raise UserError(f"data.path={path} holds neither Parquet files (Hub layout) nor the four MNIST IDX files.")
+    raise UserError(
+        f"data.path={path} holds neither Parquet files (Hub layout), nor PNG or JPEG images, nor the four MNIST IDX files."
+    )
 
 
-def _check_parquet(path: str, files: list[Path]) -> None:
+def _parquet_types(schema) -> dict[str, str]:
+    """{column: feature type} from a Parquet footer: the `datasets` features that its writer recorded there
+    ("Image", "ClassLabel", ...), "Value" for the other columns."""
+    try:
+        features = json.loads((schema.metadata or {}).get(b"huggingface", b"{}")).get("info", {}).get("features", {})
+    except (ValueError, AttributeError):
+        features = {}
+    return {name: (features.get(name) or {}).get("_type", "Value") for name in schema.names}
+
+
+def _check_parquet(path: str, files: list[Path], columns: Columns, needs_labels: bool) -> None:
     """Each Parquet file's columns (from its footer) and first image: a folder of the wrong data, or a file
     that is not Parquet at all, is refused before anything is loaded or decoded."""
     import pyarrow as pa
@@ -98,36 +119,14 @@ def _check_parquet(path: str, files: list[Path]) -> None:
 
     for file in files:
         try:
-            names = pq.read_schema(file).names
-            if missing := [c for c in ("image", "label") if c not in names]:
-                raise UserError(f"data.path={path} has no {' or '.join(map(repr, missing))} column in {file.name}.")
-            first = next(pq.ParquetFile(file).iter_batches(batch_size=1, columns=["image"]), None)
+            schema = pq.read_schema(file)
+            image, _ = pick_columns(_parquet_types(schema), f"data.path={path}", file.name, columns, needs_labels)
+            first = next(pq.ParquetFile(file).iter_batches(batch_size=1, columns=[image]), None)
         except (pa.ArrowException, OSError) as err:
-            raise UserError(f"data.path={path}: {file} is not a readable Parquet file ({_first_line(err)}).") from None
+            raise UserError(f"data.path={path}: {file} is not a readable Parquet file ({first_line(err)}).") from None
         cell = first.column(0)[0].as_py() if first is not None and first.num_rows else None
         if isinstance(cell, dict) and cell.get("bytes"):  # the Hub's Image feature: encoded bytes
-            width, height = _open_image(cell, lambda file=file: f"data.path={path}: row 0 of {file}").size
-            if (width, height) != (_SIDE, _SIDE):
-                raise UserError(
-                    f"data.path={path} holds {width}x{height} images ({file.name}); "
-                    f"this model needs {_SIDE}x{_SIDE} grayscale digits."
-                )
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0][:300]}" if text else type(err).__name__
-
-
-def _open_image(cell: dict, where: Callable[[], str]) -> Image.Image:
-    """One image cell of the Hub's Image feature, decoded; undecodable bytes are refused naming `where()`, which
-    is only worked out then (naming a row opens its Parquet file's metadata: far too slow for every row)."""
-    try:
-        image = Image.open(io.BytesIO(cell["bytes"]) if cell["bytes"] is not None else cell["path"])
-        image.load()
-    except Exception as err:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ... for broken bytes
-        raise UserError(f"{where()} is not a decodable image ({_first_line(err)}).") from None
-    return image
+            open_image(cell, lambda file=file: f"data.path={path}: row 0 of {file}")
 
 
 def read_idx(file: str | os.PathLike) -> np.ndarray:
@@ -149,77 +148,40 @@ def read_idx(file: str | os.PathLike) -> np.ndarray:
 
 
 def _checked(where: str, source: str, arrays: dict[str, np.ndarray]) -> RawData:
-    """One place for the invariants the model relies on, whatever the source; labels are checked in their
-    own integer type and only then cast to int32 (a cast first would wrap 2**40 to 0)."""
+    """IDX arrays as RawData: images [N, H, W] (or [N, H, W, C], C 1 or 3) of one size in both splits, labels
+    checked in their own integer type and only then cast to int32 (a cast first would wrap 2**40 to 0)."""
+    images = {}
     for split in ("train", "test"):
-        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
-        if images.ndim != 3 or images.shape[1:] != (_SIDE, _SIDE):
-            size = "x".join(map(str, images.shape[1:]))
-            raise UserError(f"{where} holds {size} images; this model needs {_SIDE}x{_SIDE} grayscale digits.")
-        if labels.shape != images.shape[:1]:
-            raise UserError(f"{where} has {labels.size} {split} labels for {len(images)} {split} images.")
-        _check_labels(labels, f"{where} has", split)
-        arrays[f"{split}_labels"] = labels.astype(np.int32)
-    return RawData(**{k: arrays[k] for k in IDX_NAMES}, source=source)
-
-
-def _check_labels(labels: np.ndarray, where: str, split: str, rows: Callable[[int], str] | None = None) -> None:
-    if labels.dtype.kind not in "iu":
-        raise UserError(f"{where} {split} labels of type {labels.dtype}, not integers 0..{_NUM_CLASSES - 1}.")
-    bad = np.flatnonzero((labels < 0) | (labels >= _NUM_CLASSES))
-    if bad.size:
-        at = rows(int(bad[0])) if rows else f"row {bad[0]} of the {split} split"
-        more = f" ({bad.size} such labels)" if bad.size > 1 else ""
-        raise UserError(f"{where} a {split} label {labels[bad[0]]} at {at}, outside 0..{_NUM_CLASSES - 1}{more}.")
+        x = arrays[f"{split}_images"]
+        x = x[..., None] if x.ndim == 3 else x
+        if x.ndim != 4 or x.shape[-1] not in (1, 3):
+            size = "x".join(map(str, x.shape[1:]))
+            raise UserError(
+                f"{where} holds {split} images of shape {size}; images are height x width (x 1 or 3 channels)."
+            )
+        if (labels := arrays[f"{split}_labels"]).shape != x.shape[:1]:
+            raise UserError(f"{where} has {labels.size} {split} labels for {len(x)} {split} images.")
+        images[split] = x
+    if images["train"].shape[1:] != images["test"].shape[1:]:
+        sizes = ", ".join(f"{s} {'x'.join(map(str, x.shape[1:]))}" for s, x in images.items())
+        raise UserError(f"{where} holds images of different sizes ({sizes}, height x width x channels).")
+    labels = {split: arrays[f"{split}_labels"] for split in ("train", "test")}
+    classes = class_count(labels, None, where, None)
+    height, width, channels = images["train"].shape[1:]
+    geometry = Geometry(height, width, channels, classes, numbered(classes))
+    return RawData(
+        images["train"],
+        labels["train"].astype(np.int32),
+        images["test"],
+        labels["test"].astype(np.int32),
+        source,
+        geometry,
+    )
 
 
 def _load_idx(root: Path, where: str) -> RawData:
     arrays = {key: read_idx(file) for key, file in _idx_files(root).items()}
     return _checked(where, f"idx:{root}", arrays)
-
-
-def _decode_split(dd, where: str, split: str, files: Callable[[str], list[Path]]) -> dict[str, np.ndarray]:
-    """Decode a split's PNG bytes with PIL in one pass (about twice as fast as datasets' numpy formatting).
-    An undecodable image or a label outside 0..9 is refused naming the row (and its file, `files(split)`)."""
-    import datasets
-
-    if split not in dd:
-        raise UserError(f"{where} has no {split!r} split (found: {', '.join(dd) or 'none'}).")
-    ds = dd[split]
-    if missing := [c for c in ("image", "label") if c not in ds.column_names]:
-        raise UserError(f"{where} has no {' or '.join(map(repr, missing))} column in its {split} split.")
-    if not isinstance(ds.features["image"], datasets.Image):
-        raise UserError(f"{where} stores {split} 'image' as {type(ds.features['image']).__name__}, not as images.")
-
-    def row(i: int) -> str:
-        return _row_in_files(i, split, files(split))
-
-    cells = ds.cast_column("image", datasets.Image(decode=False)).with_format("arrow")["image"].to_pylist()
-    images = np.empty((len(cells), _SIDE, _SIDE), np.uint8)
-    for i, cell in enumerate(cells):
-        image = _open_image(cell, lambda i=i: f"{where}: {row(i)}")
-        if image.size != (_SIDE, _SIDE) or image.mode != "L":
-            size = f"{image.size[0]}x{image.size[1]} {image.mode}"
-            raise UserError(f"{where} holds {size} images; this model needs {_SIDE}x{_SIDE} grayscale (L) digits.")
-        images[i] = np.asarray(image)
-    labels = np.asarray(ds.with_format("arrow")["label"])  # as stored: checked before any cast
-    _check_labels(labels, f"{where} has", split, row)
-    return {f"{split}_images": images, f"{split}_labels": labels}
-
-
-def _row_in_files(i: int, split: str, files: list[Path]) -> str:
-    """Where row `i` of a split comes from: 'row 17 of <file>' when the split's Parquet files are known."""
-    import pyarrow.parquet as pq
-
-    start = 0
-    for file in files:
-        if file.suffix.lower() != ".parquet":
-            break
-        n = pq.ParquetFile(file).metadata.num_rows
-        if i < start + n:
-            return f"row {i - start} of {file}"
-        start += n
-    return f"row {i} of the {split} split"
 
 
 def _data_files(root: Path | None) -> Callable[[str], list[Path]]:
@@ -241,49 +203,80 @@ def _data_files(root: Path | None) -> Callable[[str], list[Path]]:
     return files
 
 
-def _decode(dd, where: str, source: str, root: Path | None = None) -> RawData:
-    files = _data_files(root)
-    return _checked(
-        where, source, {**_decode_split(dd, where, "train", files), **_decode_split(dd, where, "test", files)}
-    )
+def _decode(dd, where: str, source: str, columns: Columns, root: Path | None = None) -> RawData:
+    """A DatasetDict decoded (cvae_exp.data.decode); without a test split, one is carved from train."""
+    arrays = decode_dataset(dd, where, columns, _data_files(root))
+    if "test_images" not in arrays:
+        arrays, source = _carve_test(arrays, where, source)
+    return RawData(**{k: arrays[k] for k in IDX_NAMES}, source=source, geometry=arrays["geometry"])
+
+
+def _carve_test(arrays: dict, where: str, source: str) -> tuple[dict, str]:
+    """A test split for a source that has none: one training image in TEST_SHARE (at least one), the same
+    ones every time (a fixed permutation, whatever the run's seeds), so every run on it scores the same images."""
+    n = len(arrays["train_images"])
+    n_test = max(1, n // TEST_SHARE)
+    order = np.random.default_rng(0).permutation(n)
+    test, train = np.sort(order[:n_test]), np.sort(order[n_test:])
+    log.info("%s has no test split: %d of its %d training images are held out as the test split.", where, n_test, n)
+    carved = {
+        **arrays,
+        "train_images": arrays["train_images"][train],
+        "train_labels": arrays["train_labels"][train],
+        "test_images": arrays["train_images"][test],
+        "test_labels": arrays["train_labels"][test],
+    }
+    return carved, f"{source} (test split carved from train: {n_test} of {n})"
 
 
 def _cached(cache_dir: str | None, fingerprint: tuple, source: str, decode: Callable[[], RawData]) -> RawData:
     """Return the arrays cached under `fingerprint`, or decode and cache them; a corrupt cache is rewritten."""
     root = Path(cache_dir or os.environ.get("CVAE_EXP_CACHE") or Path.home() / ".cache" / "cvae_exp").expanduser()
-    file = root / f"raw-{hashlib.sha256(repr(fingerprint).encode()).hexdigest()[:24]}.npz"
+    key = (_CACHE_FORMAT, *fingerprint)
+    file = root / f"raw-{hashlib.sha256(repr(key).encode()).hexdigest()[:24]}.npz"
     try:
         with np.load(file, allow_pickle=False) as z:
-            return RawData(**{k: z[k] for k in IDX_NAMES}, source=source)
+            record = json.loads(str(z["record"]))
+            return RawData(
+                **{k: z[k] for k in IDX_NAMES},
+                source=record["source"],
+                geometry=Geometry.from_record(record["geometry"]),
+            )
     except FileNotFoundError:
         pass
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         log.info("Ignoring unreadable cache file %s (%s); decoding again.", file, e)
     data = decode()
+    record = json.dumps({"source": data.source, "geometry": data.geometry.record()})
     try:  # atomic (temp file + rename): a killed run or a parallel sweep never leaves a half-written cache
         root.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=root, suffix=".tmp", delete=False) as tmp:
-            np.savez(tmp, **_arrays(data))
+            np.savez(tmp, **_arrays(data), record=np.array(record))
         os.replace(tmp.name, file)
     except OSError as e:
         log.warning("Could not write the data cache %s (%s); the next run will decode again.", file, e)
     return data
 
 
-def _load_folder(root: Path, where: str, source: str, cache_dir: str | None) -> RawData:
-    """A Parquet (Hub layout) folder via datasets, cached by file sizes and mtimes so a hit skips datasets."""
+def _load_folder(root: Path, where: str, cache_dir: str | None, columns: Columns) -> RawData:
+    """A Parquet (Hub layout) folder or an image folder via datasets, cached by file sizes and mtimes so a hit
+    skips datasets."""
+    tables = any(f.suffix.lower() in _TABLE_SUFFIXES for f in root.rglob("*") if f.is_file())
+    source = f"{'parquet' if tables else 'imagefolder'}:{root}"
 
     def decode() -> RawData:
         import datasets  # only on a cache miss: importing it costs about a second
 
         try:
-            dd = datasets.load_dataset(str(root))
+            dd = (
+                datasets.load_dataset(str(root)) if tables else datasets.load_dataset("imagefolder", data_dir=str(root))
+            )
         except Exception as e:  # whatever datasets fails on, the folder is not a dataset we can read
-            raise UserError(f"{where} could not be read by datasets.load_dataset ({_first_line(e)}).") from e
-        return _decode(dd, where, source, root)
+            raise UserError(f"{where} could not be read by datasets.load_dataset ({first_line(e)}).") from e
+        return _decode(dd, where, source, columns, root)
 
     stats = [(str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(root.rglob("*"))]
-    return _cached(cache_dir, ("folder", str(root), stats), source, decode)
+    return _cached(cache_dir, ("folder", str(root), stats, columns.fingerprint()), source, decode)
 
 
 def _hub_reachable(timeout: float = _HUB_PROBE_TIMEOUT_S) -> bool:
@@ -318,43 +311,55 @@ def _datasets_offline() -> Iterator[None]:
         datasets.config.HF_HUB_OFFLINE = before
 
 
-def _load_hub(hub_id: str, where: str, cache_dir: str | None) -> RawData:
+def _load_hub(hub: str, where: str, cache_dir: str | None, columns: Columns) -> RawData:
     """Raises ConnectionError when the Hub is unreachable and datasets has no cached copy either."""
     import datasets
 
     online = not datasets.config.HF_HUB_OFFLINE and _hub_reachable()
     try:
         with contextlib.nullcontext() if online else _datasets_offline():
-            dd = datasets.load_dataset(hub_id)
+            dd = datasets.load_dataset(hub)
     except datasets.exceptions.DatasetNotFoundError as e:
         raise UserError(f"{where} was not found on the Hugging Face Hub.") from e
-    source = f"hub:{hub_id}"
+    source = f"hub:{hub}"
     arrow_files = [f["filename"] for split in dd.values() for f in split.cache_files]  # name the revision
-    return _cached(cache_dir, ("hub", hub_id, arrow_files), source, lambda: _decode(dd, where, source))
+    key = ("hub", hub, arrow_files, columns.fingerprint())
+    return _cached(cache_dir, key, source, lambda: _decode(dd, where, source, columns))
 
 
 def load(
-    name: str = "mnist", path: str | None = None, hub_id: str | None = None, cache_dir: str | None = None
+    name: str = "mnist",
+    path: str | None = None,
+    hub: str | None = None,
+    cache_dir: str | None = None,
+    columns: Columns | None = None,
 ) -> RawData:
-    """Load train/test digits from `path` (Parquet or IDX folder), else from the Hub, else the bundled sample.
+    """Load train/test images from `path` (a Parquet, image or IDX folder), else from the Hub (`hub`, or the
+    dataset `name` stands for), else the bundled MNIST sample; `columns` says how to read a table.
 
     The bundled MNIST sample only stands in for an unreachable Hub, announced by one logged warning.
     """
-    check_path(path)
+    columns = columns or Columns()
+    check_path(path, columns)
     if path is not None:
         root = Path(path).expanduser().resolve()
         if all(_idx_files(root).values()):
+            if columns != Columns():
+                raise UserError(
+                    f"data.path={path} holds IDX files, arrays without columns to name or images to resize: unset "
+                    "data.image_column, data.label_column and data.resize."
+                )
             return _load_idx(root, f"data.path={path}")
-        return _load_folder(root, f"data.path={path}", f"parquet:{root}", cache_dir)
-    if hub_id is None and name not in DATASETS:
-        raise UserError(f"data.name={name} is unknown; use one of {', '.join(DATASETS)} or set data.path.")
-    repo = hub_id or DATASETS[name]
+        return _load_folder(root, f"data.path={path}", cache_dir, columns)
+    if hub is None and name not in DATASETS:
+        raise UserError(f"data.name={name} is unknown; use one of {', '.join(DATASETS)}, or set data.path or data.hub.")
+    repo = hub or DATASETS[name]
     try:
-        return _load_hub(repo, f"data.hub_id={hub_id}" if hub_id else f"data.name={name} ({repo})", cache_dir)
+        return _load_hub(repo, f"data.hub={hub}" if hub else f"data.name={name} ({repo})", cache_dir, columns)
     except ConnectionError as e:
         if repo != DATASETS["mnist"]:
             raise UserError(f"The Hugging Face Hub could not be reached for {repo}; set data.path=<local copy>.") from e
-    sample = _load_folder(BUNDLED, "the bundled MNIST sample", "bundled sample", cache_dir)
+    sample = _load_folder(BUNDLED, "the bundled MNIST sample", cache_dir, columns)
     n_train, n_test = len(sample.train_labels), len(sample.test_labels)
     log.warning(
         "The Hugging Face Hub could not be reached; training on the bundled MNIST sample (%s train / %s test digits). "
@@ -362,4 +367,4 @@ def load(
         f"{n_train:,}",
         f"{n_test:,}",
     )
-    return RawData(**_arrays(sample), source=f"bundled sample ({n_train} train / {n_test} test)")
+    return replace(sample, source=f"bundled sample ({n_train} train / {n_test} test)")

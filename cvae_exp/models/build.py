@@ -1,10 +1,11 @@
-"""The one factory that builds the Flax NNX network of a config (`build_model`)."""
+"""The one factory that builds the Flax NNX network of a config and the data's geometry (`build_model`)."""
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 from flax import nnx
 
+from cvae_exp.data.geometry import Geometry
 from cvae_exp.models.cvae import CVAE, Baseline
 from cvae_exp.models.kinds import kind
 from cvae_exp.models.mlp import MLP
@@ -12,15 +13,19 @@ from cvae_exp.models.mlp import MLP
 __all__ = ["CVAE", "Baseline", "MLP", "build_model"]
 
 
-def build_model(model_cfg, x_dim: int, y_dim: int, *, precision: str = "fp32", seed: int = 0):
+def build_model(model_cfg, x_dim: int, geometry: Geometry, *, precision: str = "fp32", seed: int = 0):
     """(graphdef, params as a plain dict) of the network for `model.kind`: a Baseline, or a CVAE
-    with the networks its objective needs (and a baseline submodule when `model.baseline_run` is set).
+    with the networks its objective needs (and a baseline submodule when `model.baseline_run` is set),
+    predicting images of `geometry` (y has geometry.dims dimensions) from conditions of `x_dim`.
     The steps merge the two back inside jit."""
     dtype = jnp.bfloat16 if precision == "bf16" else jnp.float32
+    y_dim = geometry.dims
     common = dict(
         hidden=list(model_cfg.hidden),
         likelihood=model_cfg.likelihood,
         min_log_var=model_cfg.min_log_var,
+        channels=geometry.channels,
+        mixtures=model_cfg.mixtures,
         dtype=dtype,
         rngs=nnx.Rngs(seed),
     )

@@ -12,8 +12,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cvae_exp.models.distributions import Gaussian, Output, reparameterize
+from cvae_exp.models import pixel_likelihoods
+from cvae_exp.models.distributions import Gaussian, Output, mean_of, reparameterize
 from cvae_exp.models.mlp import MLP
+from cvae_exp.models.pixel_likelihoods import DequantizedGaussian
 
 
 def _split_gaussian(h: jax.Array) -> Gaussian:
@@ -24,23 +26,30 @@ def _split_gaussian(h: jax.Array) -> Gaussian:
 class OutputHead(nnx.Module):
     """Turns a network's last layer into the parameters of p(y | ...).
 
-    Bernoulli: logits. Gaussian: a mean in (0, 1) and a learned per-pixel log-variance with a smooth
-    floor, log_var = logaddexp(raw, min_log_var) > min_log_var, so constant pixels (the border of
-    every MNIST digit) cannot drive the variance to zero and the likelihood to infinity.
+    Bernoulli: logits. Gaussian (the continuous density of dequantized pixels): a mean in (0, 1) and a
+    learned per-pixel log-variance with a smooth floor, log_var = logaddexp(raw, min_log_var) > min_log_var,
+    so constant pixels (the border of every MNIST digit) cannot drive the variance to zero and the
+    likelihood to infinity. discretized_gaussian, discretized_logistic (`mixtures` components, `channels`
+    per pixel): cvae_exp.models.pixel_likelihoods.
     """
 
-    def __init__(self, likelihood: str, min_log_var: float):
+    def __init__(self, likelihood: str, min_log_var: float, channels: int = 1, mixtures: int = 10):
         self.likelihood = likelihood
         self.min_log_var = min_log_var
+        self.channels, self.mixtures = channels, mixtures
 
     def width(self, y_dim: int) -> int:
+        if self.likelihood in pixel_likelihoods.LIKELIHOODS:
+            return pixel_likelihoods.head_width(self.likelihood, y_dim, self.channels, self.mixtures)
         return y_dim if self.likelihood == "bernoulli" else 2 * y_dim
 
     def __call__(self, h: jax.Array) -> Output:
         if self.likelihood == "bernoulli":
             return h, None
+        if self.likelihood in pixel_likelihoods.LIKELIHOODS:
+            return pixel_likelihoods.head(self.likelihood, h, self.channels, self.mixtures)
         raw_mean, raw_log_var = jnp.split(h, 2, axis=-1)
-        return jax.nn.sigmoid(raw_mean), jnp.logaddexp(raw_log_var, self.min_log_var)
+        return DequantizedGaussian(jax.nn.sigmoid(raw_mean), jnp.logaddexp(raw_log_var, self.min_log_var))
 
 
 class CVAE(nnx.Module):
@@ -56,6 +65,8 @@ class CVAE(nnx.Module):
         prior: str = "learned",
         likelihood: str = "bernoulli",
         min_log_var: float = -6.0,
+        channels: int = 1,
+        mixtures: int = 10,
         recognition: bool = True,
         baseline_hidden: list[int] | None = None,
         baseline_into: str = "prior",
@@ -64,7 +75,7 @@ class CVAE(nnx.Module):
         rngs: nnx.Rngs,
     ):
         self.latent_dim, self.x_dim = latent_dim, x_dim
-        self.head = OutputHead(likelihood, min_log_var)
+        self.head = OutputHead(likelihood, min_log_var, channels, mixtures)
         # With `baseline_hidden`, the prior network also sees the baseline's prediction y_hat (and, with
         # baseline_into="prior_and_generation", the generation network too).
         aided = baseline_hidden is not None
@@ -88,6 +99,8 @@ class CVAE(nnx.Module):
                 hidden=baseline_hidden,
                 likelihood=likelihood,
                 min_log_var=min_log_var,
+                channels=channels,
+                mixtures=mixtures,
                 dtype=dtype,
                 rngs=rngs,
             )
@@ -106,8 +119,7 @@ class CVAE(nnx.Module):
         """
         if self.baseline is None:
             return x
-        loc, _ = self.baseline(x)
-        y_hat = jax.nn.sigmoid(loc) if self.head.likelihood == "bernoulli" else loc
+        y_hat = mean_of(self.baseline(x))
         if self.baseline_frozen:
             y_hat = jax.lax.stop_gradient(y_hat)
         return jnp.concatenate([x, y_hat.astype(x.dtype)], axis=-1)
@@ -154,10 +166,12 @@ class Baseline(nnx.Module):
         hidden: list[int],
         likelihood: str = "bernoulli",
         min_log_var: float = -6.0,
+        channels: int = 1,
+        mixtures: int = 10,
         dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
-        self.head = OutputHead(likelihood, min_log_var)
+        self.head = OutputHead(likelihood, min_log_var, channels, mixtures)
         self.net = MLP([x_dim, *hidden, self.head.width(y_dim)], dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> Output:

@@ -12,10 +12,14 @@ import math
 import jax
 import jax.numpy as jnp
 
+from cvae_exp.models.pixel_likelihoods import EIGHT_BIT, log_prob_sum
+
 LOG_2PI = math.log(2.0 * math.pi)
 
 Gaussian = tuple[jax.Array, jax.Array]  # (mean, log-variance), diagonal
-Output = tuple[jax.Array, jax.Array | None]  # Bernoulli: (logits, None); Gaussian: (mean, log-variance)
+# Bernoulli: (logits, None); a Gaussian density: (mean, log-variance); the likelihoods of 8-bit pixels: a
+# NamedTuple of cvae_exp.models.pixel_likelihoods (DiscretizedGaussian, LogisticMixture, DequantizedGaussian)
+Output = tuple
 
 
 def reparameterize(key: jax.Array, dist: Gaussian) -> jax.Array:
@@ -44,11 +48,23 @@ def log_likelihood(y: jax.Array, out: Output, mask: jax.Array) -> jax.Array:
     """log p(y | ...) summed over the scored pixels (mask = 1).
 
     Bernoulli in logits l: y log sigmoid(l) + (1 - y) log sigmoid(-l) = y l - softplus(l); for
-    grayscale y in [0, 1] this is the negative binary cross-entropy. Gaussian: the diagonal density.
+    grayscale y in [0, 1] this is the negative binary cross-entropy. A (mean, log-variance) pair: the diagonal
+    Gaussian density. The likelihoods of 8-bit pixels (discretized Gaussian, logistic mixture, dequantized
+    Gaussian) score themselves (`cvae_exp.models.pixel_likelihoods`).
     """
+    if isinstance(out, EIGHT_BIT):
+        return log_prob_sum(y, out, mask)
     loc, log_var = out
     if log_var is None:
         per_pixel = y * loc - jax.nn.softplus(loc)
     else:
         per_pixel = -0.5 * (LOG_2PI + log_var + jnp.square(y - loc) * jnp.exp(-log_var))
     return jnp.sum(per_pixel * mask, axis=-1)
+
+
+def mean_of(out: Output) -> jax.Array:
+    """The mean of p(y | ...) per dimension, what the drawings show (and an aided model's y_hat)."""
+    if isinstance(out, EIGHT_BIT):
+        return out.mean_value()
+    loc, log_var = out
+    return jax.nn.sigmoid(loc) if log_var is None else loc

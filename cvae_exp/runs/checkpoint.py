@@ -30,6 +30,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from omegaconf import OmegaConf
 
 from cvae_exp.errors import UserError
 
@@ -43,6 +44,7 @@ SHAPE_KEYS = (
     "model.latent_dim",
     "model.prior",
     "model.likelihood",
+    "model.mixtures",
     "data.name",
     "data.condition",
     "optimizer.transform",
@@ -255,14 +257,25 @@ def restore_first(manager: ocp.CheckpointManager, target: Any, steps: list[int])
 
 
 def changed_shape_keys(saved: dict, current: dict) -> list[str]:
-    """The SHAPE_KEYS whose values differ between a checkpoint's config and the current one."""
+    """The SHAPE_KEYS whose values differ between a checkpoint's config and the current one; a key the
+    checkpoint's config lacks (added since it was saved) holds its default there."""
+    from cvae_exp.config import onto_schema
 
-    def get(cfg: dict, dotted: str):
+    defaults = onto_schema({})
+    missing = object()
+
+    def get(cfg, dotted: str, default=None):
         for part in dotted.split("."):
-            cfg = cfg.get(part) if isinstance(cfg, dict) else None
+            cfg = cfg.get(part, missing) if isinstance(cfg, dict) else None
+            if cfg is missing:
+                return default
         return cfg
 
-    return [k for k in SHAPE_KEYS if get(saved, k) != get(current, k)]
+    def default(k: str):
+        value = OmegaConf.select(defaults, k)
+        return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+
+    return [k for k in SHAPE_KEYS if get(saved, k, default(k)) != get(current, k)]
 
 
 class _UnretrievedReads(logging.Filter):

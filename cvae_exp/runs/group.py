@@ -83,7 +83,8 @@ def train_group(specs: list[JobSpec], how: Launch) -> list[JobSpec]:
     baseline = baseline_params(cfg.model.baseline_run)
     program = build_program(exp, _member_plains(specs), mesh, baseline)  # refuses a batch larger than the split
     fingerprint = exp.fingerprint
-    log.info("Data: %s; train %d, val %d, test %d", exp.source, *(fingerprint[s] for s in ("train", "val", "test")))
+    sizes = (fingerprint[s] for s in ("train", "val", "test"))
+    log.info("Data: %s; train %d, val %d, test %d; %s", exp.source, *sizes, exp.geometry.describe())
     for spec in specs:
         resume.check_data(spec.saved, spec.cfg, fingerprint)
     outs = [_output(spec, fingerprint) for spec in specs]

@@ -14,7 +14,7 @@ import numpy as np
 
 from cvae_exp.runs import checkpoint, launch
 from cvae_exp.runs.metrics import prefixed, seed_values, summarize
-from cvae_exp.runs.tensorboard import Writer, tile
+from cvae_exp.runs.tensorboard import Writer
 from cvae_exp.training.loop import Job
 
 
@@ -71,7 +71,7 @@ class Outputs:
                 if out.plain["logger"]["images"]:
                     key = jax.random.fold_in(self.program.member_key(i), done)
                     for tag, grid in self._draw(i, state["params"], key).items():
-                        writer.image(tag, tile(grid), done)
+                        writer.image(tag, grid, done)
             summary = summarize(mine)
             job.log.info("%sstep %d: %s", job.label, done, ", ".join(f"{n}={summary[n]:.3f}" for n in mine))
             summaries.append(summary)

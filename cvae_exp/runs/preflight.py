@@ -14,8 +14,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from cvae_exp.config import RESUME, check_keys, check_targets, resume_mode, validate
-from cvae_exp.data import sources
+from cvae_exp.config import RESUME, check_data_path, check_keys, check_targets, resume_mode, validate
 from cvae_exp.errors import UserError
 from cvae_exp.runs import resume
 
@@ -49,7 +48,7 @@ def check_run(cfg: DictConfig, run_dir: Path, mode: str, merge: bool = True) -> 
             )
     if mode != "false":
         validate(resumed.cfg)
-    sources.check_path(resumed.cfg.data.path)
+    check_data_path(resumed.cfg)
     check_targets(resumed.cfg)  # imports optax (and JAX): after the checks that need nothing
     resume.check_resumable(resumed, run_dir)
     return resumed

@@ -182,13 +182,26 @@ def check_resumable(resumed: Resumed, run_dir: Path) -> None:
 
 
 def check_data(saved: SavedRun | None, cfg: DictConfig, fingerprint: dict) -> None:
-    """Refuses (unless resume_data_change=true) data that differs from what the checkpoint trained on."""
-    if saved is None or not saved.data or saved.data == fingerprint or cfg.resume_data_change:
+    """Refuses data of another geometry than the checkpoint's (its networks would not fit; a checkpoint without
+    one was trained on MNIST), and (unless resume_data_change=true) data that differs in any other way."""
+    from cvae_exp.data.geometry import Geometry
+
+    if saved is None or not saved.data:
+        return
+    was, now = Geometry.from_record(saved.data.get("geometry")), Geometry.from_record(fingerprint.get("geometry"))
+    if not was.same_shape(now):
+        raise UserError(
+            f"The data's images are {now.describe()}, but the checkpoint at step {saved.step} was trained on "
+            f"{was.describe()}: point data.path at data of that geometry, or start a new run directory."
+        )
+    # a record-less checkpoint (MNIST's shapes) names no classes: the data's own names stand for them
+    recorded = {**saved.data, "geometry": saved.data.get("geometry") or fingerprint.get("geometry")}
+    if recorded == fingerprint or cfg.resume_data_change:
         return
     diff = "; ".join(
-        f"{k} {fingerprint.get(k)} instead of {saved.data.get(k)}"
-        for k in sorted(set(fingerprint) | set(saved.data))
-        if fingerprint.get(k) != saved.data.get(k)
+        f"{k} {fingerprint.get(k)} instead of {recorded.get(k)}"
+        for k in sorted(set(fingerprint) | set(recorded))
+        if fingerprint.get(k) != recorded.get(k)
     )
     raise UserError(
         f"The data differs from what the checkpoint at step {saved.step} was trained on ({diff}); "

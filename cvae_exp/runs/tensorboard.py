@@ -51,10 +51,14 @@ class Writer:
                 self._w.add_scalar(tag, float(value), step)
 
     def image(self, tag: str, grid: np.ndarray, step: int) -> None:
-        """`grid`: a [H, W] array in [0, 1]."""
+        """`grid`: a [H, W] (grayscale) or [H, W, 3] (RGB) array in [0, 1] (`cvae_exp.training.grids`)."""
         if self._w:
             self._check_alive()
-            self._w.add_image(tag, np.clip(grid, 0.0, 1.0)[None], step, dataformats="CHW")
+            grid = np.clip(grid, 0.0, 1.0)
+            if grid.ndim == 2:
+                self._w.add_image(tag, grid[None], step, dataformats="CHW")
+            else:
+                self._w.add_image(tag, grid, step, dataformats="HWC")
 
     def hparams(self, hparams: Mapping[str, object], metrics: Mapping[str, float]) -> None:
         """The HPARAMS summary (a sub-run). TensorBoard shows the first few hparams by default, so pass the
@@ -77,17 +81,3 @@ def hparams_first(hparams: dict, swept: list[str]) -> dict:
     """`hparams` with the swept keys first, in sweep order (the ones TensorBoard's HPARAMS shows by default)."""
     first = [k for k in swept if k in hparams]
     return {k: hparams[k] for k in first} | {k: v for k, v in hparams.items() if k not in first}
-
-
-def tile(images: np.ndarray, pad: int = 1) -> np.ndarray:
-    """[rows, cols, 784] images in [0, 1] -> one [H, W] grid with a light border between digits."""
-    rows, cols = images.shape[:2]
-    side = int(round(images.shape[-1] ** 0.5))
-    cell = side + pad
-    grid = np.ones((rows * cell + pad, cols * cell + pad), np.float32) * 0.5
-    for r in range(rows):
-        for c in range(cols):
-            grid[pad + r * cell : pad + r * cell + side, pad + c * cell : pad + c * cell + side] = images[r, c].reshape(
-                side, side
-            )
-    return grid

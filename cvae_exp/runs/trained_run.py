@@ -14,6 +14,7 @@ import jax
 from omegaconf import DictConfig
 
 from cvae_exp.config import check_targets, onto_schema, read_run_config
+from cvae_exp.data.geometry import Geometry
 from cvae_exp.data.pipeline import Splits
 from cvae_exp.errors import UserError
 from cvae_exp.runs import checkpoint
@@ -42,15 +43,21 @@ def load_run(run_dir: str | Path, sharding=None, seed_index: int = 0) -> Trained
     """The run's best checkpoint by val/elbo (the newest where none has a val/elbo), with its data; of a run
     that trained K seeds together (trainer.num_seeds=K), the model of seed `seed` + `seed_index`."""
     run_dir = Path(run_dir).resolve()
-    cfg, step, state = _best_state(run_dir, sharding, seed_index)
+    cfg, step, state, geometry = _best_state(run_dir, sharding, seed_index)
     exp = build_experiment(cfg)
+    if not geometry.same_shape(exp.geometry):
+        raise UserError(
+            f"run_dir={run_dir} was trained on images of {geometry.describe()}, but its data now holds "
+            f"{exp.geometry.describe()}: point the run's data.path back at its data."
+        )
     params = steps.member(state["params"], seed_index) if cfg.trainer.num_seeds > 1 else state["params"]
     return TrainedRun(cfg, step, exp.graphdef, params, exp.task, exp.splits)
 
 
-def _best_state(run_dir: Path, sharding=None, seed_index: int = 0) -> tuple[DictConfig, int, Any]:
-    """(the config its weights were trained with, step, state) of the run's best checkpoint that verifies
-    (damaged ones set aside unless the run is live); only the checkpoint is read, none of the data."""
+def _best_state(run_dir: Path, sharding=None, seed_index: int = 0) -> tuple[DictConfig, int, Any, Geometry]:
+    """(the config its weights were trained with, step, state, the geometry of its images) of the run's best
+    checkpoint that verifies (damaged ones set aside unless the run is live); only the checkpoint is read,
+    none of the data (a checkpoint without a geometry record was trained on MNIST)."""
     cfg = run_config(run_dir)
     if not (run_dir / "checkpoints").is_dir():
         raise UserError(f"run_dir={run_dir} holds no checkpoints/ folder.")
@@ -70,17 +77,20 @@ def _best_state(run_dir: Path, sharding=None, seed_index: int = 0) -> tuple[Dict
             f"so it must lie in 0..{num_seeds - 1}."
         )
     check_targets(cfg)  # a saved config may come from someone else: instantiate only safe targets
-    restored = checkpoint.restore_first(manager, state_target(cfg, sharding), ranked)
+    geometry = Geometry.from_record(((saved[1] if saved else {}).get("data") or {}).get("geometry"))
+    restored = checkpoint.restore_first(manager, state_target(cfg, geometry, sharding), ranked)
     if restored.damaged:
         _set_aside(run_dir, manager, restored.damaged)
     manager.close()
-    return cfg, restored.step, restored.state
+    return cfg, restored.step, restored.state, geometry
 
 
-def state_target(cfg: DictConfig, sharding=None) -> Any:
-    """The abstract state a checkpoint of the run `cfg` restores onto (with the seed axis of a K-seed run)."""
+def state_target(cfg: DictConfig, geometry: Geometry | None = None, sharding=None) -> Any:
+    """The abstract state a checkpoint of the run `cfg` on images of `geometry` (default: MNIST's) restores
+    onto (with the seed axis of a K-seed run)."""
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), state_shape(cfg))
+    shape = state_shape(cfg, geometry or Geometry.from_record(None))
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), shape)
 
 
 def newest_params(run_dir: str | Path) -> Any:
@@ -88,7 +98,9 @@ def newest_params(run_dir: str | Path) -> Any:
     run_dir = Path(run_dir).resolve()
     cfg = onto_schema(run_config(run_dir))
     manager = checkpoint.make_manager(run_dir, cfg.checkpoint.keep, read_only=True)
-    restored = checkpoint.restore_newest(manager, state_target(cfg))
+    found = checkpoint.newest_meta(manager)
+    geometry = Geometry.from_record(((found[1] if found else {}).get("data") or {}).get("geometry"))
+    restored = checkpoint.restore_newest(manager, state_target(cfg, geometry))
     manager.close()
     return jax.device_get(restored.state["params"])
 
@@ -104,7 +116,7 @@ def baseline_params(baseline_run: str | None) -> Any:
 @functools.lru_cache(maxsize=4)
 def _best_params(run_dir: str) -> Any:
     """A finished run's best params, on the host (read once per process, however many seeds start from it)."""
-    cfg, _, state = _best_state(Path(run_dir))
+    cfg, _, state, _ = _best_state(Path(run_dir))
     params = steps.member(state["params"], 0) if cfg.trainer.num_seeds > 1 else state["params"]
     return jax.device_get(params)
 

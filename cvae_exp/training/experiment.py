@@ -15,8 +15,10 @@ import jax.numpy as jnp
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from cvae_exp.config import data_columns
 from cvae_exp.data import sources
-from cvae_exp.data.pipeline import PIXELS, Splits, condition_dim, make_splits
+from cvae_exp.data.geometry import Geometry
+from cvae_exp.data.pipeline import Splits, condition_dim, make_splits
 from cvae_exp.errors import UserError
 from cvae_exp.models.build import build_model
 from cvae_exp.training import devices, steps
@@ -36,11 +38,17 @@ class Experiment:
     baseline_run: str | None = None  # model.baseline_run: the run whose best params start the baseline submodule
 
     @property
+    def geometry(self) -> Geometry:
+        """The images' height, width, channels and classes, as read from the data."""
+        return self.splits.geometry
+
+    @property
     def fingerprint(self) -> dict:
-        """What a checkpoint records the run was trained on: the data source and the split sizes."""
+        """What a checkpoint records the run was trained on: the data source, the split sizes and the geometry."""
         return {
             "source": self.source,
             **{name: len(getattr(self.splits, name).images) for name in ("train", "val", "test")},
+            "geometry": self.geometry.record(),
         }
 
     def init_state(self, seed: int, params: Any = None, baseline: Any = None) -> dict:
@@ -54,9 +62,11 @@ class Experiment:
         return steps.init_state(params, self.opt.tx, seed)
 
 
+
 def build_experiment(cfg: DictConfig) -> Experiment:
     """Loads the data and builds the network and optimizer that `cfg` describes (no devices yet)."""
-    raw = sources.load(cfg.data.name, cfg.data.path, cfg.data.hub_id)
+    raw = sources.load(cfg.data.name, cfg.data.path, cfg.data.hub, columns=data_columns(cfg))
+    check_geometry(steps.task_condition(cfg), raw.geometry, raw.source)
     splits = make_splits(
         raw,
         val_size=cfg.data.val_size,
@@ -64,31 +74,48 @@ def build_experiment(cfg: DictConfig) -> Experiment:
         binarize=cfg.data.binarize,
         binarize_seed=cfg.data.binarize_seed,
     )
-    task = steps.build_task(cfg, splits.dynamic)
-    build_params, opt = _network(cfg, task.condition)
+    task = steps.build_task(cfg, splits.dynamic, raw.geometry)
+    build_params, opt = _network(cfg, task.condition, raw.geometry)
     graphdef, params = build_params(cfg.seed)
     return Experiment(
         raw.source, splits, task, graphdef, params, opt, lambda seed: build_params(seed)[1], cfg.model.baseline_run
     )
 
 
-def _network(cfg: DictConfig, condition: str):
-    """(seed -> (graphdef, params), optimizer) of the config's network: nothing of the data is read."""
+def _network(cfg: DictConfig, condition: str, geometry: Geometry):
+    """(seed -> (graphdef, params), optimizer) of the config's network on images of `geometry`: nothing of
+    the data is read."""
 
     def build_params(seed: int):
-        return build_model(cfg.model, condition_dim(condition), PIXELS, precision=cfg.trainer.precision, seed=seed)
+        x_dim = condition_dim(condition, geometry)
+        return build_model(cfg.model, x_dim, geometry, precision=cfg.trainer.precision, seed=seed)
 
     return build_params, instantiate(cfg.optimizer, total_steps=cfg.trainer.max_steps, _convert_="all")
 
 
-def state_shape(cfg: DictConfig) -> Any:
+def state_shape(cfg: DictConfig, geometry: Geometry) -> Any:
     """The shapes of a run's training state (its checkpoints' `state` item, with the seed axis of a K-seed
-    run), built from its config alone: reading a run's parameters needs none of its data."""
-    build_params, opt = _network(cfg, steps.build_task(cfg, dynamic=False).condition)
+    run), built from its config and the geometry its checkpoint recorded: reading a run's parameters needs
+    none of its data."""
+    build_params, opt = _network(cfg, steps.task_condition(cfg), geometry)
     _, params = build_params(cfg.seed)
     shape = jax.eval_shape(lambda: steps.init_state(params, opt.tx, cfg.seed))
     lead = (cfg.trainer.num_seeds,) if cfg.trainer.num_seeds > 1 else ()
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(lead + a.shape, a.dtype), shape)
+
+
+def check_geometry(condition: str, geometry: Geometry, source: str) -> None:
+    """Refuses a condition the data cannot give: class labels it does not have, quadrants of an odd size."""
+    if condition == "label" and geometry.classes == 0:
+        raise UserError(
+            f"The data ({source}) has no class labels, so data.condition=label has nothing to condition on: train "
+            "with data.condition=none or quadrants, or name its label column with data.label_column."
+        )
+    if condition == "quadrants" and (geometry.height % 2 or geometry.width % 2):
+        raise UserError(
+            f"data.condition=quadrants halves the images' height and width, but the data ({source}) holds "
+            f"{geometry.height}x{geometry.width} images: set data.resize=[H,W] to an even height and width."
+        )
 
 
 def with_baseline(params: dict, loaded: Any, baseline_run: str | None) -> dict:

@@ -20,6 +20,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from cvae_exp.data.geometry import Geometry
 from cvae_exp.data.pipeline import eval_batches, prepare
 from cvae_exp.models import kinds
 from cvae_exp.models.objectives import kl_weight, per_example_loss
@@ -33,7 +34,9 @@ class Task:
 
     kind: str
     condition: str
+    geometry: Geometry  # of the data: sizes, classes, the quadrant masks
     dynamic: bool = False
+    dequantize: bool = False  # the continuous Gaussian: uniform noise on the 8-bit pixels (model.likelihood=gaussian)
     n_given: int = 1
     layout: str = "left_first"
     omission_rate: float = 0.0
@@ -45,12 +48,14 @@ class Task:
     frozen_baseline: bool = False  # model.baseline_frozen with a baseline_run: its parameters never change
 
 
-def build_task(cfg, dynamic: bool) -> Task:
-    """The static step description from a (validated) config."""
+def build_task(cfg, dynamic: bool, geometry: Geometry) -> Task:
+    """The static step description from a (validated) config and the data's geometry."""
     return Task(
         kind=cfg.model.kind,
-        condition="none" if kinds.kind(cfg.model.kind).fixed_prior else cfg.data.condition,
+        condition=task_condition(cfg),
+        geometry=geometry,
         dynamic=dynamic,
+        dequantize=cfg.model.likelihood == "gaussian",
         n_given=cfg.data.n_given,
         layout=cfg.data.quadrant_layout,
         omission_rate=cfg.data.omission_rate,
@@ -61,6 +66,11 @@ def build_task(cfg, dynamic: bool) -> Task:
         precision=cfg.trainer.precision,
         frozen_baseline=bool(cfg.model.baseline_frozen and cfg.model.baseline_run),
     )
+
+
+def task_condition(cfg) -> str:
+    """The condition the model sees: data.condition, or none for a kind with the fixed prior (the VAE)."""
+    return "none" if kinds.kind(cfg.model.kind).fixed_prior else cfg.data.condition
 
 
 def stack(trees: list) -> Any:
