@@ -29,15 +29,15 @@ from cvae_exp.errors import UserError
 WINDOW = 10  # steps between host syncs while timing; step_ms is the median over windows
 
 
-def timed_windows(runners: dict, steps: int) -> dict[str, list[float]]:
+def timed_windows(runners: dict, steps: int, window: int = WINDOW) -> dict[str, list[float]]:
     """Seconds per step of each runner, window by window, the runners taking turns.
 
     `runners[name](n)` runs n steps and blocks on the result. Alternating windows expose every runner
     to the same machine conditions (frequency changes, other processes), so their ratio is fair.
     """
     per_step = {name: [] for name in runners}
-    for start in range(0, steps, WINDOW):
-        n = min(WINDOW, steps - start)
+    for start in range(0, steps, window):
+        n = min(window, steps - start)
         for name, run in runners.items():
             t0 = time.perf_counter()
             run(n)
@@ -178,11 +178,16 @@ def program_loop(exp, cfg: DictConfig, mesh, warmup: int, plains: list[dict]):
     initial = jax.tree.map(lambda a: a.copy(), initial)  # its own buffers: the program's loop donates its state
     count, metrics = 0, None
 
+    per_dispatch = cfg.trainer.steps_per_dispatch if program.jitted_block is not None else 1
+    epoch = getattr(feed, "steps_per_epoch", None) or per_dispatch
+
     def run(n):
         nonlocal state, metrics, count
-        for _ in range(n):
-            state, metrics = program.step(state, feed(count))
-            count += 1
+        end = count + n
+        while count < end:  # as the loop runs them: blocks of steps_per_dispatch inside an epoch, or one step
+            k = min(per_dispatch, end - count, epoch - count % epoch)
+            state, metrics = program.block(state, feed(count), k) if k > 1 else program.step(state, feed(count))
+            count += k
         jax.block_until_ready(metrics)
 
     run(warmup)
@@ -241,7 +246,7 @@ def bench(cfg: DictConfig) -> dict:
             runners["fp32"] = program_loop(
                 fp32_exp, fp32_cfg, mesh, options.warmup, member_plains(fp32_cfg, options.members)
             )[0]
-    per_step = timed_windows(runners, options.steps)
+    per_step = timed_windows(runners, options.steps, max(WINDOW, train.steps_per_dispatch))
     examples_per_s = {
         name: train.batch_size * num_models / statistics.median(times) for name, times in per_step.items()
     }

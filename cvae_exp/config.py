@@ -107,6 +107,9 @@ class TrainerConfig:
     progress: bool = True  # tqdm progress bar
     num_seeds: int = 1  # K > 1: K models with seeds seed..seed+K-1 trained together by jax.vmap
     data_on_device: bool = True  # training split held on the devices, batches cut inside the step (one process)
+    steps_per_dispatch: int = (
+        1  # N > 1: up to N steps per dispatch between log/eval/checkpoint steps (data on the device)
+    )
     patience: int = 0  # early stopping: stop after this many evaluations in a row without a better val/elbo; 0: off
     min_delta: float = 0.0  # early stopping: a better val/elbo is one lower than the best so far by more than this
 
@@ -459,6 +462,7 @@ def validate(cfg: DictConfig) -> None:
     if not 0.0 <= t.skip_limit <= 1.0:
         raise UserError(f"trainer.skip_limit={t.skip_limit} must lie in [0, 1].")
     _at_least("trainer.num_seeds", t.num_seeds, 1)
+    _at_least("trainer.steps_per_dispatch", t.steps_per_dispatch, 1)
     _at_least("trainer.patience", t.patience, 0)
     _at_least("trainer.min_delta", t.min_delta, 0)
     if t.devices != "all" and not (str(t.devices).isdigit() and int(t.devices) >= 1):

@@ -167,10 +167,11 @@ def _train(program: Program, specs, outs, restored, how: Launch, mesh, t0: float
     hooks = Outputs(program, jobs, outs)
     t = specs[0].cfg.trainer
     plan = loop.Plan(t.log_every, t.eval_every, specs[0].cfg.checkpoint.every, t.batch_size, t.nan_policy,
-                     t.skip_limit, t.progress)  # fmt: skip
+                     t.skip_limit, t.progress, t.steps_per_dispatch, getattr(program.feed, "steps_per_epoch", None))  # fmt: skip
     start_step, train_start = min(j.start for j in jobs), time.perf_counter()
     try:
-        state, stopped = loop.fit(state, program.step, program.feed, plan, jobs, hooks)
+        block = program.block if program.jitted_block is not None else None
+        state, stopped = loop.fit(state, program.step, program.feed, plan, jobs, hooks, block)
     finally:
         for out in outs:
             out.manager.wait_until_finished()

@@ -62,7 +62,6 @@ class Experiment:
         return steps.init_state(params, self.opt.tx, seed)
 
 
-
 def build_experiment(cfg: DictConfig) -> Experiment:
     """Loads the data and builds the network and optimizer that `cfg` describes (no devices yet)."""
     raw = sources.load(cfg.data.name, cfg.data.path, cfg.data.hub, columns=data_columns(cfg))

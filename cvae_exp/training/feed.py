@@ -46,6 +46,18 @@ class DeviceFeed:
             self._epoch, self._arrays = epoch, {**self.data, "order": order}
         return self._arrays
 
+    def cut_block(self, arrays: dict, step: jax.Array, n: int) -> dict:
+        """Inside jit: the batches of the `n` steps from `step` (inside one epoch), gathered at once with a
+        leading step axis, [n, B, ...] (or [n, K, B, ...]); each step's batch is exactly `cut`'s."""
+        step = jnp.max(step)
+        start = (step % self.steps_per_epoch) * self.batch_size
+        idx = jax.lax.dynamic_slice_in_dim(arrays["order"], start, n * self.batch_size, axis=-1)
+        idx = jnp.moveaxis(idx.reshape(*idx.shape[:-1], n, self.batch_size), -2, 0)
+        return {"image": jnp.take(arrays["image"], idx, axis=0), "label": jnp.take(arrays["label"], idx, axis=0)}
+
+    def constrain(self, batch: dict) -> dict:
+        return jax.lax.with_sharding_constraint(batch, self.batch_sharding)
+
     def cut(self, arrays: dict, step: jax.Array) -> dict:
         """Inside jit: this step's batch, [B, ...] (or [K, B, ...] with K orders), split along "data"."""
         step = jnp.max(step)  # every seed is at the same step; in a vmap group, every member still training

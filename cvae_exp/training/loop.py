@@ -172,6 +172,8 @@ class Plan:
     nan_policy: str = "stop"
     skip_limit: float = 1.0  # nan_policy=skip: the largest share of skipped steps between evaluations
     progress: bool = False
+    steps_per_dispatch: int = 1  # steps run in one dispatch between the steps where something is due
+    epoch_steps: int | None = None  # steps per epoch of the feed (a block stays inside one epoch)
 
 
 class Hooks(Protocol):
@@ -188,39 +190,51 @@ class Hooks(Protocol):
     def snapshot(self, state, job: Job) -> Any: ...
 
 
-def fit(state, step_fn, feed, plan: Plan, jobs: list[Job], hooks: Hooks):
+def fit(state, step_fn, feed, plan: Plan, jobs: list[Job], hooks: Hooks, block_fn=None):
     """Steps the group from its jobs' start until every job is done (its budget, early stopping, a failure)
-    or a stop request; returns (state, the signal that stopped the loop or None)."""
+    or a stop request; returns (state, the signal that stopped the loop or None). With `block_fn`
+    ((state, feed(step), n) -> (state, metrics)), the steps between two steps where something is due (a log,
+    an evaluation, a checkpoint, a job's end, an epoch's end) run `plan.steps_per_dispatch` at a time in one
+    dispatch; a stop request is then acted on after the block."""
     skipped = _skipped(state)
     for j in jobs:
         j.skip_since, j.skipped_before = j.start, int(skipped[j.members.start : j.members.stop].max())
         if j.start >= j.until or j.early.done:  # finished before this launch: it stays as restored
             j.until = min(j.until, j.start)
             j.final = hooks.snapshot(state, j)
-    start, end = min(j.start for j in jobs), max(j.until for j in jobs)
-    bar = tqdm(total=end, initial=start, disable=not plan.progress, dynamic_ncols=True, unit="step")
+    step, end = min(j.start for j in jobs), max(j.until for j in jobs)
+    bar = tqdm(total=end, initial=step, disable=not plan.progress, dynamic_ncols=True, unit="step")
     window = _Window(plan.batch_size * _models(jobs))
     with StopRequest() as stop:
-        for step in range(start, end):
-            if not any(j.error is None and j.until > step for j in jobs):
-                break
-            state, metrics = step_fn(state, feed(step))  # async dispatch: the host runs ahead of the device
+        while step < end and any(j.error is None and j.until > step for j in jobs):
+            n = _block(step, plan, jobs) if block_fn is not None else 1
+            # async dispatch: the host runs ahead of the device
+            state, metrics = block_fn(state, feed(step), n) if n > 1 else step_fn(state, feed(step))
             if not stop.started:
                 if stop.requested:  # it came while the first step was compiled: nothing is trained yet
                     bar.close()
                     raise Interrupted(stop.signum)
                 stop.started = True
-            window.steps += 1
-            bar.update(1)
+            step += n
+            window.steps += n
+            bar.update(n)
             # One read of the flag per step: a signal during this step's logging or evaluation is acted on
             # after the next step, so the stop always goes through the full log/eval/save path.
             stopping = stop.requested
-            _after_step(step + 1, state, metrics, plan, jobs, hooks, stopping, window, bar)
+            _after_step(step, state, metrics, plan, jobs, hooks, stopping, window, bar)
             if stopping:
                 bar.close()
                 return state, stop.signum
     bar.close()
     return state, None
+
+
+def _block(step: int, plan: Plan, jobs: list[Job]) -> int:
+    """How many steps from `step` can run in one dispatch: up to the next step where something is due."""
+    due = [plan.log_every, plan.eval_every, plan.checkpoint_every] + ([plan.epoch_steps] if plan.epoch_steps else [])
+    nxt = min(step + every - step % every for every in due)
+    ends = [j.until for j in jobs if j.error is None and j.until > step]
+    return max(1, min(plan.steps_per_dispatch, nxt - step, *(u - step for u in ends)))
 
 
 def _after_step(done, state, metrics, plan: Plan, jobs: list[Job], hooks: Hooks, stopping, window, bar) -> None:

@@ -195,7 +195,9 @@ def task_values(plains: list[dict], traced: list[str]) -> dict[str, np.ndarray]:
     return out
 
 
-def make_group_train_step(graphdef, opt: MemberOptimizer, tx, task: steps.Task, state_sharding, feed, members: int = 2):
+def make_group_train_step(
+    graphdef, opt: MemberOptimizer, tx, task: steps.Task, state_sharding, feed, members: int = 2, block: bool = False
+):
     """The group's jitted step `(state, batch, hp) -> (state, metrics)`, vmapped over the members; `hp` holds
     the per-member arrays of the traced Task fields. Every member steps every time: one that is done (its
     budget, early stopping) is snapshotted by the loop when it finishes and ignored afterwards, which costs
@@ -208,7 +210,8 @@ def make_group_train_step(graphdef, opt: MemberOptimizer, tx, task: steps.Task, 
         return steps.train_update(state, batch, graphdef=graphdef, opt=member_opt, task=member_task)
 
     # one member's batch has no member axis (its feed has one order): every member of one sees the same
-    return steps.jit_step(jax.vmap(member_step, in_axes=(0, 0 if members > 1 else None, 0)), task, state_sharding, feed)
+    step = jax.vmap(member_step, in_axes=(0, 0 if members > 1 else None, 0))
+    return steps.jit_step(step, task, state_sharding, feed, block)
 
 
 def make_group_eval_step(graphdef, task: steps.Task, out_sharding) -> Callable:

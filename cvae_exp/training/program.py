@@ -31,6 +31,7 @@ class Program:
     task: steps.Task  # the step's static Task (the traced fields replaced per member)
     jitted: Callable  # the jitted step, (state, feed(step), *extra) -> (state, metrics), donated state
     extra: tuple  # its arguments besides state and batch: () or (the traced Task fields on the devices,)
+    jitted_block: Callable | None  # n steps in one dispatch (trainer.steps_per_dispatch > 1), or None
     eval_step: Callable  # (params, batch, keys) -> weighted sums (per member when vmapped)
     feed: Any  # feed(step): the step's second argument
     fresh: list[dict]  # each member's first state, on the host (the group's member shape)
@@ -49,6 +50,10 @@ class Program:
     def step(self, state, batch):
         """One training step of every member: (state, feed(step)) -> (state, metrics)."""
         return self.jitted(state, batch, *self.extra)
+
+    def block(self, state, arrays, n: int):
+        """`n` training steps in one dispatch (inside one epoch): (state, the last step's metrics)."""
+        return self.jitted_block(state, arrays, n, *self.extra)
 
     def evaluate(self, params, split) -> dict:
         """Means over a split with the fixed validation keys: floats, or arrays of one value per member."""
@@ -130,11 +135,15 @@ def build_program(exp, plains: list[dict], mesh, baseline: Any = None, vmapped: 
         eval_sharding=eval_sharding,
         eval_batch=devices.round_to_devices(t["eval_batch_size"], mesh),
     )
+    blocks = t.get("steps_per_dispatch", 1) > 1 and feed.on_device
     if not vmapped:  # one model: the plain jitted step
         step = steps.make_train_step(exp.graphdef, exp.opt, exp.task, state_sharding, 1, feed)
+        block = (
+            steps.make_train_step(exp.graphdef, exp.opt, exp.task, state_sharding, 1, feed, True) if blocks else None
+        )
         eval_step = steps.make_eval_step(exp.graphdef, exp.task, state_sharding, 1)
         fresh = [exp.init_state(seeds[0], baseline=baseline)]
-        return Program(vmapped=False, task=exp.task, jitted=step, extra=(), eval_step=eval_step, fresh=fresh, traced=[], task_values={},
+        return Program(vmapped=False, task=exp.task, jitted=step, extra=(), jitted_block=block, eval_step=eval_step, fresh=fresh, traced=[], task_values={},
                        eval_keys=steps.eval_keys(seeds[0]), **common)  # fmt: skip
     traced = members.varying(plains)
     opt, txs, fresh = members.initial_states(exp, plains, traced, baseline)
@@ -142,12 +151,18 @@ def build_program(exp, plains: list[dict], mesh, baseline: Any = None, vmapped: 
     hp = jax.device_put(values, state_sharding)  # the traced Task fields, placed once
     task = members.base_task(exp.task, plains[0])  # the Task fields no member traces, from the members' own
     group_step = members.make_group_train_step(exp.graphdef, opt, txs[0], task, state_sharding, feed, k)
+    block = (
+        members.make_group_train_step(exp.graphdef, opt, txs[0], task, state_sharding, feed, k, True)
+        if blocks
+        else None
+    )
     group_eval = members.make_group_eval_step(exp.graphdef, task, state_sharding)
     return Program(
         vmapped=True,
         task=task,
         jitted=group_step,
         extra=(hp,),
+        jitted_block=block,
         eval_step=lambda params, batch, keys: group_eval(params, batch, keys, hp),
         fresh=fresh,
         traced=traced,
