@@ -23,7 +23,7 @@ import hydra
 from omegaconf import DictConfig
 
 from cvae_exp.cli import CONF_DIR, console, exit_on_user_error
-from cvae_exp.config import check_keys, validate
+from cvae_exp.config import check_data_path, check_keys, check_targets, validate
 from cvae_exp.errors import UserError
 
 WINDOW = 10  # steps between host syncs while timing; step_ms is the median over windows
@@ -215,8 +215,10 @@ def bench(cfg: DictConfig) -> dict:
     from cvae_exp.training import devices
 
     launch.begin()  # a refused bench leaves nothing behind (cvae_exp.runs.launch.discard)
-    check_keys(cfg)
+    check_keys(cfg)  # the bench's pre-flight: keys, values, the data path, the targets
     validate(cfg)
+    check_data_path(cfg)
+    check_targets(cfg)
 
     devices.initialize_distributed(cfg.cluster)
     import jax

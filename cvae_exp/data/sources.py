@@ -333,14 +333,17 @@ def load(
     hub: str | None = None,
     cache_dir: str | None = None,
     columns: Columns | None = None,
+    checked: bool = False,
 ) -> RawData:
     """Load train/test images from `path` (a Parquet, image or IDX folder), else from the Hub (`hub`, or the
-    dataset `name` stands for), else the bundled MNIST sample; `columns` says how to read a table.
+    dataset `name` stands for), else the bundled MNIST sample; `columns` says how to read a table. `checked`:
+    the caller's pre-flight has checked the path already (cvae_exp.config.check_data_path).
 
     The bundled MNIST sample only stands in for an unreachable Hub, announced by one logged warning.
     """
     columns = columns or Columns()
-    check_path(path, columns)
+    if not checked:
+        check_path(path, columns)
     if path is not None:
         root = Path(path).expanduser().resolve()
         if all(_idx_files(root).values()):

@@ -13,7 +13,7 @@ from typing import Any
 import jax
 from omegaconf import DictConfig
 
-from cvae_exp.config import check_targets, onto_schema, read_run_config
+from cvae_exp.config import check_data_path, check_targets, onto_schema, read_run_config
 from cvae_exp.data.geometry import Geometry
 from cvae_exp.data.pipeline import Splits
 from cvae_exp.errors import UserError
@@ -44,6 +44,7 @@ def load_run(run_dir: str | Path, sharding=None, seed_index: int = 0) -> Trained
     that trained K seeds together (trainer.num_seeds=K), the model of seed `seed` + `seed_index`."""
     run_dir = Path(run_dir).resolve()
     cfg, step, state, geometry = _best_state(run_dir, sharding, seed_index)
+    check_data_path(cfg)  # the saved config's data, before it loads (its targets: _best_state)
     exp = build_experiment(cfg)
     if not geometry.same_shape(exp.geometry):
         raise UserError(

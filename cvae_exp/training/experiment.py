@@ -63,8 +63,10 @@ class Experiment:
 
 
 def build_experiment(cfg: DictConfig) -> Experiment:
-    """Loads the data and builds the network and optimizer that `cfg` describes (no devices yet)."""
-    raw = sources.load(cfg.data.name, cfg.data.path, cfg.data.hub, columns=data_columns(cfg))
+    """Loads the data and builds the network and optimizer that `cfg` describes (no devices yet); its data path
+    and targets were checked by the command's pre-flight (cvae_exp.runs.preflight, or trained_run for a saved
+    run's config)."""
+    raw = sources.load(cfg.data.name, cfg.data.path, cfg.data.hub, columns=data_columns(cfg), checked=True)
     check_geometry(steps.task_condition(cfg), raw.geometry, raw.source)
     splits = make_splits(
         raw,
