@@ -28,7 +28,7 @@ from cvae_exp.errors import Interrupted
 from cvae_exp.runs import checkpoint
 from cvae_exp.runs.tensorboard import Writer, hparams_first, tile
 from cvae_exp.training import devices, members, steps
-from cvae_exp.training.loop import NonFinite, StopRequest, TooManySkipped
+from cvae_exp.training.loop import NonFinite, StopRequest, TooManySkipped, hand_over
 
 log = logging.getLogger("cvae_exp")
 
@@ -240,6 +240,7 @@ class GroupRun:
             signal.Signals(signum).name,
             max(int(s) for s in np.asarray(jax.device_get(state["step"]))),
         )
+        hand_over(signum)  # submitit's requeue, when it sent the signal
         raise SystemExit(128 + signum)
 
     def finish(self, state, t0: float) -> None:

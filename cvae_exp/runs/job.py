@@ -434,6 +434,7 @@ def _stop_if_signalled(cfg, run_dir: Path, state, stopped: int | None, hooks: _H
         saved,
         run_dir,
     )
+    loop.hand_over(stopped)  # submitit's requeue, when it sent the signal
     raise SystemExit(128 + stopped)
 
 
