@@ -111,7 +111,11 @@ def once_each(text: str) -> list[str]:
     return [line for line, n in Counter(lines).items() if n > 1]
 
 
-def test_the_script_stops_exactly_what_it_started(cluster, tmp_path):
+def test_the_script_stops_exactly_what_it_started_and_a_stopped_cluster_is_refused(
+    cluster, tiny_mnist, cli_env, tmp_path
+):
+    """`down` ends the daemons `up` started in its folder and nothing else; a sweep sent to that cluster
+    afterwards is refused in one sentence (exit 2) before any job directory is made."""
     status = subprocess.run(["bash", str(slurm_cluster.SCRIPT), "status", str(cluster.folder)], capture_output=True,
                             text=True, check=False)  # fmt: skip
     assert status.returncode == 0 and re.search(r"^debug\*?\s+up\s.*\bidle\b", status.stdout, re.M), status.stdout
@@ -122,6 +126,15 @@ def test_the_script_stops_exactly_what_it_started(cluster, tmp_path):
     time.sleep(0.2)
     assert [pid for pid in pids if Path(f"/proc/{pid}").exists()] == []
     assert "is UP" in cluster.run("scontrol", "ping").stdout  # the session's cluster is untouched
+    sweep = tmp_path / "sweep"
+    args = ["-m", "hydra/launcher=vmap_slurm", *RESOURCES, f"hydra.sweep.dir={sweep}", *tiny_args(tiny_mnist, seed="0,1")]
+    out = in_process("cvae_exp.train", args, env=other.env(cli_env), cwd=tmp_path)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert out.stderr.strip().splitlines() == [
+        "error: hydra/launcher=vmap_slurm: SLURM's controller does not answer (scontrol ping: Slurmctld(primary) "
+        f"at {other.run('hostname', '-s').stdout.strip()} is DOWN); check SLURM_CONF and that the cluster is up."
+    ]
+    assert not sweep.exists() or [p.name for p in sweep.iterdir() if p.is_dir()] == []
 
 
 def test_a_two_job_sweep_through_sbatch(cluster, tiny_mnist, cli_env, separate, tmp_path):

@@ -87,7 +87,7 @@ def check_cluster(launcher: str, partition: str | None) -> None:
         ping = _run(["scontrol", "ping"])
     except subprocess.TimeoutExpired:
         ping = subprocess.CompletedProcess([], 1, "", f"no answer in {_TIMEOUT_S} s")
-    said = ((ping.stdout + ping.stderr).strip().splitlines() or ["nothing"])[-1]
+    said = ((ping.stdout + ping.stderr).strip().splitlines() or ["nothing"])[0]  # "Slurmctld(primary) at x is DOWN"
     if ping.returncode != 0 or " is UP" not in ping.stdout:
         raise UserError(
             f"hydra/launcher={launcher}: SLURM's controller does not answer (scontrol ping: {said.strip()}); "
