@@ -115,7 +115,8 @@ def test_the_script_stops_exactly_what_it_started_and_a_stopped_cluster_is_refus
     cluster, tiny_mnist, cli_env, tmp_path
 ):
     """`down` ends the daemons `up` started in its folder and nothing else; a sweep sent to that cluster
-    afterwards is refused in one sentence (exit 2) before any job directory is made."""
+    afterwards is refused in one sentence (exit 2) before any job directory is made, and so is one whose
+    resources sbatch refuses."""
     status = subprocess.run(["bash", str(slurm_cluster.SCRIPT), "status", str(cluster.folder)], capture_output=True,
                             text=True, check=False)  # fmt: skip
     assert status.returncode == 0 and re.search(r"^debug\*?\s+up\s.*\bidle\b", status.stdout, re.M), status.stdout
@@ -135,6 +136,14 @@ def test_the_script_stops_exactly_what_it_started_and_a_stopped_cluster_is_refus
         f"at {other.run('hostname', '-s').stdout.strip()} is DOWN); check SLURM_CONF and that the cluster is up."
     ]
     assert not sweep.exists() or [p.name for p in sweep.iterdir() if p.is_dir()] == []
+    # the running cluster, asked for a GPU it does not have (the default config asks for one per node)
+    refused = [arg for arg in args if "gpus_per_node" not in arg and "sweep.dir" not in arg]
+    out = in_process("cvae_exp.train", [*refused, f"hydra.sweep.dir={tmp_path / 'gpu'}"], env=cluster.env(cli_env),
+                     cwd=tmp_path)  # fmt: skip
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert out.stderr.strip().splitlines()[0].startswith(
+        "error: sbatch refused the jobs (sbatch: error: Invalid generic resource (gres) specification)"
+    ) and len(out.stderr.strip().splitlines()) == 1, out.stderr
 
 
 def test_a_two_job_sweep_through_sbatch(cluster, tiny_mnist, cli_env, separate, tmp_path):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import getpass
+import io
 import logging
 import os
 import re
@@ -60,7 +61,7 @@ def launch_sweep(launcher, job_overrides: Sequence[Sequence[str]], initial_job_i
         names.append(f"job #{idx} ({shown})")
         job_params.append((list(overrides), "hydra.sweep.dir", idx, f"job_id_for_{idx}", Singleton.get_state()))
     with job_states():
-        jobs = made.map_array(launcher, *zip(*job_params, strict=True))
+        jobs = submit(made, launcher, *zip(*job_params, strict=True))
         results, failed, documented = outcomes(jobs, names)
     if failed:
         print("\n".join(failed), file=sys.stderr)
@@ -117,6 +118,22 @@ def executor(params: dict):
         **{k if k in shared else f"slurm_{k}": v for k, v in params.items() if k not in _INIT_KEYS}
     )
     return made
+
+
+def submit(made, function, *arguments) -> list:
+    """`made.map_array(function, *arguments)`: one array job; sbatch's refusal (resources this cluster does not
+    have: a GPU on a CPU partition, more memory than a node) is a UserError naming what sbatch said."""
+    from submitit.core.utils import FailedJobError, FailedSubmissionError
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # submitit prints sbatch's refusal too: it is in ours
+            return made.map_array(function, *arguments)
+    except (FailedJobError, FailedSubmissionError) as err:
+        said = (str(err).strip().splitlines() or ["nothing"])[-1]
+        raise UserError(
+            f"sbatch refused the jobs ({said}): check hydra.launcher's resources (partition, gpus_per_node, "
+            "cpus_per_task, mem_gb, timeout_min) against this cluster (sinfo -N -l lists its nodes)."
+        ) from None
 
 
 def accounting() -> bool:

@@ -58,9 +58,8 @@ def launch(launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: in
     groups = [[jobs[i] for i in idxs] for idxs in parts]
     names = [f"partition {p} (jobs {', '.join(str(j.num) for j in group)})" for p, group in enumerate(groups)]
     with slurm.job_states():
-        submitted = slurm.executor(launcher.params).map_array(
-            task, list(range(len(groups))), groups, [swept] * len(groups)
-        )
+        made = slurm.executor(launcher.params)
+        submitted = slurm.submit(made, task, list(range(len(groups))), groups, [swept] * len(groups))
         results, failed, documented = slurm.outcomes(submitted, names)
     returns = {}
     for group, outcome in zip(groups, results, strict=True):
