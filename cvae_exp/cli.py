@@ -22,6 +22,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from cvae_exp.config import register_configs
 from cvae_exp.errors import STORAGE_EXIT_CODE, Interrupted, UserError, storage_error
+from cvae_exp.runs.process_log import primary_only
 
 log = logging.getLogger("cvae_exp")
 logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save and restore at INFO
@@ -50,11 +51,12 @@ def console(task):
     """Runs a Hydra task with the console set up: log lines go through tqdm, so a line logged while the
     progress bar is up prints on its own line and the bar redraws below it; the libraries' notes
     (LIBRARY_NOTES, and Orbax's INFO lines) stay out of the console and the run's log unless
-    `verbose=true`. Our own warnings are always shown."""
+    `verbose=true`. Our own warnings are always shown. In a run of several processes only process 0 logs below
+    WARNING (cvae_exp.runs.process_log)."""
 
     @functools.wraps(task)
     def run(cfg, *args, **kwargs):
-        with library_notes(shown=bool(cfg.get("verbose", False))), logging_redirect_tqdm():
+        with library_notes(shown=bool(cfg.get("verbose", False))), logging_redirect_tqdm(), primary_only(cfg):
             return task(cfg, *args, **kwargs)
 
     return run

@@ -177,7 +177,7 @@ def _train(program: Program, specs, outs, restored, how: Launch, mesh, t0: float
             out.manager.wait_until_finished()
         hooks.flush()
     if stopped:
-        _stopped(outs, how, stopped, loop.current_step(state))
+        _stopped(specs, outs, how, stopped, loop.current_step(state))
     for spec, job in zip(specs, jobs, strict=True):
         spec.error = job.error
     if how.signals is not None:
@@ -187,15 +187,27 @@ def _train(program: Program, specs, outs, restored, how: Launch, mesh, t0: float
     _finish(program, specs, outs, jobs, state, how, mesh, timing)
 
 
-def _stopped(outs: list[JobOutput], how: Launch, signum: int, step: int) -> None:
+def _stopped(specs: list[JobSpec], outs: list[JobOutput], how: Launch, signum: int, step: int) -> None:
     """After a stop request: every job's checkpoint is written; the command ends with 128 + the signal (the
     run did not finish, so `cvae-train && cvae-eval` or a scheduler's afterok must not treat it as done)."""
     for out in outs:
         out.manager.wait_until_finished()
         for writer in out.writers:
             writer.close()
-    log.warning("%s", how.stop_message(signal.Signals(signum).name, step))
+    _say(specs, logging.WARNING, how.stop_message(signal.Signals(signum).name, step))
+    loop.hand_over(signum)  # submitit's requeue, when it sent the signal
     raise SystemExit(128 + signum)
+
+
+def _say(specs: list[JobSpec], level: int, message: str) -> None:
+    """A line about the whole group: once on the console (and in a run of its own's log), and in the log file
+    of every job of a vmap group."""
+    log.log(level, "%s", message)
+    for spec in specs:
+        if spec.log is not log:
+            record = spec.log.makeRecord(spec.log.name, level, __file__, 0, message, None, None)
+            for handler in spec.log.handlers:
+                handler.handle(record)
 
 
 def _finish(program: Program, specs, outs, jobs, state, how: Launch, mesh, timing: dict) -> None:

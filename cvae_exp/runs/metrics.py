@@ -1,6 +1,6 @@
 """What a training run reports: each seed's values out of per-seed arrays, the mean over the seeds, each seed's
 final results, and what metrics.json holds (`final_metrics`, pure: no JAX, no files; `write_metrics` writes it).
-`cvae_exp.runs.job` and the vmap group (cvae_exp.runs.group_loop) call these; numpy only."""
+`cvae_exp.runs.group` calls these for every job of a group; numpy only."""
 
 from __future__ import annotations
 

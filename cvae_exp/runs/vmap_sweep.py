@@ -105,7 +105,7 @@ def launch_sweep(launcher, job_overrides: Sequence[Sequence[str]], initial_job_i
     launch.begin()  # nothing of this sweep is accepted yet
     setup_globals()
     configure_log(launcher.config.hydra.hydra_logging, launcher.config.hydra.verbose)
-    if not _is_cvae_train(launcher.task_function):
+    if not is_cvae_train(launcher.task_function):
         raise UserError("hydra/launcher=vmap launches cvae-train multiruns only.")
     if launcher.max_members is not None and launcher.max_members < 1:
         raise UserError(f"hydra.launcher.max_members={launcher.max_members} must be at least 1 (or null for no cap).")
@@ -125,7 +125,7 @@ def launch_sweep(launcher, job_overrides: Sequence[Sequence[str]], initial_job_i
         for p, idxs in enumerate(parts):
             specs = train_partition([jobs[i] for i in idxs], p, swept, [checked[i] for i in idxs], signals)
             for i, spec in zip(idxs, specs, strict=True):
-                returns[jobs[i].num] = _job_return(jobs[i], spec)
+                returns[jobs[i].num] = job_return(jobs[i], spec)
                 if spec.error is not None:
                     failed.append(f"error: job {jobs[i].num} ({' '.join(jobs[i].overrides)}): {spec.error}")
     if failed:
@@ -192,7 +192,7 @@ def _acceptor(job: SweepJob, handlers: list, partition: int, traced: list[str]):
     return accept
 
 
-def _job_return(job: SweepJob, spec) -> JobReturn:
+def job_return(job: SweepJob, spec) -> JobReturn:
     ret = JobReturn(
         overrides=list(job.overrides),
         cfg=job.cfg,
@@ -205,7 +205,7 @@ def _job_return(job: SweepJob, spec) -> JobReturn:
     return ret
 
 
-def _is_cvae_train(task_function) -> bool:
+def is_cvae_train(task_function) -> bool:
     """Whether Hydra's task function is cvae-train's (also as `python -m cvae_exp.train`, module __main__)."""
     import importlib.util
     import inspect
