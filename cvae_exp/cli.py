@@ -160,16 +160,21 @@ def exit_on_user_error(fn):
         except Exception as err:
             storage = storage_error(err)
             if storage is None:
+                _discard()  # a crash before the run was accepted leaves no empty folder behind either
                 raise
             _exit(f"error: {storage}", STORAGE_EXIT_CODE)
 
     return wrapped
 
 
-def _exit(message: str, code: int) -> None:
+def _discard() -> None:
     from cvae_exp.runs import launch
 
     launch.discard()
+
+
+def _exit(message: str, code: int) -> None:
+    _discard()
     print(message, file=sys.stderr)
     sys.exit(code)
 

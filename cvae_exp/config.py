@@ -8,13 +8,14 @@ data is loaded or any function compiled.
 
 from __future__ import annotations
 
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from cvae_exp.errors import UserError
 from cvae_exp.models.kinds import KINDS, NAMES, kind
@@ -309,7 +310,8 @@ def check_baseline_run(cfg: DictConfig) -> None:
 
 def check_keys(cfg: DictConfig, schema: type | None = None) -> None:
     """Refuses a key the schema does not have, such as one added with `+` (`+trainer.max_stepz=5`), which
-    Hydra accepts; open nodes (optimizer.transform) take any key."""
+    Hydra accepts; open nodes (optimizer.transform) take any key. Then every value must resolve
+    (`check_interpolations`)."""
     from omegaconf.errors import ConfigKeyError
 
     try:
@@ -318,6 +320,33 @@ def check_keys(cfg: DictConfig, schema: type | None = None) -> None:
         raise UserError(
             f"{err.full_key} is not a config key (see docs/configuration.md for the keys there are)."
         ) from None
+    check_interpolations(cfg)
+
+
+def check_interpolations(cfg: DictConfig) -> None:
+    """Refuses, naming the key, an interpolation that cannot be resolved (`${oc.env:X}` with X unset, a key
+    that refers to itself, a key that does not exist), before anything reads it: resolved later, it would be
+    a traceback in the middle of the command."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    def walk(node, path: str) -> None:
+        written = OmegaConf.to_container(node, resolve=False)
+        for key in written if isinstance(node, DictConfig) else range(len(written)):
+            where = f"{path}[{key}]" if isinstance(node, ListConfig) else f"{path}.{key}" if path else str(key)
+            if where == "hydra" or OmegaConf.is_missing(node, key):  # Hydra's own node; a ??? (its own check)
+                continue
+            raw = written[key]
+            try:
+                value = node[key]
+            except OmegaConfBaseException as err:
+                reason = re.sub(r"^\w+ raised while resolving interpolation: ", "", str(err).splitlines()[0]).rstrip(
+                    "."
+                )
+                raise UserError(f"{where}={raw} cannot be resolved: {reason}.") from None
+            if isinstance(value, (DictConfig, ListConfig)):
+                walk(value, where)
+
+    walk(cfg, "")
 
 
 def resume_mode(cfg: DictConfig) -> str:
@@ -342,8 +371,36 @@ def validate_eval(cfg: DictConfig) -> None:
     _choice("eval.split", cfg.eval.split, SPLITS)
 
 
+# Step counts: the step counter and the schedules count in int32 on the devices.
+STEP_KEYS = (
+    "trainer.max_steps",
+    "trainer.eval_every",
+    "trainer.log_every",
+    "checkpoint.every",
+    "model.kl_warmup_steps",
+    "optimizer.warmup_steps",
+)
+MAX_STEPS = 2**31 - 1
+
+
+def check_numbers(cfg: DictConfig) -> None:
+    """Every float key (optimizer.transform's arguments too) must be a finite number: NaN passes every
+    comparison the checks below make, and an infinity means nothing here. A step count must fit the
+    devices' int32 step counter."""
+    import math
+
+    values = dotted(OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True))
+    for key, value in values.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{key}={value} must be a finite number.")
+    for key in STEP_KEYS:
+        if isinstance(values.get(key), int) and values[key] > MAX_STEPS:
+            raise UserError(f"{key}={values[key]} is beyond the step counter's range (at most {MAX_STEPS:,}).")
+
+
 def validate(cfg: DictConfig) -> None:
     """Refuses impossible values with one sentence naming the key; cheap, runs before any work."""
+    check_numbers(cfg)
     m, d, o, t = cfg.model, cfg.data, cfg.optimizer, cfg.trainer
     _choice("model.kind", m.kind, NAMES)
     _choice("model.prior", m.prior, PRIORS)

@@ -153,6 +153,8 @@ def _checked(where: str, source: str, arrays: dict[str, np.ndarray]) -> RawData:
     own integer type and only then cast to int32 (a cast first would wrap 2**40 to 0)."""
     for split in ("train", "test"):
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        if len(images) == 0:  # an empty test split would train the whole run, then fail at its final evaluation
+            raise UserError(f"{where} holds no {split} images.")
         if images.ndim != 3 or images.shape[1:] != (_SIDE, _SIDE):
             size = "x".join(map(str, images.shape[1:]))
             raise UserError(f"{where} holds {size} images; this model needs {_SIDE}x{_SIDE} grayscale digits.")

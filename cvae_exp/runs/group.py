@@ -25,7 +25,7 @@ from cvae_exp.runs.launch import RECORD_DIR, _write, watch_background_writes
 from cvae_exp.runs.rundir import RunLock
 from cvae_exp.runs.trained_run import baseline_params
 from cvae_exp.training import devices, members, steps
-from cvae_exp.training.experiment import build_experiment, training_mesh
+from cvae_exp.training.experiment import build_experiment, check_eval_batch, training_mesh
 from cvae_exp.training.feed import make_feed
 from cvae_exp.training.loop import EarlyStopping
 
@@ -186,6 +186,7 @@ def train_group(jobs: list[Job], partition: int, swept: list[str]) -> list[Membe
 
     # ---- data, model and the members' optimizers and states
     exp = build_experiment(cfg)
+    check_eval_batch(t.eval_batch_size, exp.splits, mesh)  # before any job directory is written
     splits, task, graphdef = exp.splits, exp.task, exp.graphdef
     opt, txs, fresh = members.initial_states(exp, plains, traced, baseline_params(exp.baseline_run))
     data = exp.fingerprint

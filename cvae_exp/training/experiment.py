@@ -112,6 +112,26 @@ def training_mesh(cfg: DictConfig) -> jax.sharding.Mesh:
     return mesh
 
 
+# Bytes one digit of an evaluation batch holds at least, on the host and on the device: the image, target,
+# mask and output as float32 and a few more of the same size (a rough lower bound, for the check below).
+_EVAL_BYTES_PER_DIGIT = 8 * 4 * PIXELS
+
+
+def check_eval_batch(eval_batch_size: int, splits: Splits, mesh) -> None:
+    """Refuses an evaluation batch that cannot fit in memory (`trainer.eval_batch_size=1e9` trained, then
+    failed with a MemoryError at the first evaluation). Known once the data is loaded, before the first step;
+    a batch larger than the splits is padded, so the padding counts too."""
+    need = devices.round_to_devices(eval_batch_size, mesh) * _EVAL_BYTES_PER_DIGIT
+    have = devices.memory_bytes(mesh)
+    if have is not None and need > have:
+        largest = max(len(splits.val.images), len(splits.test.images))
+        raise UserError(
+            f"trainer.eval_batch_size={eval_batch_size} needs at least {need / 2**30:,.0f} GiB for one evaluation "
+            f"batch, more than the {have / 2**30:,.0f} GiB there are: the largest split it evaluates holds "
+            f"{largest:,} digits, so at most {largest} is useful."
+        )
+
+
 @dataclass
 class OnDevices:
     """An experiment placed for training: what the train step is built with and starts from."""
@@ -127,6 +147,7 @@ def on_devices(exp: Experiment, cfg: DictConfig, mesh, baseline: Any = None) -> 
     """The shardings, the training feed and the first state (with `baseline`, the pre-trained baseline's
     params, in an aided run) of `exp` on `mesh`."""
     train = cfg.trainer
+    check_eval_batch(train.eval_batch_size, exp.splits, mesh)
     seeds = list(range(cfg.seed, cfg.seed + train.num_seeds))
     state_sharding = devices.replicated(mesh)
     batch_sharding = devices.data_sharded(mesh, train.num_seeds)
