@@ -126,6 +126,29 @@ def test_failed_and_running_jobs_are_listed_not_fatal(sweep, cli_env, tmp_path):
     assert f"Best: job {best} " in proc.stdout
 
 
+def test_unreadable_jobs_are_skipped_with_one_line_each(sweep, tmp_path, capsys):
+    """A metrics.json that is a list, a non-UTF-8 overrides.yaml, a non-UTF-8 folder name: one line each (or
+    a failed row), and the report of the rest; no traceback."""
+    copy = tmp_path / "copy"
+    shutil.copytree(sweep, copy, ignore=shutil.ignore_patterns("tb", "checkpoints", "report.*"))
+    (copy / "0" / "metrics.json").write_text("[1, 2]")
+    (copy / "0" / "eval.json").write_text('"a string"')
+    (copy / "1" / ".hydra" / "overrides.yaml").write_bytes(b"- seed=\xff\xfe\n")
+    odd = Path(os.fsdecode(bytes(copy / "job") + b"\xff"))
+    shutil.copytree(copy / "3", odd)
+    report.main([str(copy)])
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert len(lines) == 2, err
+    assert lines[0] == f"skipped {copy / '1'}: .hydra/overrides.yaml is not UTF-8 text."
+    assert lines[1].startswith("skipped '") and lines[1].endswith("job\\udcff': its name is not UTF-8.")
+    _, rows = first_table(out)
+    status = {r[0]: r[-1] for r in rows}
+    assert set(status) == {"0", "2", "3"}
+    assert status["0"] == "failed (unreadable metrics.json: a JSON list, not an object)"
+    assert status["2"] == status["3"] == "ok"
+
+
 def test_hparams_summary_in_every_job_with_the_same_keys(sweep):
     key_sets, metric_sets = [], []
     for job in sorted(p for p in sweep.iterdir() if p.is_dir()):
