@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import re
 import struct
 import time
 from pathlib import Path
@@ -74,6 +75,16 @@ def test_idx_folder_round_trips(tmp_path, suffix):
     data = sources.load(path=str(tmp_path))
     _assert_equal(data, splits)
     assert data.source == f"idx:{tmp_path.resolve()}"
+
+
+def test_an_idx_file_the_file_system_refuses_is_a_storage_error(tmp_path):
+    """Exit 74 (the file system), not 2 (bad data): a folder where the file should be cannot be read."""
+    from cvae_exp.errors import StorageError
+
+    where = tmp_path / "train-images-idx3-ubyte"
+    where.mkdir()
+    with pytest.raises(StorageError, match=re.escape(f"The file system refused {where}: Is a directory (EISDIR).")):
+        sources.read_idx(where)
 
 
 def test_read_idx_rejects_truncated_and_wrong_magic(tmp_path):

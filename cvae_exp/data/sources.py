@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cvae_exp.errors import UserError
+from cvae_exp.errors import UserError, storage_error
 
 DATASETS = {"mnist": "ylecun/mnist", "fashion_mnist": "zalando-datasets/fashion_mnist"}
 BUNDLED = Path(__file__).resolve().parent / "bundled"
@@ -135,9 +135,12 @@ def read_idx(file: str | os.PathLike) -> np.ndarray:
     path = Path(file)
     try:
         raw = path.read_bytes()
+    except OSError as e:  # the file system refused it (permissions, I/O error): exit 74, not a data error
+        raise (storage_error(e) or UserError(f"{path} could not be read: {e}.")) from e
+    try:
         if raw[:2] == b"\x1f\x8b":
             raw = gzip.decompress(raw)
-    except (OSError, EOFError, zlib.error) as e:
+    except (OSError, EOFError, zlib.error) as e:  # gzip's BadGzipFile is an OSError: the bytes are bad
         raise UserError(f"{path} could not be read as a (gzipped) IDX file: {e}.") from e
     if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] != 0x08 or raw[3] == 0:
         raise UserError(f"{path} is not an IDX file of unsigned bytes (magic number {raw[:4].hex() or 'missing'}).")
@@ -280,7 +283,9 @@ def _load_folder(root: Path, where: str, source: str, cache_dir: str | None) -> 
 
         try:
             dd = datasets.load_dataset(str(root))
-        except Exception as e:  # whatever datasets fails on, the folder is not a dataset we can read
+        except Exception as e:  # whatever datasets fails on, the folder is not a dataset we can read,
+            if storage_error(e) is not None:  # unless the file system refused its cache (a full disk): exit 74
+                raise storage_error(e) from e
             raise UserError(f"{where} could not be read by datasets.load_dataset ({_first_line(e)}).") from e
         return _decode(dd, where, source, root)
 

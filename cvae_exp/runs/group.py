@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cvae_exp.errors import UserError
 from cvae_exp.runs import checkpoint
-from cvae_exp.runs.launch import RECORD_DIR, _write, watch_background_writes
+from cvae_exp.runs.launch import RECORD_DIR, LogFile, _write, watch_background_writes
 from cvae_exp.runs.rundir import RunLock
 from cvae_exp.runs.trained_run import baseline_params
 from cvae_exp.training import devices, members, steps
@@ -97,7 +97,7 @@ def check_saved_model(job: Job) -> None:
 def member_logger(job: Job, handlers: list) -> logging.Logger:
     """The job's own log (<run dir>/<job name>.log) beside the console; `handlers` collects the file
     handlers, which also receive the group's messages."""
-    handler = logging.FileHandler(job.run_dir / f"{job.hydra.job.name}.log")
+    handler = LogFile(job.run_dir / f"{job.hydra.job.name}.log")  # a failed write: one sentence naming it
     handler.setFormatter(logging.Formatter(_FORMAT))
     handlers.append(handler)
     logger = logging.getLogger(f"cvae_exp.job{job.num}")

@@ -92,7 +92,26 @@ class LaunchRecord(Callback):
         _Launch.made_by_hydra = sorted(set(created), key=lambda p: len(p.parts), reverse=True)
 
 
-class RunLog(logging.FileHandler):
+class LogFile(logging.FileHandler):
+    """A log file whose failed write (a full disk) is remembered for the main thread, naming the file (one
+    sentence, exit 74), instead of logging's own traceback."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        err = sys.exc_info()[1]
+        if err is not None and storage_error(err) is not None:
+            _note_failure(with_path(err, self.baseFilename))
+        else:
+            super().handleError(record)
+
+
+def with_path(err: BaseException, path) -> BaseException:
+    """`err` naming `path` when it is an OSError that names no file (a failed write names none)."""
+    if isinstance(err, OSError) and not err.filename and err.errno and path:
+        return OSError(err.errno, err.strerror or os.strerror(err.errno), str(path))
+    return err
+
+
+class RunLog(LogFile):
     """The job's log file (conf/config.yaml puts it in Hydra's job_logging): records wait in memory until
     the run is accepted, so a refused command leaves no log; a write that fails later is remembered for
     the main thread (one sentence, exit 74) instead of logging's own traceback."""
@@ -117,13 +136,6 @@ class RunLog(logging.FileHandler):
         """The held records go: the command was refused."""
         if self._held is not None:
             self._held = []
-
-    def handleError(self, record: logging.LogRecord) -> None:
-        err = sys.exc_info()[1]
-        if err is not None and storage_error(err) is not None:
-            _note_failure(err)
-        else:
-            super().handleError(record)
 
 
 def _run_logs() -> list[RunLog]:
@@ -206,7 +218,9 @@ def watch_background_writes() -> None:
 
     def hook(args):
         if storage_error(args.exc_value) is not None:
-            _note_failure(args.exc_value)
+            # TensorBoard's writer thread knows its event file; the failed write itself names none
+            events = getattr(getattr(args.thread, "_record_writer", None), "_file_name", None)
+            _note_failure(with_path(args.exc_value, events))
         else:
             previous(args)
 
