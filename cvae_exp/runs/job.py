@@ -30,7 +30,7 @@ from cvae_exp.runs.metrics import (
     summarize,
     write_metrics,
 )
-from cvae_exp.runs.rundir import RunLock, current_run_dir
+from cvae_exp.runs.rundir import RunLock, check_not_nested, current_run_dir
 
 log = logging.getLogger("cvae_exp")
 
@@ -41,6 +41,7 @@ def run_training(cfg: DictConfig) -> dict:
     with launch.Interruptible() as signals:  # SIGTERM/SIGINT before the loop: exit 143/130, nothing trained
         mode = _checks(cfg)
         run_dir = current_run_dir()
+        check_not_nested(run_dir)  # no run inside another's checkpoints, where its keep policy deletes
         # One lock per run: in a multi-process run every process shares the directory; process 0 holds it.
         with RunLock(run_dir) if _primary_process(cfg) else contextlib.nullcontext():
             return _train(cfg, run_dir, mode, signals)

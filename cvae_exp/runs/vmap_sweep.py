@@ -24,6 +24,7 @@ from omegaconf import OmegaConf, open_dict, read_write
 from cvae_exp.config import check_keys, check_targets, resume_mode, validate
 from cvae_exp.data import sources
 from cvae_exp.errors import UserError
+from cvae_exp.runs.rundir import check_not_nested
 
 log = logging.getLogger("cvae_exp")
 
@@ -60,6 +61,7 @@ def check(job) -> None:
     sources.check_path(cfg.data.path)
     check_targets(cfg)
     check_job(cfg)
+    check_not_nested(job.run_dir)
     if resume_mode(cfg) == "true" and not any((job.run_dir / "checkpoints").glob("[0-9]*")):
         raise UserError(f"resume=true, but job {job.num}'s directory {job.run_dir} holds no checkpoint.")
     check_saved_model(job)

@@ -1,0 +1,61 @@
+"""No run can destroy another: a run directory inside another run's checkpoints/ (or damaged_checkpoints/),
+equal to it, or one whose own checkpoints/ holds another run is refused before anything is written (the
+outer run's keep policy would delete the inner one whole, or move it to damaged_checkpoints/)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from cli_runs import tree_digest
+from conftest import in_process
+
+
+@pytest.fixture
+def outer(tmp_path):
+    """A run directory as cvae-train leaves it (its record, metrics.json, two step folders)."""
+    run = tmp_path / "outer"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("seed: 0\n")
+    (run / "metrics.json").write_text("{}\n")
+    for step in (10, 20):
+        (run / "checkpoints" / str(step)).mkdir(parents=True)
+        (run / "checkpoints" / str(step) / "commit_success.txt").write_text("ok")
+    return run
+
+
+def refused(args, env, cwd) -> str:
+    done = in_process("cvae_exp.train", args, env=env, cwd=cwd)
+    assert done.returncode == 2, done.stderr[-3000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: The run directory "), done.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("inner", ["checkpoints/20/run", "checkpoints/new", "checkpoints", "damaged_checkpoints/7"])
+def test_a_run_inside_another_runs_checkpoints_is_refused(inner, outer, small_overrides, cli_env, tmp_path):
+    before = tree_digest(outer)
+    folders = sorted(p for p in outer.rglob("*") if p.is_dir())
+    line = refused(small_overrides(outer / inner), cli_env, tmp_path)
+    assert f"{outer / inner.split('/')[0]}, the {inner.split('/')[0]} folder of the run {outer}" in line
+    assert tree_digest(outer) == before and sorted(p for p in outer.rglob("*") if p.is_dir()) == folders
+
+
+def test_a_run_whose_checkpoints_hold_another_run_is_refused(outer, small_overrides, cli_env, tmp_path):
+    inner = outer / "checkpoints" / "30" / "sub"
+    shutil.copytree(outer / ".hydra", inner / ".hydra")  # a run made there (before this check existed)
+    before = tree_digest(outer)
+    line = refused(small_overrides(outer, "resume=true"), cli_env, tmp_path)
+    assert f"holds another run, {inner}, inside its checkpoints folder" in line
+    assert tree_digest(outer) == before
+
+
+def test_the_vmap_launcher_refuses_a_sweep_inside_a_runs_checkpoints(outer, small_overrides, cli_env, tmp_path):
+    sweep = outer / "checkpoints"  # its jobs would be the step folders 0 and 1
+    args = ["-m", "hydra/launcher=vmap", *small_overrides(None), "seed=0,1", f"hydra.sweep.dir={sweep}"]
+    before = tree_digest(outer)
+    line = refused(args, cli_env, tmp_path)
+    assert f"The run directory {sweep / '0'} lies inside {sweep}" in line
+    after = tree_digest(outer)
+    assert after.pop("checkpoints/multirun.yaml")  # Hydra's record of the sweep, written before any launcher runs
+    assert after == before and not (sweep / "0").exists()
