@@ -8,6 +8,7 @@ data is loaded or any function compiled.
 
 from __future__ import annotations
 
+import copy
 import re
 import tempfile
 from dataclasses import dataclass, field
@@ -240,10 +241,74 @@ def check_targets(cfg: DictConfig) -> None:
 MOVED_TARGETS = {"cvae_exp.optim.make_optimizer": "cvae_exp.training.optim.make_optimizer"}
 
 
+# Keys added since a run could have saved its config, each with the value that reproduces how runs behaved
+# before it existed (a function of the saved config where that depends on it). A saved config without such a
+# key takes this value (resume, cvae-eval, cvae-sample), not today's default; NOT_RECORDED: no value of today
+# reproduces it (it compares as different, and the key takes today's default). Keys added in neither this
+# table nor the saved config are compared nowhere (`saved_value`).
+NOT_RECORDED = "<not recorded: the run predates this key>"
+ADDED_KEYS: dict[str, Any] = {
+    "model.baseline_run": None,
+    "model.baseline_hidden": None,
+    # the aid fed y_hat to the prior and the generation networks until model.baseline_into existed
+    "model.baseline_into": lambda c: "prior_and_generation" if _get(c, "model.baseline_run") else "prior",
+    "model.baseline_frozen": False,
+    "data.quadrant_layout": "top_first",  # top-left, top-right, bottom-left, until left_first was added
+    # static and dynamic scored another draw (seeds 12345/12346, drawn after the split) before binarize_seed
+    "data.binarize_seed": lambda c: NOT_RECORDED if _get(c, "data.binarize") in ("static", "dynamic") else 42,
+    "trainer.num_seeds": 1,
+    "trainer.patience": 0,
+    "trainer.min_delta": 0.0,
+    "trainer.skip_limit": 1.0,  # nan_policy=skip never stopped for the share of skipped steps
+    "trainer.data_on_device": False,
+}
+_ABSENT = object()
+
+
+def _get(config: Any, dotted_key: str, default: Any = None) -> Any:
+    for part in dotted_key.split("."):
+        if not (isinstance(config, (dict, DictConfig)) and part in config):
+            return default
+        config = config[part]
+    return config
+
+
+def saved_value(saved: Any, dotted_key: str) -> Any:
+    """A key's value in a saved config: its own, or (added since) the value of ADDED_KEYS that reproduces how
+    the run behaved; `_ABSENT` for a key in neither, which comparisons skip."""
+    value = _get(saved, dotted_key, _ABSENT)
+    if value is _ABSENT and dotted_key in ADDED_KEYS:
+        value = ADDED_KEYS[dotted_key]
+        value = value(saved) if callable(value) else value
+    return value
+
+
+def differs(saved: Any, current: Any, dotted_key: str) -> bool:
+    """Whether a key of the current config differs from the run's saved one (a key the saved run could not
+    have had, and that ADDED_KEYS does not know, does not)."""
+    was = saved_value(saved, dotted_key)
+    return was is not _ABSENT and was != _get(current, dotted_key)
+
+
+def with_added_keys(saved: Any) -> dict:
+    """A saved config as a plain dict, with the keys of ADDED_KEYS it lacks set to their values from before."""
+    out = OmegaConf.to_container(saved, resolve=False) if isinstance(saved, DictConfig) else copy.deepcopy(saved)
+    for key in ADDED_KEYS:
+        value = saved_value(out, key)
+        if _get(out, key, _ABSENT) is _ABSENT and value != NOT_RECORDED:
+            *parents, leaf = key.split(".")
+            node = out
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+    return out
+
+
 def onto_schema(saved: Any) -> DictConfig:
-    """A saved config (dict or DictConfig) merged onto the schema: keys added since it was saved get their
-    defaults, factories that moved since are found where they are now, and types are checked."""
-    out = OmegaConf.merge(OmegaConf.structured(Config), saved)
+    """A saved config (dict or DictConfig) merged onto the schema: keys added since it was saved get the values
+    that reproduce how it ran (ADDED_KEYS; else their defaults), factories that moved since are found where
+    they are now, and types are checked."""
+    out = OmegaConf.merge(OmegaConf.structured(Config), with_added_keys(saved))
     target = out.optimizer.get("_target_")
     if target in MOVED_TARGETS:
         out.optimizer._target_ = MOVED_TARGETS[target]

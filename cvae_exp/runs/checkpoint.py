@@ -255,14 +255,11 @@ def restore_first(manager: ocp.CheckpointManager, target: Any, steps: list[int])
 
 
 def changed_shape_keys(saved: dict, current: dict) -> list[str]:
-    """The SHAPE_KEYS whose values differ between a checkpoint's config and the current one."""
+    """The SHAPE_KEYS whose values differ between a checkpoint's config and the current one; a key added since
+    the checkpoint was saved counts with the value it had then (cvae_exp.config.ADDED_KEYS)."""
+    from cvae_exp.config import differs
 
-    def get(cfg: dict, dotted: str):
-        for part in dotted.split("."):
-            cfg = cfg.get(part) if isinstance(cfg, dict) else None
-        return cfg
-
-    return [k for k in SHAPE_KEYS if get(saved, k) != get(current, k)]
+    return [k for k in SHAPE_KEYS if differs(saved, current, k)]
 
 
 class _UnretrievedReads(logging.Filter):

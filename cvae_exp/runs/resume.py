@@ -24,7 +24,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from cvae_exp.config import check_targets, onto_schema, validate
+from cvae_exp.config import check_targets, differs, onto_schema, saved_value, validate
 from cvae_exp.data import sources
 from cvae_exp.errors import UserError
 from cvae_exp.runs import checkpoint
@@ -171,10 +171,12 @@ def settle(cfg: DictConfig, run_dir: Path, mode: str) -> Resumed:
                 f"{where} was trained with different {', '.join(changed)}; resume it with the same values or "
                 "start a new run directory."
             )
-        was, now = saved.config.get("data", {}), plain["data"]
-        data = [k for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
+        data = [k for k in sorted(plain["data"]) if differs(saved.config, plain, f"data.{k}")]
         if data and not new.resume_data_change:
-            listed = ", ".join(f"data.{k}={now.get(k)} (trained with {was.get(k)})" for k in data)
+            now = plain["data"]
+            listed = ", ".join(
+                f"data.{k}={now[k]} (trained with {saved_value(saved.config, f'data.{k}')})" for k in data
+            )
             raise UserError(
                 f"Resuming the run in {run_dir} with {listed} would change the data it trains on: resume without "
                 "them, or pass resume_data_change=true to change it deliberately."
@@ -183,14 +185,25 @@ def settle(cfg: DictConfig, run_dir: Path, mode: str) -> Resumed:
 
 
 def check_data(resumed: Resumed, fingerprint: dict) -> None:
-    """Refuses (unless resume_data_change=true) data that differs from what the checkpoint trained on."""
+    """Refuses (unless resume_data_change=true) data that differs from what the checkpoint trained on: another
+    source or split sizes, or other contents at the same path. Only what both record is compared: a checkpoint
+    from before the content digest resumes on its source and sizes."""
     saved = resumed.saved
-    if saved is None or not saved.data or saved.data == fingerprint or resumed.cfg.resume_data_change:
+    if saved is None or not saved.data or resumed.cfg.resume_data_change:
         return
+    differ = sorted(k for k in set(fingerprint) & set(saved.data) if fingerprint[k] != saved.data[k])
+    if not differ:
+        return
+    if differ == ["content_sha256"]:
+        path = OmegaConf.select(resumed.cfg, "data.path", default=None)
+        where = f"data.path={path}" if path is not None else f"the data ({fingerprint.get('source')})"
+        raise UserError(
+            f"The contents of {where} differ from the data the checkpoint at step {saved.step} was trained on "
+            "(the same source and split sizes, other digits or labels); point data.path at the run's data, or pass "
+            "resume_data_change=true to change it deliberately."
+        )
     diff = "; ".join(
-        f"{k} {fingerprint.get(k)} instead of {saved.data.get(k)}"
-        for k in sorted(set(fingerprint) | set(saved.data))
-        if fingerprint.get(k) != saved.data.get(k)
+        f"{k} {fingerprint.get(k)} instead of {saved.data.get(k)}" for k in differ if k != "content_sha256"
     )
     raise UserError(
         f"The data differs from what the checkpoint at step {saved.step} was trained on ({diff}); "

@@ -36,13 +36,16 @@ class Experiment:
     opt: Any  # cvae_exp.training.optim.Optimizer
     build_params: Callable[[int], Any]  # seed -> freshly initialised params (those of a run with that seed)
     baseline_run: str | None = None  # model.baseline_run: the run whose best params start the baseline submodule
+    data_sha256: str = ""  # the raw data's content digest (sources.content_sha256)
 
     @property
     def fingerprint(self) -> dict:
-        """What a checkpoint records the run was trained on: the data source and the split sizes."""
+        """What a checkpoint records the run was trained on: the data source, the split sizes and the digest
+        of the data's contents (the same path may hold other digits later)."""
         return {
             "source": self.source,
             **{name: len(getattr(self.splits, name).images) for name in ("train", "val", "test")},
+            "content_sha256": self.data_sha256,
         }
 
     def init_state(self, seed: int, params: Any = None, baseline: Any = None) -> dict:
@@ -82,7 +85,15 @@ def build_experiment(cfg: DictConfig) -> Experiment:
     graphdef, params = build_params(cfg.seed)
     opt = instantiate(cfg.optimizer, total_steps=cfg.trainer.max_steps, _convert_="all")
     return Experiment(
-        raw.source, splits, task, graphdef, params, opt, lambda seed: build_params(seed)[1], cfg.model.baseline_run
+        raw.source,
+        splits,
+        task,
+        graphdef,
+        params,
+        opt,
+        lambda seed: build_params(seed)[1],
+        cfg.model.baseline_run,
+        data_sha256=raw.sha256,
     )
 
 
