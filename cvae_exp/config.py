@@ -273,6 +273,41 @@ def _get(config: Any, dotted_key: str, default: Any = None) -> Any:
     return config
 
 
+def recorded(cfg: DictConfig) -> dict:
+    """The config as runs record it (checkpoint meta, TensorBoard hparams): interpolations as written, never
+    resolved, as Hydra's .hydra/config.yaml holds them, so that `${oc.env:TOKEN}` is stored as that text and
+    not as the secret. What computes uses the resolved values; `resolved_record` reads a record back."""
+    return OmegaConf.to_container(cfg, resolve=False)
+
+
+def resolved_record(saved: Any) -> Any:
+    """A recorded config with its interpolations resolved here and now (for comparing it with this launch's
+    resolved config); one that cannot be resolved stays as written (and differs). Records from before
+    `recorded` hold resolved values already."""
+    if not isinstance(saved, (dict, DictConfig)):
+        return saved
+    node = OmegaConf.create(saved) if isinstance(saved, dict) else saved
+
+    def walk(container, path):
+        if isinstance(container, dict):
+            return {k: walk(v, f"{path}.{k}" if path else str(k)) for k, v in container.items()}
+        if isinstance(container, list):
+            return [walk(v, f"{path}[{i}]") for i, v in enumerate(container)]
+        if isinstance(container, str) and "${" in container:
+            try:
+                value = OmegaConf.select(node, path, throw_on_resolution_failure=True)
+                return (
+                    OmegaConf.to_container(value, resolve=True)
+                    if isinstance(value, (DictConfig, ListConfig))
+                    else value
+                )
+            except Exception:  # an unset variable, a key that is gone: as written
+                return container
+        return container
+
+    return walk(OmegaConf.to_container(node, resolve=False), "")
+
+
 def saved_value(saved: Any, dotted_key: str) -> Any:
     """A key's value in a saved config: its own, or (added since) the value of ADDED_KEYS that reproduces how
     the run behaved; `_ABSENT` for a key in neither, which comparisons skip."""
@@ -286,7 +321,7 @@ def saved_value(saved: Any, dotted_key: str) -> Any:
 def differs(saved: Any, current: Any, dotted_key: str) -> bool:
     """Whether a key of the current config differs from the run's saved one (a key the saved run could not
     have had, and that ADDED_KEYS does not know, does not)."""
-    was = saved_value(saved, dotted_key)
+    was = saved_value(resolved_record(saved), dotted_key)
     return was is not _ABSENT and was != _get(current, dotted_key)
 
 
@@ -454,6 +489,7 @@ def check_numbers(cfg: DictConfig) -> None:
     devices' int32 step counter."""
     import math
 
+    check_interpolations(cfg)  # a resumed run's saved config is checked here first
     values = dotted(OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True))
     for key, value in values.items():
         if isinstance(value, float) and not math.isfinite(value):

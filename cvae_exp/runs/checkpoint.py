@@ -257,8 +257,9 @@ def restore_first(manager: ocp.CheckpointManager, target: Any, steps: list[int])
 def changed_shape_keys(saved: dict, current: dict) -> list[str]:
     """The SHAPE_KEYS whose values differ between a checkpoint's config and the current one; a key added since
     the checkpoint was saved counts with the value it had then (cvae_exp.config.ADDED_KEYS)."""
-    from cvae_exp.config import differs
+    from cvae_exp.config import differs, resolved_record
 
+    saved = resolved_record(saved)  # a record holds interpolations as written: compared resolved
     return [k for k in SHAPE_KEYS if differs(saved, current, k)]
 
 

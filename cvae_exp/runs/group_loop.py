@@ -24,6 +24,7 @@ import numpy as np
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from cvae_exp.config import recorded
 from cvae_exp.errors import Interrupted
 from cvae_exp.runs import checkpoint
 from cvae_exp.runs.tensorboard import Writer, hparams_first, tile
@@ -228,7 +229,13 @@ class GroupRun:
             return
         checkpoint.raise_failed_save(m.manager)
         val = m.val if done % self.eval_every == 0 or i in last else {}
-        meta = {"step": done, "config": m.plain, "data": self.data, **val, "early_stopping": m.early.state()}
+        meta = {
+            "step": done,
+            "config": recorded(m.job.cfg),
+            "data": self.data,
+            **val,
+            "early_stopping": m.early.state(),
+        }
         checkpoint.save(m.manager, done, members.plain_state(steps.member(state, i)), meta)
 
     def _stopped(self, state, signum: int) -> None:
@@ -292,7 +299,7 @@ class GroupRun:
             ) | {"group": entry}
             m.metrics = metrics
             m.writer.hparams(
-                hparams_first(hparams(m.plain), self.swept),
+                hparams_first(hparams(recorded(m.job.cfg)), self.swept),
                 {
                     f"{s}/{n}": metrics.get(f"{s}/{n}", float("nan"))
                     for s in ("val", "test")

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from cvae_exp.config import RESUME, check_keys, check_targets, resume_mode, validate
+from cvae_exp.config import RESUME, check_keys, check_targets, recorded, resume_mode, validate
 from cvae_exp.data import sources
 from cvae_exp.errors import Interrupted, UserError
 from cvae_exp.runs import launch
@@ -266,7 +266,7 @@ class _Hooks:
     the validation pass and its images, the checkpoints."""
 
     cfg: DictConfig
-    plain: dict  # the config as plain Python, recorded in every checkpoint
+    plain: dict  # the config as recorded in every checkpoint and the hparams (config.recorded)
     data: dict  # the data fingerprint, recorded in every checkpoint
     manager: Any
     early: Any  # loop.EarlyStopping
@@ -300,7 +300,7 @@ class _Hooks:
             for seed in placed.seeds
         ]
         draw = images.drawings(exp.graphdef, exp.task, exp.splits.val)
-        plain = OmegaConf.to_container(cfg, resolve=True)
+        plain = recorded(cfg)  # interpolations as written: an ${oc.env:...} secret is never stored resolved
         return cls(cfg, plain, fingerprint, manager, early, evaluate, writers, exp.splits.val, draw, num_seeds)
 
     def on_log(self, step: int, metrics: dict) -> None:

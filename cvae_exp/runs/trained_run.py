@@ -13,7 +13,7 @@ from typing import Any
 import jax
 from omegaconf import DictConfig
 
-from cvae_exp.config import onto_schema, read_run_config
+from cvae_exp.config import check_interpolations, onto_schema, read_run_config
 from cvae_exp.data.pipeline import Splits
 from cvae_exp.errors import UserError
 from cvae_exp.runs import checkpoint
@@ -54,6 +54,7 @@ def load_run(run_dir: str | Path, sharding=None, seed_index: int = 0) -> Trained
     saved = checkpoint.first_meta(manager, ranked)
     if saved and saved[1].get("config"):
         cfg = onto_schema(saved[1]["config"])
+    check_interpolations(cfg)  # recorded as written: an ${oc.env:X} this shell lacks is named, not a traceback
 
     num_seeds = cfg.trainer.num_seeds
     if not 0 <= seed_index < num_seeds:
