@@ -45,7 +45,33 @@ def load_run(run_dir: str | Path, sharding=None, seed_index: int = 0) -> Trained
     cfg = run_config(run_dir)
     if not (run_dir / "checkpoints").is_dir():
         raise UserError(f"run_dir={run_dir} holds no checkpoints/ folder.")
+    # A run that is still training saves and deletes checkpoints while this reads them: what vanished was not
+    # damaged, and the ranking is made again from what is there now (a few tries; each save keeps `keep`).
+    for attempt in range(_READ_TRIES):
+        try:
+            return _load_best(run_dir, cfg, sharding, seed_index)
+        except (checkpoint.Vanished, FileNotFoundError) as err:
+            if attempt == _READ_TRIES - 1:
+                raise UserError(
+                    f"run_dir={run_dir} is still training, and its checkpoints were deleted by its keep policy "
+                    f"{_READ_TRIES} times while they were read ({err}): raise checkpoint.keep or try again."
+                ) from None
+            log.info("The checkpoint being read was deleted by the live run (%s); reading again.", err)
+    raise AssertionError("unreachable")
+
+
+_READ_TRIES = 8
+
+
+def _load_best(run_dir: Path, cfg: DictConfig, sharding, seed_index: int) -> TrainedRun:
     manager = checkpoint.make_manager(run_dir, cfg.checkpoint.keep, read_only=True)
+    try:
+        return _restore_best(run_dir, cfg, sharding, seed_index, manager)
+    finally:
+        manager.close()
+
+
+def _restore_best(run_dir: Path, cfg: DictConfig, sharding, seed_index: int, manager) -> TrainedRun:
     ranked = checkpoint.best_first(manager)
     if not ranked:
         raise UserError(f"run_dir={run_dir} holds no checkpoint.")
@@ -67,7 +93,6 @@ def load_run(run_dir: str | Path, sharding=None, seed_index: int = 0) -> Trained
     restored = checkpoint.restore_first(manager, state_target(exp, cfg, sharding), ranked)
     if restored.damaged:
         _set_aside(run_dir, manager, restored.damaged)
-    manager.close()
     state = restored.state
     params = steps.member(state["params"], seed_index) if num_seeds > 1 else state["params"]
     return TrainedRun(cfg, restored.step, exp.graphdef, params, exp.task, exp.splits)
