@@ -156,7 +156,9 @@ def exit_on_user_error(fn):
         except UserError as err:
             _exit(f"error: {err}", 2)
         except Interrupted as err:
-            _exit(err.message, 128 + err.signum)
+            from cvae_exp.runs.launch import startup_message
+
+            _exit(err.message or startup_message(err.signum), 128 + err.signum)
         except Exception as err:
             storage = storage_error(err)
             if storage is None:

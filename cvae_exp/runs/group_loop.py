@@ -153,6 +153,9 @@ class GroupRun:
                 if stopping:
                     bar.close()
                     self._stopped(state, stop.signum)
+            if stop.requested:  # it came while the last step logged, evaluated or saved: every checkpoint is written
+                bar.close()
+                self._stopped(state, stop.signum)
         bar.close()
         self.train_s = time.perf_counter() - t0
         return state

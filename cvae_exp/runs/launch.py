@@ -30,6 +30,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from cvae_exp import stop_signals
 from cvae_exp.errors import STORAGE_EXIT_CODE, Interrupted, storage_error
 
 RECORD_DIR = ".hydra"
@@ -250,6 +251,9 @@ class Interruptible:
         self._unraisable = sys.unraisablehook
 
     def __enter__(self) -> Interruptible:
+        early = stop_signals.take_pending()  # noted since the command's first line (cvae_exp/train.py)
+        if early is not None:
+            raise Interrupted(early, startup_message(early))
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -269,14 +273,19 @@ class Interruptible:
         for sig in self._previous:
             signal.signal(sig, signal.SIG_DFL)  # a second signal ends the process at once
         self.received = signum
+        if stop_signals.importing(frame):  # raised there, it would break a C extension's start (a crash at exit)
+            stop_signals.raise_after_import(frame, self.check)
+            return
         self.check()
 
     def check(self) -> None:
         if self.received is not None:
+            stop_signals.stop_tracing()
             after, name = self.after_training, signal.Signals(self.received).name
             raise Interrupted(self.received, after.format(signal=name) if after else startup_message(self.received))
 
     def __exit__(self, *exc) -> None:
+        stop_signals.stop_tracing()
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         sys.unraisablehook = self._unraisable

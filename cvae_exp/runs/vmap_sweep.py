@@ -68,6 +68,15 @@ def check(job) -> None:
 
 
 def launch(launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[JobReturn]:
+    from cvae_exp.runs.launch import Interruptible
+
+    # SIGTERM/SIGINT outside a group's loop (composing, checking, building, restoring, final evaluations): one
+    # sentence and 128 + the signal, never Python's silent -15; inside a loop, its own handler checkpoints first
+    with Interruptible() as signals:
+        return _launch(launcher, job_overrides, initial_job_idx, signals)
+
+
+def _launch(launcher, job_overrides, initial_job_idx: int, signals) -> list[JobReturn]:
     setup_globals()
     configure_log(launcher.config.hydra.hydra_logging, launcher.config.hydra.verbose)
     if not _is_cvae_train(launcher.task_function):
@@ -92,6 +101,10 @@ def launch(launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: in
 
     returns: dict[int, JobReturn] = {}
     failed = []
+    signals.after_training = (
+        "Stopped by {signal} outside training: every job keeps the checkpoints it has written; the same command "
+        "(the same hydra.sweep.dir) continues them."
+    )
     for p, idxs in enumerate(parts):
         for m in train_group([jobs[i] for i in idxs], p, swept):
             returns[m.job.num] = _job_return(m)

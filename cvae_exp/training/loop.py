@@ -197,7 +197,8 @@ def fit(state, train_step, feed: Callable[[int], Any], loop: Loop):
             if last:  # early stopping
                 break
     bar.close()
-    return state, val, None
+    # a signal that came while the last step logged, evaluated or saved: its checkpoint is written; stop there
+    return state, val, stop.signum if stop.requested else None
 
 
 class SkipCount:
