@@ -176,7 +176,9 @@ class EvalApp:
 
 
 def register_configs() -> None:
-    """Registers the schemas; the YAML files in conf/ list them first in their defaults."""
+    """Registers the schemas; the YAML files in conf/ list them first in their defaults. Also registers the vmap
+    launcher (`register_launcher`)."""
+    register_launcher()
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     cs.store(name="eval_app_schema", node=EvalApp)
@@ -189,6 +191,23 @@ def register_configs() -> None:
         ("logger", LoggerConfig),
     ]:
         cs.store(group=group, name=f"{group}_schema", node=node)
+
+
+def register_launcher() -> None:
+    """`hydra/launcher=vmap` under every install: its config in the ConfigStore and its class among Hydra's plugins,
+    from here. Hydra finds plugins by scanning the hydra_plugins namespace package with pkgutil, which does not see
+    a package that setuptools' default editable install (`pip install -e .`) maps in through its import finder;
+    imported by name, it is found under every install (wheel, editable, compat). Hydra's own scan still finds it
+    where it can (`cvae-train --info plugins`)."""
+    try:
+        from hydra.core.plugins import Plugins
+
+        from hydra_plugins.cvae_vmap_launcher.config import VmapLauncherConf
+        from hydra_plugins.cvae_vmap_launcher.vmap_launcher import VmapLauncher
+    except ImportError:  # installed without its plugin package: Hydra's scan is all there is
+        return
+    ConfigStore.instance().store(group="hydra/launcher", name="vmap", node=VmapLauncherConf, provider="cvae_exp")
+    Plugins.instance().register(VmapLauncher)
 
 
 def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
