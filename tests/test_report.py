@@ -166,15 +166,17 @@ def test_hparams_summary_in_every_job_with_the_same_keys(sweep):
                         metrics = {m.name.tag for m in data.experiment.metric_infos}
                         order = [h.name for h in data.experiment.hparam_infos]
         assert start is not None and metrics, f"no hparams summary under {job / 'tb'}"
+        assert not [p for p in (job / "tb").iterdir() if p.is_dir()]  # in the run's own events: one run per job
         given = dict(o.split("=", 1) for o in yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()))
         assert start["model.latent_dim"].number_value == int(given["model.latent_dim"])
         assert start["seed"].number_value == int(given["seed"])
         key_sets.append(set(start))
         metric_sets.append(metrics)
-        scalar_tags = set(tbevents.load(job / "tb").scalars)
+        scalar_tags = {t for t in tbevents.load(job / "tb").scalars if t not in metrics}  # the training curves
         assert "z_hparams/val/elbo" in metrics and not metrics & scalar_tags  # metric names never collide with tags
         assert min(metrics) > max(scalar_tags)  # and sort below the training curves in the Scalars tab
-        assert order[:2] == SWEPT  # the swept keys first: the ones TensorBoard's HPARAMS shows by default
+        assert order[:2] == SWEPT  # the swept keys declared first (TensorBoards that keep the declared order)
+        assert tbevents.hparams_shown_first(job / "tb", 2) == sorted(SWEPT)  # and first in TensorBoard's own sort
     assert all(k == key_sets[0] for k in key_sets) and all(m == metric_sets[0] for m in metric_sets)
 
 

@@ -308,6 +308,7 @@ class GroupRun:
                     for s in ("val", "test")
                     for n in ("elbo", "kl", "recon")
                 },
+                differs=self.swept,
             )
             m.writer.close()
             write_metrics(m.job.run_dir, metrics)

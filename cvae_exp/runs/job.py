@@ -348,7 +348,9 @@ class _Hooks:
         a sweep's swept keys first."""
         from cvae_exp.runs.tensorboard import hparams_first, swept_keys
 
-        run_hparams = hparams_first(hparams(self.plain), swept_keys())
+        swept = swept_keys()
+        run_hparams = hparams_first(hparams(self.plain), swept)
+        differs = swept + (["seed"] if self.num_seeds > 1 else [])  # one TensorBoard run per seed
         for i, writer in enumerate(self.writers):
             if per_seed is not None:
                 result = per_seed[i]
@@ -359,6 +361,7 @@ class _Hooks:
                         for split in ("val", "test")
                         for name in ("elbo", "kl", "recon")
                     },
+                    differs=differs,
                 )
             writer.close()
 
