@@ -129,6 +129,7 @@ class EvalConfig:
     seed_index: int = 0  # runs with trainer.num_seeds=K: which of the K models (seed + seed_index)
     examples: int = 0  # evaluate the first N digits of the split only; 0: all of them
     tag: str = ""  # non-empty: write eval_<split>_<tag>.json (studies beside the table) instead of eval_<split>.json
+    progress: bool = True  # cvae-eval: a progress bar with the time left (TQDM_DISABLE=1 also turns it off)
 
 
 @dataclass

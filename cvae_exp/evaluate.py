@@ -65,6 +65,7 @@ def evaluate_run(
     seed: int = 0,
     seed_index: int = 0,
     examples: int = 0,
+    progress: bool = False,
 ) -> dict:
     import jax
 
@@ -88,7 +89,8 @@ def evaluate_run(
     compile_seconds = time.perf_counter() - start
     start = time.perf_counter()
     # The same batched loop as the validation pass: per-example means over the split (a host sync).
-    result = evaluate(step, run.params, data, batch_size, sharding, key)
+    label = f"{split} ({len(data.images):,} digits, {samples} samples)" if progress else None
+    result = evaluate(step, run.params, data, batch_size, sharding, key, progress=label)
     seconds = time.perf_counter() - start
     pixels = result.pop("pixels")  # scored pixels per example
     n = len(data.images)
@@ -127,7 +129,15 @@ def main(cfg: DictConfig) -> None:
     validate_eval(cfg)
     e = cfg.eval
     result = evaluate_run(
-        cfg.run_dir, e.samples, e.split, e.chunk, e.batch_size, cfg.seed, e.seed_index, examples=e.examples
+        cfg.run_dir,
+        e.samples,
+        e.split,
+        e.chunk,
+        e.batch_size,
+        cfg.seed,
+        e.seed_index,
+        examples=e.examples,
+        progress=e.progress,
     )
     # eval.json is the latest evaluation; eval_<split>.json keeps one per split for the reports (and
     # eval_<split>_<tag>.json a tagged one, which the reports leave alone).
