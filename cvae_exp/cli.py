@@ -54,10 +54,18 @@ def console(task):
 
     @functools.wraps(task)
     def run(cfg, *args, **kwargs):
-        with library_notes(shown=bool(cfg.get("verbose", False))), logging_redirect_tqdm():
+        with quiet_console(shown=bool(cfg.get("verbose", False))):
             return task(cfg, *args, **kwargs)
 
     return run
+
+
+@contextlib.contextmanager
+def quiet_console(shown: bool) -> Iterator[None]:
+    """`console`'s set-up for code that is not a Hydra task (the vmap launcher): log lines through tqdm, and the
+    libraries' notes hidden unless `shown` (verbose=true)."""
+    with library_notes(shown=shown), logging_redirect_tqdm():
+        yield
 
 
 @contextlib.contextmanager

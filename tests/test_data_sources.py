@@ -188,6 +188,12 @@ def test_unreachable_hub_falls_back_to_bundled_sample_with_one_warning(monkeypat
         _assert_bundled(sources.load("mnist"))
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING and r.name == sources.__name__]
     assert len(warnings) == 1 and "data.path=" in warnings[0].getMessage()
+    # a sample, said as such, and nothing about training (cvae-sample and cvae-eval load it too)
+    assert (
+        "using the bundled MNIST sample instead: 10,000 of MNIST's 60,000 training digits and 2,000 of its 10,000 test"
+        in (warnings[0].getMessage())
+        and "training on" not in warnings[0].getMessage()
+    )
     with pytest.raises(UserError, match="data.path="):
         sources.load("fashion_mnist")
 

@@ -382,8 +382,10 @@ def load(
             raise UserError(f"The Hugging Face Hub could not be reached for {repo}; set data.path=<local copy>.") from e
     sample = _load_folder(BUNDLED, "the bundled MNIST sample", "bundled sample", cache_dir)
     n_train, n_test = len(sample.train_labels), len(sample.test_labels)
+    # Said the same way by every command that loads it (cvae-eval and cvae-sample too: none "trains" there).
     log.warning(
-        "The Hugging Face Hub could not be reached; training on the bundled MNIST sample (%s train / %s test digits). "
+        "The Hugging Face Hub could not be reached; using the bundled MNIST sample instead: %s of MNIST's 60,000 "
+        "training digits and %s of its 10,000 test digits, so its numbers are not those of the full dataset. "
         "Set data.path=<folder> to use a local copy of the full dataset.",
         f"{n_train:,}",
         f"{n_test:,}",

@@ -76,9 +76,19 @@ def launch(launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: in
         return _launch(launcher, job_overrides, initial_job_idx, signals)
 
 
-def _launch(launcher, job_overrides, initial_job_idx: int, signals) -> list[JobReturn]:
+def configure_console(launcher) -> None:
+    """The launcher's logging as Hydra's launchers set it up, with the console lines in the jobs' own format
+    (`[time][logger][LEVEL] - message`, as a single run prints them), not Hydra's `[time][HYDRA]` tags."""
     setup_globals()
     configure_log(launcher.config.hydra.hydra_logging, launcher.config.hydra.verbose)
+    from cvae_exp.runs.group import _FORMAT
+
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setFormatter(logging.Formatter(_FORMAT))
+
+
+def _launch(launcher, job_overrides, initial_job_idx: int, signals) -> list[JobReturn]:
     if not _is_cvae_train(launcher.task_function):
         raise UserError("hydra/launcher=vmap launches cvae-train multiruns only.")
     if launcher.max_members is not None and launcher.max_members < 1:
