@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from cvae_exp.errors import UserError
 from cvae_exp.runs import checkpoint
 from cvae_exp.runs.launch import RECORD_DIR, LogFile, _write, watch_background_writes
+from cvae_exp.runs.metrics import likelihood_note
 from cvae_exp.runs.rundir import RunLock
 from cvae_exp.runs.trained_run import baseline_params
 from cvae_exp.training import devices, members, steps
@@ -216,6 +217,8 @@ def train_group(jobs: list[Job], partition: int, swept: list[str]) -> list[Membe
                  exp.source, data["train"], data["val"], data["test"])  # fmt: skip
         if resumed_at is not None:
             say.info("Resumed the group at step %d", resumed_at)
+        if note := likelihood_note(cfg.model.likelihood, cfg.model.min_log_var):
+            say.info(note)
         run = group_loop.GroupRun(
             group=group,
             graphdef=graphdef,

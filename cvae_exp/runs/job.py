@@ -24,6 +24,7 @@ from cvae_exp.runs import launch
 from cvae_exp.runs.metrics import (
     final_metrics,
     hparams,
+    likelihood_note,
     per_seed_results,
     prefixed,
     seed_values,
@@ -222,6 +223,9 @@ def _data_fingerprint(exp, resumed) -> dict:
     fingerprint = exp.fingerprint
     log.info("Data: %s; train %d, val %d, test %d", exp.source, *(fingerprint[s] for s in ("train", "val", "test")))
     resume.check_data(resumed, fingerprint)
+    note = likelihood_note(resumed.cfg.model.likelihood, resumed.cfg.model.min_log_var)
+    if note:  # what the numbers this run prints mean
+        log.info(note)
     return fingerprint
 
 
