@@ -280,7 +280,7 @@ ADDED_KEYS: dict[str, Any] = {
     "trainer.patience": 0,
     "trainer.min_delta": 0.0,
     "trainer.skip_limit": 1.0,  # nan_policy=skip never stopped for the share of skipped steps
-    "trainer.data_on_device": False,
+    # (trainer.data_on_device is not here: either feed trains the same parameters, so today's faster default)
 }
 _ABSENT = object()
 

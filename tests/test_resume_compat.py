@@ -32,7 +32,7 @@ LATER_KEYS = [
     "trainer.min_delta",
     "trainer.skip_limit",
     "trainer.num_seeds",
-    "trainer.data_on_device",  # the training split fed from the host, as before
+    "trainer.data_on_device",  # not in ADDED_KEYS (either feed trains the same): today's default
     "data.quadrant_layout",
 ]
 

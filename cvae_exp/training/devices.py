@@ -70,7 +70,11 @@ def round_to_devices(batch_size: int, mesh) -> int:
 def memory_bytes(mesh) -> int | None:
     """The memory one device of `mesh` may use (an accelerator's limit; on a CPU the machine's memory), or
     None where neither is known."""
-    stats = mesh.devices.flat[0].memory_stats() or {}
+    local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]  # another host's: no stats
+    try:
+        stats = (local[0].memory_stats() if local else None) or {}
+    except Exception:  # a backend without memory statistics
+        stats = {}
     if stats.get("bytes_limit"):
         return int(stats["bytes_limit"])
     try:
