@@ -56,10 +56,18 @@ def console(task):
 
     @functools.wraps(task)
     def run(cfg, *args, **kwargs):
-        with library_notes(shown=bool(cfg.get("verbose", False))), logging_redirect_tqdm(), primary_only(cfg):
+        with quiet_console(shown=bool(cfg.get("verbose", False))), primary_only(cfg):
             return task(cfg, *args, **kwargs)
 
     return run
+
+
+@contextlib.contextmanager
+def quiet_console(shown: bool) -> Iterator[None]:
+    """`console`'s set-up for code that is not a Hydra task (the vmap launcher): log lines through tqdm, and the
+    libraries' notes hidden unless `shown` (verbose=true)."""
+    with library_notes(shown=shown), logging_redirect_tqdm():
+        yield
 
 
 @contextlib.contextmanager
@@ -158,20 +166,27 @@ def exit_on_user_error(fn):
         except UserError as err:
             _exit(f"error: {err}", 2)
         except Interrupted as err:
-            _exit(err.message, 128 + err.signum)
+            from cvae_exp.runs.launch import startup_message
+
+            _exit(err.message or startup_message(err.signum), 128 + err.signum)
         except Exception as err:
             storage = storage_error(err)
             if storage is None:
+                _discard()  # a crash before the run was accepted leaves no empty folder behind either
                 raise
             _exit(f"error: {storage}", STORAGE_EXIT_CODE)
 
     return wrapped
 
 
-def _exit(message: str, code: int) -> None:
+def _discard() -> None:
     from cvae_exp.runs import launch
 
     launch.discard()
+
+
+def _exit(message: str, code: int) -> None:
+    _discard()
     print(message, file=sys.stderr)
     sys.exit(code)
 

@@ -8,13 +8,15 @@ data is loaded or any function compiled.
 
 from __future__ import annotations
 
+import copy
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from cvae_exp.errors import UserError
 from cvae_exp.models.kinds import KINDS, NAMES, kind
@@ -136,6 +138,7 @@ class EvalConfig:
     seed_index: int = 0  # runs with trainer.num_seeds=K: which of the K models (seed + seed_index)
     examples: int = 0  # evaluate the first N digits of the split only; 0: all of them
     tag: str = ""  # non-empty: write eval_<split>_<tag>.json (studies beside the table) instead of eval_<split>.json
+    progress: bool = True  # cvae-eval: a progress bar with the time left (TQDM_DISABLE=1 also turns it off)
 
 
 @dataclass
@@ -183,7 +186,9 @@ class EvalApp:
 
 
 def register_configs() -> None:
-    """Registers the schemas; the YAML files in conf/ list them first in their defaults."""
+    """Registers the schemas; the YAML files in conf/ list them first in their defaults. Also registers the vmap
+    launcher (`register_launcher`)."""
+    register_launcher()
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     cs.store(name="eval_app_schema", node=EvalApp)
@@ -196,6 +201,23 @@ def register_configs() -> None:
         ("logger", LoggerConfig),
     ]:
         cs.store(group=group, name=f"{group}_schema", node=node)
+
+
+def register_launcher() -> None:
+    """`hydra/launcher=vmap` under every install: its config in the ConfigStore and its class among Hydra's plugins,
+    from here. Hydra finds plugins by scanning the hydra_plugins namespace package with pkgutil, which does not see
+    a package that setuptools' default editable install (`pip install -e .`) maps in through its import finder;
+    imported by name, it is found under every install (wheel, editable, compat). Hydra's own scan still finds it
+    where it can (`cvae-train --info plugins`)."""
+    try:
+        from hydra.core.plugins import Plugins
+
+        from hydra_plugins.cvae_vmap_launcher.config import VmapLauncherConf
+        from hydra_plugins.cvae_vmap_launcher.vmap_launcher import VmapLauncher
+    except ImportError:  # installed without its plugin package: Hydra's scan is all there is
+        return
+    ConfigStore.instance().store(group="hydra/launcher", name="vmap", node=VmapLauncherConf, provider="cvae_exp")
+    Plugins.instance().register(VmapLauncher)
 
 
 def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -265,10 +287,114 @@ def _renamed(saved: Any) -> Any:
     return out
 
 
+# Keys added since a run could have saved its config, each with the value that reproduces how runs behaved
+# before it existed (a function of the saved config where that depends on it). A saved config without such a
+# key takes this value (resume, cvae-eval, cvae-sample), not today's default; NOT_RECORDED: no value of today
+# reproduces it (it compares as different, and the key takes today's default). Keys added in neither this
+# table nor the saved config are compared nowhere (`saved_value`).
+NOT_RECORDED = "<not recorded: the run predates this key>"
+ADDED_KEYS: dict[str, Any] = {
+    "model.baseline_run": None,
+    "model.baseline_hidden": None,
+    # the aid fed y_hat to the prior and the generation networks until model.baseline_into existed
+    "model.baseline_into": lambda c: "prior_and_generation" if _get(c, "model.baseline_run") else "prior",
+    "model.baseline_frozen": False,
+    "data.quadrant_layout": "top_first",  # top-left, top-right, bottom-left, until left_first was added
+    # static and dynamic scored another draw (seeds 12345/12346, drawn after the split) before binarize_seed
+    "data.binarize_seed": lambda c: NOT_RECORDED if _get(c, "data.binarize") in ("static", "dynamic") else 42,
+    "trainer.num_seeds": 1,
+    "trainer.patience": 0,
+    "trainer.min_delta": 0.0,
+    "trainer.skip_limit": 1.0,  # nan_policy=skip never stopped for the share of skipped steps
+    # the data's geometry and 8-bit likelihoods (MNIST's columns, sizes and likelihoods until then)
+    "data.image_column": None,
+    "data.label_column": None,
+    "data.resize": None,
+    "model.mixtures": 10,
+    # (trainer.data_on_device is not here: either feed trains the same parameters, so today's faster default)
+}
+_ABSENT = object()
+
+
+def _get(config: Any, dotted_key: str, default: Any = None) -> Any:
+    for part in dotted_key.split("."):
+        if not (isinstance(config, (dict, DictConfig)) and part in config):
+            return default
+        config = config[part]
+    return config
+
+
+def recorded(cfg: DictConfig) -> dict:
+    """The config as runs record it (checkpoint meta, TensorBoard hparams): interpolations as written, never
+    resolved, as Hydra's .hydra/config.yaml holds them, so that `${oc.env:TOKEN}` is stored as that text and
+    not as the secret. What computes uses the resolved values; `resolved_record` reads a record back."""
+    return OmegaConf.to_container(cfg, resolve=False)
+
+
+def resolved_record(saved: Any) -> Any:
+    """A recorded config with its interpolations resolved here and now (for comparing it with this launch's
+    resolved config); one that cannot be resolved stays as written (and differs). Records from before
+    `recorded` hold resolved values already."""
+    if not isinstance(saved, (dict, DictConfig)):
+        return saved
+    node = OmegaConf.create(saved) if isinstance(saved, dict) else saved
+
+    def walk(container, path):
+        if isinstance(container, dict):
+            return {k: walk(v, f"{path}.{k}" if path else str(k)) for k, v in container.items()}
+        if isinstance(container, list):
+            return [walk(v, f"{path}[{i}]") for i, v in enumerate(container)]
+        if isinstance(container, str) and "${" in container:
+            try:
+                value = OmegaConf.select(node, path, throw_on_resolution_failure=True)
+                return (
+                    OmegaConf.to_container(value, resolve=True)
+                    if isinstance(value, (DictConfig, ListConfig))
+                    else value
+                )
+            except Exception:  # an unset variable, a key that is gone: as written
+                return container
+        return container
+
+    return walk(OmegaConf.to_container(node, resolve=False), "")
+
+
+def saved_value(saved: Any, dotted_key: str) -> Any:
+    """A key's value in a saved config: its own, or (added since) the value of ADDED_KEYS that reproduces how
+    the run behaved; `_ABSENT` for a key in neither, which comparisons skip."""
+    value = _get(saved, dotted_key, _ABSENT)
+    if value is _ABSENT and dotted_key in ADDED_KEYS:
+        value = ADDED_KEYS[dotted_key]
+        value = value(saved) if callable(value) else value
+    return value
+
+
+def differs(saved: Any, current: Any, dotted_key: str) -> bool:
+    """Whether a key of the current config differs from the run's saved one (a key the saved run could not
+    have had, and that ADDED_KEYS does not know, does not)."""
+    was = saved_value(resolved_record(saved), dotted_key)
+    return was is not _ABSENT and was != _get(current, dotted_key)
+
+
+def with_added_keys(saved: Any) -> dict:
+    """A saved config as a plain dict, with the keys of ADDED_KEYS it lacks set to their values from before."""
+    out = OmegaConf.to_container(saved, resolve=False) if isinstance(saved, DictConfig) else copy.deepcopy(saved)
+    for key in ADDED_KEYS:
+        value = saved_value(out, key)
+        if _get(out, key, _ABSENT) is _ABSENT and value != NOT_RECORDED:
+            *parents, leaf = key.split(".")
+            node = out
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+    return out
+
+
 def onto_schema(saved: Any) -> DictConfig:
-    """A saved config (dict or DictConfig) merged onto the schema: keys added since it was saved get their
-    defaults, keys and factories that moved since are found where they are now, and types are checked."""
-    out = OmegaConf.merge(OmegaConf.structured(Config), _renamed(saved))
+    """A saved config (dict or DictConfig) merged onto the schema: keys added since it was saved get the values
+    that reproduce how it ran (ADDED_KEYS; else their defaults), keys and factories that moved since are found where
+    they are now, and types are checked."""
+    out = OmegaConf.merge(OmegaConf.structured(Config), with_added_keys(_renamed(saved)))
     target = out.optimizer.get("_target_")
     if target in MOVED_TARGETS:
         out.optimizer._target_ = MOVED_TARGETS[target]
@@ -369,7 +495,8 @@ def check_data_path(cfg: DictConfig) -> None:
 
 def check_keys(cfg: DictConfig, schema: type | None = None) -> None:
     """Refuses a key the schema does not have, such as one added with `+` (`+trainer.max_stepz=5`), which
-    Hydra accepts; open nodes (optimizer.transform) take any key."""
+    Hydra accepts; open nodes (optimizer.transform) take any key. Then every value must resolve
+    (`check_interpolations`)."""
     from omegaconf.errors import ConfigKeyError
 
     try:
@@ -378,6 +505,33 @@ def check_keys(cfg: DictConfig, schema: type | None = None) -> None:
         raise UserError(
             f"{err.full_key} is not a config key (see docs/configuration.md for the keys there are)."
         ) from None
+    check_interpolations(cfg)
+
+
+def check_interpolations(cfg: DictConfig) -> None:
+    """Refuses, naming the key, an interpolation that cannot be resolved (`${oc.env:X}` with X unset, a key
+    that refers to itself, a key that does not exist), before anything reads it: resolved later, it would be
+    a traceback in the middle of the command."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    def walk(node, path: str) -> None:
+        written = OmegaConf.to_container(node, resolve=False)
+        for key in written if isinstance(node, DictConfig) else range(len(written)):
+            where = f"{path}[{key}]" if isinstance(node, ListConfig) else f"{path}.{key}" if path else str(key)
+            if where == "hydra" or OmegaConf.is_missing(node, key):  # Hydra's own node; a ??? (its own check)
+                continue
+            raw = written[key]
+            try:
+                value = node[key]
+            except OmegaConfBaseException as err:
+                reason = re.sub(r"^\w+ raised while resolving interpolation: ", "", str(err).splitlines()[0]).rstrip(
+                    "."
+                )
+                raise UserError(f"{where}={raw} cannot be resolved: {reason}.") from None
+            if isinstance(value, (DictConfig, ListConfig)):
+                walk(value, where)
+
+    walk(cfg, "")
 
 
 def resume_mode(cfg: DictConfig) -> str:
@@ -402,8 +556,37 @@ def validate_eval(cfg: DictConfig) -> None:
     _choice("eval.split", cfg.eval.split, SPLITS)
 
 
+# Step counts: the step counter and the schedules count in int32 on the devices.
+STEP_KEYS = (
+    "trainer.max_steps",
+    "trainer.eval_every",
+    "trainer.log_every",
+    "checkpoint.every",
+    "model.kl_warmup_steps",
+    "optimizer.warmup_steps",
+)
+MAX_STEPS = 2**31 - 1
+
+
+def check_numbers(cfg: DictConfig) -> None:
+    """Every float key (optimizer.transform's arguments too) must be a finite number: NaN passes every
+    comparison the checks below make, and an infinity means nothing here. A step count must fit the
+    devices' int32 step counter."""
+    import math
+
+    check_interpolations(cfg)  # a resumed run's saved config is checked here first
+    values = dotted(OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True))
+    for key, value in values.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{key}={value} must be a finite number.")
+    for key in STEP_KEYS:
+        if isinstance(values.get(key), int) and values[key] > MAX_STEPS:
+            raise UserError(f"{key}={values[key]} is beyond the step counter's range (at most {MAX_STEPS:,}).")
+
+
 def validate(cfg: DictConfig) -> None:
     """Refuses impossible values with one sentence naming the key; cheap, runs before any work."""
+    check_numbers(cfg)
     m, d, o, t = cfg.model, cfg.data, cfg.optimizer, cfg.trainer
     _choice("model.kind", m.kind, NAMES)
     _choice("model.prior", m.prior, PRIORS)

@@ -67,6 +67,7 @@ def evaluate_run(
     seed: int = 0,
     seed_index: int = 0,
     examples: int = 0,
+    progress: bool = False,
 ) -> dict:
     import jax
 
@@ -90,7 +91,8 @@ def evaluate_run(
     compile_seconds = time.perf_counter() - start
     start = time.perf_counter()
     # The same batched loop as the validation pass: per-example means over the split (a host sync).
-    result = evaluate(step, run.params, data, batch_size, sharding, key)
+    label = f"{split} ({len(data.images):,} digits, {samples} samples)" if progress else None
+    result = evaluate(step, run.params, data, batch_size, sharding, key, progress=label)
     seconds = time.perf_counter() - start
     pixels = result.pop("pixels")  # scored dimensions per example
     n = len(data.images)
@@ -132,7 +134,15 @@ def run(cfg: DictConfig) -> dict:
     validate_eval(cfg)
     e = cfg.eval
     result = evaluate_run(
-        cfg.run_dir, e.samples, e.split, e.chunk, e.batch_size, cfg.seed, e.seed_index, examples=e.examples
+        cfg.run_dir,
+        e.samples,
+        e.split,
+        e.chunk,
+        e.batch_size,
+        cfg.seed,
+        e.seed_index,
+        examples=e.examples,
+        progress=e.progress,
     )
     for name in ("eval.json", f"eval_{e.split}{'_' + e.tag if e.tag else ''}.json"):
         (Path(cfg.run_dir) / name).write_text(json.dumps(result, indent=2) + "\n")

@@ -23,14 +23,23 @@ from typing import Any
 import jax
 from omegaconf import DictConfig, OmegaConf
 
+from cvae_exp.config import recorded
 from cvae_exp.errors import UserError
 from cvae_exp.runs import checkpoint, launch, resume
-from cvae_exp.runs.metrics import final_metrics, hparams, per_seed_results, prefixed, summarize, write_metrics
+from cvae_exp.runs.metrics import (
+    final_metrics,
+    hparams,
+    likelihood_note,
+    per_seed_results,
+    prefixed,
+    summarize,
+    write_metrics,
+)
 from cvae_exp.runs.outputs import JobOutput, Outputs, _take
 from cvae_exp.runs.tensorboard import hparams_first
 from cvae_exp.runs.trained_run import baseline_params
 from cvae_exp.training import devices, loop
-from cvae_exp.training.experiment import build_experiment, training_mesh
+from cvae_exp.training.experiment import build_experiment, check_eval_batch, training_mesh
 from cvae_exp.training.program import Program, build_program
 
 log = logging.getLogger("cvae_exp")
@@ -80,6 +89,7 @@ def train_group(specs: list[JobSpec], how: Launch) -> list[JobSpec]:
     # ---- devices, data and the network (one experiment for the group: they share every shape)
     mesh = training_mesh(cfg)
     exp = build_experiment(cfg)
+    check_eval_batch(cfg.trainer.eval_batch_size, exp.splits, mesh)  # before any job directory is written
     baseline = baseline_params(cfg.model.baseline_run)
     program = build_program(exp, _member_plains(specs), mesh, baseline)  # refuses a batch larger than the split
     fingerprint = exp.fingerprint
@@ -87,6 +97,8 @@ def train_group(specs: list[JobSpec], how: Launch) -> list[JobSpec]:
     log.info("Data: %s; train %d, val %d, test %d; %s", exp.source, *sizes, exp.geometry.describe())
     for spec in specs:
         resume.check_data(spec.saved, spec.cfg, fingerprint)
+    if note := likelihood_note(cfg.model.likelihood, cfg.model.min_log_var):
+        log.info("%s", note)  # what the numbers this run prints mean
     outs = [_output(spec, fingerprint) for spec in specs]
     try:
         # ---- restore (verified), then each job is accepted: its record and its log go to disk
@@ -137,7 +149,7 @@ def _output(spec: JobSpec, fingerprint: dict) -> JobOutput:
     if not (spec.run_dir / "checkpoints").exists():
         launch.created(spec.run_dir / "checkpoints")  # removed again if this launch is refused
     manager = checkpoint.make_manager(spec.run_dir, spec.cfg.checkpoint.keep)
-    return JobOutput(spec.run_dir, resume.recorded(spec.cfg), fingerprint, manager, spec.seeds)
+    return JobOutput(spec.run_dir, recorded(spec.cfg), fingerprint, manager, spec.seeds)
 
 
 def _restore(spec: JobSpec, out: JobOutput, program: Program, span: range) -> tuple[Any, int, loop.EarlyStopping]:
@@ -256,10 +268,12 @@ def _close(out: JobOutput, per_seed: list[dict], swept: list[str]) -> None:
     """Each model's HPARAMS summary, then its writer closed. The same metric names in every job, whatever its
     model kind, so the HPARAMS view compares them all; the sweep's swept keys first."""
     run_hparams = hparams_first(hparams(out.plain), swept)
+    differs = swept + (["seed"] if len(out.seeds) > 1 else [])  # one TensorBoard run per seed
     for writer, result in zip(out.writers, per_seed, strict=True):
         writer.hparams(
             run_hparams | {"seed": result["seed"]},
             {f"{s}/{n}": result.get(f"{s}/{n}", math.nan) for s in ("val", "test") for n in ("elbo", "kl", "recon")},
+            differs=differs,
         )
         writer.close()
 

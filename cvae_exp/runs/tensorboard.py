@@ -7,7 +7,7 @@ curve never doubles back on itself.
 from __future__ import annotations
 
 import errno
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import jax
@@ -60,13 +60,26 @@ class Writer:
             else:
                 self._w.add_image(tag, grid, step, dataformats="HWC")
 
-    def hparams(self, hparams: Mapping[str, object], metrics: Mapping[str, float]) -> None:
-        """The HPARAMS summary (a sub-run). TensorBoard shows the first few hparams by default, so pass the
-        swept keys first (`hparams_first`). Metric names are prefixed `z_hparams/`: distinct from the scalar
-        tags, and sorting below train/ and val/ in the Scalars tab, where the summary's one-point series land."""
+    def hparams(
+        self, hparams: Mapping[str, object], metrics: Mapping[str, float], *, step: int = 0, differs: Sequence[str] = ()
+    ) -> None:
+        """The HPARAMS summary, in this run's own event file (add_hparams would write a sub-run, `tb/<name>`,
+        which TensorBoard lists as a second run of every job). Metric names are prefixed `z_hparams/`: distinct
+        from the scalar tags, and sorting below train/ and val/ in the Scalars tab, where their one-point series
+        land. TensorBoard's HPARAMS view shows first the hparams marked `differs` (then the rest by name):
+        `differs` names them (a sweep's swept keys), and they are also declared first (`hparams_first`) for
+        TensorBoards that keep the declared order."""
         if self._w:
+            from tensorboardX.summary import hparams as hparams_summaries
+
             clean = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
-            self._w.add_hparams(clean, {f"{HPARAMS_PREFIX}{k}": float(v) for k, v in metrics.items()}, name="hparams")
+            named = {f"{HPARAMS_PREFIX}{k}": float(v) for k, v in metrics.items()}
+            experiment, start, end = hparams_summaries(clean, named)
+            _mark_differing(experiment, set(differs))
+            for summary in (experiment, start, end):
+                self._w.file_writer.add_summary(summary, step)
+            for tag, value in named.items():
+                self._w.add_scalar(tag, value, step)
 
     def flush(self) -> None:
         if self._w:
@@ -75,6 +88,26 @@ class Writer:
     def close(self) -> None:
         if self._w:
             self._w.close()
+
+
+_DIFFERS = b"\x38\x01"  # HParamInfo field 7 (`differs`, bool) = true: TensorBoard's api.proto, not tensorboardX's
+
+
+def _mark_differing(experiment_summary, names: set[str]) -> None:
+    """Sets `differs` on the named hparams of a tensorboardX experiment summary (in place). TensorBoard sorts the
+    HPARAMS columns by (not differs, name); tensorboardX's copy of the proto predates the field, so it is added
+    as the encoded field, which protobuf keeps as an unknown field and TensorBoard reads."""
+    if not names:
+        return
+    from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData
+
+    value = experiment_summary.value[0]
+    data = HParamsPluginData()
+    data.ParseFromString(value.metadata.plugin_data.content)
+    for info in data.experiment.hparam_infos:
+        if info.name in names:
+            info.MergeFromString(_DIFFERS)
+    value.metadata.plugin_data.content = data.SerializeToString()
 
 
 def hparams_first(hparams: dict, swept: list[str]) -> dict:

@@ -36,6 +36,7 @@ class Experiment:
     opt: Any  # cvae_exp.training.optim.Optimizer
     build_params: Callable[[int], Any]  # seed -> freshly initialised params (those of a run with that seed)
     baseline_run: str | None = None  # model.baseline_run: the run whose best params start the baseline submodule
+    data_sha256: str = ""  # the raw data's content digest (sources.content_sha256)
 
     @property
     def geometry(self) -> Geometry:
@@ -44,11 +45,13 @@ class Experiment:
 
     @property
     def fingerprint(self) -> dict:
-        """What a checkpoint records the run was trained on: the data source, the split sizes and the geometry."""
+        """What a checkpoint records the run was trained on: the data source, the split sizes, the geometry and
+        the digest of the data's contents (the same path may hold other images later)."""
         return {
             "source": self.source,
             **{name: len(getattr(self.splits, name).images) for name in ("train", "val", "test")},
             "geometry": self.geometry.record(),
+            "content_sha256": self.data_sha256,
         }
 
     def init_state(self, seed: int, params: Any = None, baseline: Any = None) -> dict:
@@ -79,7 +82,15 @@ def build_experiment(cfg: DictConfig) -> Experiment:
     build_params, opt = _network(cfg, task.condition, raw.geometry)
     graphdef, params = build_params(cfg.seed)
     return Experiment(
-        raw.source, splits, task, graphdef, params, opt, lambda seed: build_params(seed)[1], cfg.model.baseline_run
+        raw.source,
+        splits,
+        task,
+        graphdef,
+        params,
+        opt,
+        lambda seed: build_params(seed)[1],
+        cfg.model.baseline_run,
+        data_sha256=raw.sha256,
     )
 
 
@@ -143,3 +154,23 @@ def training_mesh(cfg: DictConfig) -> jax.sharding.Mesh:
     mesh = devices.make_mesh(cfg.trainer.devices)
     devices.check_batch("trainer.batch_size", cfg.trainer.batch_size, mesh)
     return mesh
+
+
+# Bytes one value of an evaluation batch's images holds at least, on the host and on the device: the image,
+# target, mask and output as float32 and a few more of the same size (a rough lower bound, for the check below).
+_EVAL_BYTES_PER_VALUE = 8 * 4
+
+
+def check_eval_batch(eval_batch_size: int, splits: Splits, mesh) -> None:
+    """Refuses an evaluation batch that cannot fit in memory (`trainer.eval_batch_size=1e9` trained, then
+    failed with a MemoryError at the first evaluation). Known once the data is loaded, before the first step;
+    a batch larger than the splits is padded, so the padding counts too."""
+    need = devices.round_to_devices(eval_batch_size, mesh) * _EVAL_BYTES_PER_VALUE * splits.geometry.dims
+    have = devices.memory_bytes(mesh)
+    if have is not None and need > have:
+        largest = max(len(splits.val.images), len(splits.test.images))
+        raise UserError(
+            f"trainer.eval_batch_size={eval_batch_size} needs at least {need / 2**30:,.0f} GiB for one evaluation "
+            f"batch, more than the {have / 2**30:,.0f} GiB there are: the largest split it evaluates holds "
+            f"{largest:,} images, so at most {largest} is useful."
+        )

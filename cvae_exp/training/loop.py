@@ -243,7 +243,8 @@ def fit(state, step_fn, feed, plan: Plan, jobs: list[Job], hooks: Hooks, block_f
                 bar.close()
                 return state, stop.signum
     bar.close()
-    return state, None
+    # a signal that came while the last step logged, evaluated or saved: its checkpoint is written; stop there
+    return state, stop.signum if stop.requested else None
 
 
 def _block(step: int, plan: Plan, jobs: list[Job]) -> int:

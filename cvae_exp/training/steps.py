@@ -210,13 +210,24 @@ def fold_in(key: jax.Array, i: int) -> jax.Array:
     return jax.random.fold_in(key, i) if key.ndim == 0 else jax.vmap(jax.random.fold_in, (0, None))(key, i)
 
 
-def evaluate(eval_step, params, split, batch_size: int, sharding, key) -> dict[str, Any]:
+def evaluate(eval_step, params, split, batch_size: int, sharding, key, progress: str | None = None) -> dict[str, Any]:
     """Means over a whole split (fixed keys per batch, so a result depends only on the params): floats,
-    or arrays of K values when `params` and `key` carry a seed axis."""
+    or arrays of K values when `params` and `key` carry a seed axis. `progress`: a label for a tqdm bar with
+    the time left (cvae-eval's long passes), which waits for each batch so that the bar tells the truth."""
     totals = None
+    bar = None
+    if progress is not None:
+        from tqdm import tqdm
+
+        bar = tqdm(total=-(-len(split.images) // batch_size), desc=progress, unit="batch", dynamic_ncols=True)
     for i, batch in enumerate(eval_batches(split, batch_size)):
         sums = eval_step(params, put_batch(batch, sharding), fold_in(key, i))
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+        if bar is not None:
+            jax.block_until_ready(totals)  # host sync: only with a bar
+            bar.update(1)
+    if bar is not None:
+        bar.close()
     totals = jax.device_get(totals)  # host sync
     count = totals.pop("count")
     return {k: host_value(v / count) for k, v in totals.items()}
