@@ -134,7 +134,7 @@ CASES = [
     (["model.kl_warmup_steps=1000000000000000000"], "model.kl_warmup_steps=1000000000000000000 is beyond the step"),
     # interpolations that cannot be resolved, refused by name before anything reads them
     (["model.beta=${model.beta}"], "model.beta=${model.beta} cannot be resolved: Recursive interpolation"),
-    (["data.hub_id=${oc.env:CVAE_TEST_UNSET}"], "data.hub_id=${oc.env:CVAE_TEST_UNSET} cannot be resolved"),
+    (["data.hub=${oc.env:CVAE_TEST_UNSET}"], "data.hub=${oc.env:CVAE_TEST_UNSET} cannot be resolved"),
     (["model.hidden=[8,${nope}]"], "model.hidden[1]=${nope} cannot be resolved"),
 ]
 

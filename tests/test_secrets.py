@@ -21,8 +21,8 @@ def files_holding(root: Path, needle: str) -> list[str]:
 def test_a_secret_from_the_environment_is_never_written_resolved(tiny_mnist, cli_env, tmp_path):
     env = {**cli_env, "CVAE_TEST_SECRET": SECRET}
     run = tmp_path / "run"
-    # data.hub_id is read only without data.path: the secret travels through the config and nowhere else
-    args = tiny(tiny_mnist, run, {"trainer.max_steps": 10, "checkpoint.every": 10, "data.hub_id": WRITTEN})
+    # data.hub is read only without data.path: the secret travels through the config and nowhere else
+    args = tiny(tiny_mnist, run, {"trainer.max_steps": 10, "checkpoint.every": 10, "data.hub": WRITTEN})
     code, text = train(args, env, tmp_path / "run.log")
     assert code == 0, text[-3000:]
     assert files_holding(run, SECRET) == [] and SECRET not in text
@@ -35,13 +35,13 @@ def test_a_secret_from_the_environment_is_never_written_resolved(tiny_mnist, cli
 
     unset = {k: v for k, v in env.items() if k != "CVAE_TEST_SECRET"}
     code, text = train([f"hydra.run.dir={run}", "resume=true", "trainer.max_steps=30"], unset, tmp_path / "unset.log")
-    assert code == 2 and f"error: data.hub_id={WRITTEN} cannot be resolved" in text, text[-3000:]
+    assert code == 2 and f"error: data.hub={WRITTEN} cannot be resolved" in text, text[-3000:]
 
 
 def test_the_vmap_launcher_records_it_as_written_too(tiny_mnist, cli_env, tmp_path):
     env = {**cli_env, "CVAE_TEST_SECRET": SECRET}
     sweep = tmp_path / "sweep"
-    args = tiny(tiny_mnist, sweep, {"trainer.max_steps": 10, "checkpoint.every": 10, "data.hub_id": WRITTEN})
+    args = tiny(tiny_mnist, sweep, {"trainer.max_steps": 10, "checkpoint.every": 10, "data.hub": WRITTEN})
     args = ["-m", "hydra/launcher=vmap", *(a for a in args if not a.startswith("hydra.run.dir=")), "seed=0,1"]
     code, text = train([*args, f"hydra.sweep.dir={sweep}"], env, tmp_path / "sweep.log")
     assert code == 0, text[-3000:]

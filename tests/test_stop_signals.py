@@ -81,27 +81,30 @@ def test_a_signal_while_the_last_step_logs_stops_the_run_with_its_checkpoint():
     """fit on a counting step: SIGTERM arrives during the last step's logging (after the loop read its flag)."""
     saved = []
 
-    def on_log(step, metrics):
-        if step == 10:
-            os.kill(os.getpid(), signal.SIGTERM)  # handled by the loop's StopRequest: noted, not fatal
+    class Hooks:
+        def on_log(self, done, metrics, jobs, examples_per_s, skipped):
+            if done == 10:
+                os.kill(os.getpid(), signal.SIGTERM)  # handled by the loop's StopRequest: noted, not fatal
 
-    loop = fit_loop.Loop(
-        max_steps=10,
-        log_every=5,
-        eval_every=1000,
-        checkpoint_every=1000,
-        batch_size=1,
-        nan_policy="stop",
-        progress=False,
-        on_log=on_log,
-        on_eval=lambda step, state: {"val/elbo": 1.0},
-        on_checkpoint=lambda step, state, val: saved.append(step),
-    )
+        def on_eval(self, done, state, jobs):
+            return [{"val/elbo": 1.0} for _ in jobs]
+
+        def on_checkpoint(self, job, done, state, val):
+            saved.append(done)
+
+        def fail(self, job, err):
+            return str(err)
+
+        def snapshot(self, state, job):
+            return state
+
+    plan = fit_loop.Plan(log_every=5, eval_every=1000, checkpoint_every=1000, batch_size=1)
+    job = fit_loop.Job(range(0, 1), 10, fit_loop.EarlyStopping())
     state = {"step": jnp.int32(0), "nonfinite": jnp.int32(0), "first_nonfinite": jnp.int32(-1)}
 
     def train_step(state, batch):
         return {**state, "step": state["step"] + 1}, {"loss": jnp.float32(0.0)}
 
-    state, _, stopped = fit_loop.fit(state, train_step, lambda step: None, loop)
+    state, stopped = fit_loop.fit(state, train_step, lambda step: None, plan, [job], Hooks())
     assert int(state["step"]) == 10 and saved == [10]
     assert stopped == signal.SIGTERM  # the caller exits 143 and names the checkpoint, as for any stop

@@ -10,6 +10,7 @@ step it has a checkpoint of and none is stepped past its own checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -184,10 +185,11 @@ def _train(program: Program, specs, outs, restored, how: Launch, mesh, t0: float
     try:
         block = program.block if program.jitted_block is not None else None
         state, stopped = loop.fit(state, program.step, program.feed, plan, jobs, hooks, block)
-    finally:
-        for out in outs:
-            out.manager.wait_until_finished()
-        hooks.flush()
+    except BaseException:
+        with contextlib.suppress(Exception):  # the saves and events in flight; a second failure (the same full
+            _settle(outs, hooks)  # disk) must not replace the first, which names its file
+        raise
+    _settle(outs, hooks)
     if stopped:
         _stopped(specs, outs, how, stopped, loop.current_step(state))
     for spec, job in zip(specs, jobs, strict=True):
@@ -197,6 +199,13 @@ def _train(program: Program, specs, outs, restored, how: Launch, mesh, t0: float
     steps_run = loop.current_step(state) - start_step
     timing = {"steps_run": steps_run, "train_s": time.perf_counter() - train_start, "t0": t0}
     _finish(program, specs, outs, jobs, state, how, mesh, timing)
+
+
+def _settle(outs: list[JobOutput], hooks: Outputs) -> None:
+    """Orbax saves are async and TensorBoard writes on a thread: both land before the run goes on."""
+    for out in outs:
+        out.manager.wait_until_finished()
+    hooks.flush()
 
 
 def _stopped(specs: list[JobSpec], outs: list[JobOutput], how: Launch, signum: int, step: int) -> None:

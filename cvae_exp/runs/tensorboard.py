@@ -17,6 +17,9 @@ from tensorboardX import SummaryWriter
 HPARAMS_PREFIX = "z_hparams/"  # the hparams summary's metric names
 
 
+_QUEUE = 1000  # events tensorboardX holds before its writer thread takes them (its default, 10, is one log step)
+
+
 class Writer:
     """A SummaryWriter under `<run dir>/tb` (or `<run dir>/tb/<name>`, one TensorBoard run per seed of
     a K-seed run), or a no-op on other processes / when disabled."""
@@ -25,7 +28,9 @@ class Writer:
         self._w = None
         if enabled and jax.process_index() == 0:
             purge = resume_step + 1 if resume_step is not None else None
-            self._w = SummaryWriter(str(run_dir / "tb" / name if name else run_dir / "tb"), purge_step=purge)
+            # a queue long enough for a log step's events: a put waits only on a writer thread that is behind
+            where = str(run_dir / "tb" / name if name else run_dir / "tb")
+            self._w = SummaryWriter(where, purge_step=purge, max_queue=_QUEUE)
 
     def _check_alive(self) -> None:
         """tensorboardX writes events on a thread; when a write fails there (a full disk) that thread ends
@@ -45,9 +50,9 @@ class Writer:
         raise OSError(errno.EIO, "TensorBoard's event writer stopped", events.get_logdir())
 
     def scalars(self, metrics: Mapping[str, float], step: int) -> None:
-        if self._w:
-            self._check_alive()
-            for tag, value in metrics.items():
+        for tag, value in metrics.items():
+            if self._w:
+                self._check_alive()  # before every event: one put into a dead writer's full queue never returns
                 self._w.add_scalar(tag, float(value), step)
 
     def image(self, tag: str, grid: np.ndarray, step: int) -> None:

@@ -180,6 +180,8 @@ def train_partition(jobs: list[SweepJob], partition: int, swept: list[str], chec
         ),
         signals=signals,
     )
+    log.info("vmap group %d: jobs %s in one program (%d members; traced per member: %s)", partition,
+             ", ".join(str(j.num) for j in jobs), len(jobs), ", ".join(traced) or "nothing")  # fmt: skip
     with contextlib.ExitStack() as held:
         for job in jobs:
             job.run_dir.mkdir(parents=True, exist_ok=True)
