@@ -6,7 +6,7 @@ value; `ncll` is the headline figure (IS where the model has q, MC for the GSNN,
 baseline); `*_per_pixel` divide by the scored pixels; `*_sem` is the standard error of the mean over the
 evaluated digits. All in nats, lower is better. `eval.examples=N` evaluates the first N digits of the
 split; `eval.tag=T` writes eval_<split>_T.json instead of eval_<split>.json (for studies beside the table,
-e.g. other S).
+e.g. other S); `eval.checkpoint=last` scores the newest checkpoint instead of the best by val/elbo.
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ def evaluate_run(
     seed: int = 0,
     seed_index: int = 0,
     examples: int = 0,
+    which: str = "best",
 ) -> dict:
     import jax
 
@@ -74,7 +75,7 @@ def evaluate_run(
     from cvae_exp.training.steps import evaluate
 
     mesh = devices.make_mesh("all")
-    run = load_run(run_dir, sharding=devices.replicated(mesh), seed_index=seed_index)
+    run = load_run(run_dir, sharding=devices.replicated(mesh), seed_index=seed_index, which=which)
     launch.release_log()  # accepted: the log may reach <run dir>/evaluate.log
     batch_size = devices.round_to_devices(batch_size, mesh)
     data = run.splits.test if split == "test" else run.splits.val
@@ -105,6 +106,7 @@ def evaluate_run(
         "condition": run.task.condition,
         "n_given": run.cfg.data.n_given if run.task.condition == "quadrants" else None,
         "checkpoint_step": run.step,
+        "checkpoint": which,
         "seed": run.cfg.seed + seed_index,  # the model's training seed
         "split": split,
         "samples": samples if kind(run.task.kind).latent else 0,
@@ -127,7 +129,15 @@ def main(cfg: DictConfig) -> None:
     validate_eval(cfg)
     e = cfg.eval
     result = evaluate_run(
-        cfg.run_dir, e.samples, e.split, e.chunk, e.batch_size, cfg.seed, e.seed_index, examples=e.examples
+        cfg.run_dir,
+        e.samples,
+        e.split,
+        e.chunk,
+        e.batch_size,
+        cfg.seed,
+        e.seed_index,
+        examples=e.examples,
+        which=e.checkpoint,
     )
     # eval.json is the latest evaluation; eval_<split>.json keeps one per split for the reports (and
     # eval_<split>_<tag>.json a tagged one, which the reports leave alone).

@@ -38,15 +38,16 @@ def run_config(run_dir: Path) -> DictConfig:
     return read_run_config(run_dir, f"run_dir={run_dir}")
 
 
-def load_run(run_dir: str | Path, sharding=None, seed_index: int = 0) -> TrainedRun:
-    """The run's best checkpoint by val/elbo (the newest where none has a val/elbo); of a run that
-    trained K seeds together (trainer.num_seeds=K), the model of seed `seed` + `seed_index`."""
+def load_run(run_dir: str | Path, sharding=None, seed_index: int = 0, which: str = "best") -> TrainedRun:
+    """The run's best checkpoint by val/elbo (the newest where none has a val/elbo), or with which="last"
+    its newest (eval.checkpoint=last); of a run that trained K seeds together (trainer.num_seeds=K), the
+    model of seed `seed` + `seed_index`."""
     run_dir = Path(run_dir).resolve()
     cfg = run_config(run_dir)
     if not (run_dir / "checkpoints").is_dir():
         raise UserError(f"run_dir={run_dir} holds no checkpoints/ folder.")
     manager = checkpoint.make_manager(run_dir, cfg.checkpoint.keep, read_only=True)
-    ranked = checkpoint.best_first(manager)
+    ranked = checkpoint.best_first(manager) if which == "best" else sorted(manager.all_steps(), reverse=True)
     if not ranked:
         raise UserError(f"run_dir={run_dir} holds no checkpoint.")
     # The config the weights were trained with, as the checkpoint recorded it (.hydra/config.yaml is the

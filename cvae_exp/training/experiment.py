@@ -19,7 +19,7 @@ from cvae_exp.config import check_targets
 from cvae_exp.data import sources
 from cvae_exp.data.pipeline import PIXELS, Splits, condition_dim, make_splits
 from cvae_exp.errors import UserError
-from cvae_exp.models.build import build_model
+from cvae_exp.models.build import build_model, data_logit
 from cvae_exp.training import devices, steps
 from cvae_exp.training import feed as feeds
 
@@ -73,14 +73,27 @@ def build_experiment(cfg: DictConfig) -> Experiment:
         split_seed=cfg.data.split_seed,
         binarize=cfg.data.binarize,
         binarize_seed=cfg.data.binarize_seed,
+        val_from=cfg.data.val_from,
+        val_holdout=cfg.data.val_holdout,
+        shuffle=cfg.data.shuffle,
     )
     task = steps.build_task(cfg, splits.dynamic)
+    bias = data_logit(splits.train.images) if cfg.model.output_bias == "data_logit" else None
 
     def build_params(seed: int):
-        return build_model(cfg.model, condition_dim(task.condition), PIXELS, precision=cfg.trainer.precision, seed=seed)
+        return build_model(
+            cfg.model,
+            condition_dim(task.condition),
+            PIXELS,
+            precision=cfg.trainer.precision,
+            seed=seed,
+            output_bias=bias,
+        )
 
     graphdef, params = build_params(cfg.seed)
-    opt = instantiate(cfg.optimizer, total_steps=cfg.trainer.max_steps, _convert_="all")
+    # An epoch of the training split, for the schedules counted in epochs (optimizer.schedule=burda).
+    epoch = cfg.optimizer.steps_per_epoch or len(splits.train.images) // cfg.trainer.batch_size
+    opt = instantiate(cfg.optimizer, total_steps=cfg.trainer.max_steps, steps_per_epoch=epoch, _convert_="all")
     return Experiment(
         raw.source, splits, task, graphdef, params, opt, lambda seed: build_params(seed)[1], cfg.model.baseline_run
     )
