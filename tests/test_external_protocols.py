@@ -223,15 +223,13 @@ def test_iw_bound_with_one_sample_is_the_elbo_with_the_kl_at_the_sample(cvae_bat
 
 def test_iw_bound_tightens_with_k_towards_the_importance_sampled_likelihood(cvae_batch):
     model, x, y, mask = cvae_batch
-    keys = jax.random.split(jax.random.key(8), 400)
+    keys = jax.random.split(jax.random.key(8), 200)
     mean_bound = {
         k: float(jnp.mean(jax.vmap(lambda kk, k=k: iw_bound(model, x, y, mask, kk, samples=k, beta=1.0)[0])(keys)))
         for k in (1, 5, 50)
     }
     exact = float(
-        jnp.mean(
-            conditional_nll(model, x, y, mask, jax.random.key(9), samples=20000, chunk=2000, has_q=True)["ncll_is"]
-        )
+        jnp.mean(conditional_nll(model, x, y, mask, jax.random.key(9), samples=5000, chunk=1000, has_q=True)["ncll_is"])
     )
     assert mean_bound[1] > mean_bound[5] > mean_bound[50] > exact - 0.05  # -L_k falls with k, to -log p(y | x)
     assert mean_bound[50] - exact < 0.5 * (mean_bound[1] - exact)
