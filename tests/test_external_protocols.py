@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import compose_config
+import yaml
+from conftest import REPO, compose_config
 from flax import nnx
 from hydra.utils import instantiate
 
@@ -306,3 +307,54 @@ def test_an_iw_run_trains_and_cvae_eval_scores_its_last_checkpoint(session_cli, 
     result = json.loads((run / "eval_test.json").read_text())
     assert result["checkpoint_step"] == 40 and result["checkpoint"] == "last"
     assert result["ncll_is"] <= result["neg_elbo"]
+
+
+# ----------------------------------------------------------------------------- the results table
+
+
+def fake_run(folder, seed: int, step: int, ncll: float) -> None:
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps({"step": step, "wall_s": 9.0, "hardware": "test host"}))
+    test = {"samples": 5000, "examples": 10000, "checkpoint": "last", "ncll": ncll, "ncll_sem": 0.3, "seconds": 1.0}
+    (folder / "eval_test.json").write_text(json.dumps(test))
+    (folder / "eval_val.json").write_text(json.dumps({**test, "examples": 400}))
+    (folder / ".hydra" / "config.yaml").write_text(f"seed: {seed}\ntrainer:\n  max_steps: 100\n")
+    overrides = ["experiment=burda2016_vae", f"seed={seed}", "resume=auto"]
+    (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+
+
+def test_external_checks_table_counts_finished_runs_only_and_leaves_the_rest_pending(tmp_path, monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("external_checks", REPO / "scripts" / "external_checks.py")
+    ext = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ext)
+    monkeypatch.chdir(tmp_path)
+    for seed, step, ncll in ((0, 100, 87.0), (1, 100, 88.0), (2, 60, 80.0)):  # seed 2 has not finished
+        fake_run(tmp_path / f"run{seed}", seed, step, ncll)
+        ext.record(tmp_path / f"run{seed}", f"burda2016_vae_s{seed}")
+    rows = {r["protocol"].split(",")[0]: r for r in ext.rows()}
+    vae = rows["VAE"]
+    assert (vae["status"], vae["seeds"], vae["ours_nll"]) == ("finished", 2, 87.5)
+    assert vae["ours_spread"] == round(math.sqrt(0.5), 2) and vae["gap"] == "+0.74"
+    assert vae["train_command"] == "cvae-train experiment=burda2016_vae seed=<seed> hydra.run.dir=<run dir>"
+    assert all(r["status"] == "pending" and r["ours_nll"] == "" for k, r in rows.items() if k != "VAE")
+
+
+def test_committed_external_checks_are_rebuilt_from_the_committed_records(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    for folder in ("results", "scripts"):
+        shutil.copytree(REPO / folder, tmp_path / folder)
+    out = subprocess.run(
+        [sys.executable, "scripts/external_checks.py", "table"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    for name in ("external_checks.csv", "external_checks.md"):
+        assert (tmp_path / "results" / name).read_text() == (REPO / "results" / name).read_text(), name
