@@ -43,6 +43,13 @@ SPLITS = ("val", "test")
 QUADRANT_LAYOUTS = ("left_first", "top_first")
 BASELINE_INTO = ("prior", "prior_and_generation")
 SAFE_TARGET_PREFIXES = ("cvae_exp.", "optax.", "flax.")
+ACTIVATIONS = ("relu", "tanh")
+KERNEL_INITS = ("lecun_normal", "glorot_uniform")
+OUTPUT_BIASES = ("zero", "data_logit")
+KL_ESTIMATES = ("analytic", "sampled")
+VAL_FROM = ("random", "last")
+SCHEDULES = ("constant", "cosine", "burda", "burda_unrounded")
+EVAL_CHECKPOINTS = ("best", "last")
 
 
 @dataclass
@@ -61,6 +68,11 @@ class ModelConfig:
     baseline_hidden: Optional[list[int]] = None  # that baseline's hidden widths (its model.hidden); null: model.hidden
     baseline_into: str = "prior"  # prior (the paper's Figure 1(d)) | prior_and_generation (y_hat into p(y|x,z) too)
     baseline_frozen: bool = False  # true: the pre-trained baseline stays fixed; false: fine-tuned with the rest
+    activation: str = "relu"  # relu | tanh: between the dense layers of every network
+    kernel_init: str = "lecun_normal"  # lecun_normal (Flax's default) | glorot_uniform (yburda/iwae, Keras)
+    output_bias: str = "zero"  # zero | data_logit: the generation's last bias starts at logit(mean training pixel)
+    iw_samples: int = 1  # k > 1: train on the importance-weighted bound with k samples of q (cvae, vae); 1: the ELBO
+    kl: str = "analytic"  # analytic | sampled: at iw_samples=1, KL in closed form or log q - log p at the sample
 
 
 @dataclass
@@ -76,6 +88,9 @@ class DataConfig:
     binarize: str = "dynamic"  # static | dynamic | threshold | none
     val_size: int = 5000  # carved from the training split with `split_seed`
     split_seed: int = 0  # seed of the train/val split
+    val_from: str = "random"  # random (with split_seed) | last: the last val_size digits of the training file
+    val_holdout: bool = True  # false: the val digits are trained on too (a monitor of fit, not a held-out set)
+    shuffle: bool = True  # false: every epoch visits the training digits in the same order (the split's)
     binarize_seed: int = 42  # static / dynamic: seed of the one fixed Bernoulli draw of every split that is scored
     condition: str = "label"  # label | none | quadrants
     n_given: int = 1  # quadrants given (quadrant task): 1, 2 or 3, in the order of quadrant_layout
@@ -90,7 +105,8 @@ class OptimizerConfig:
         default_factory=lambda: {"_target_": "optax.adam", "_partial_": True}
     )  # a partial optax constructor (optax.adam, optax.adamw, ...) and its arguments
     lr: float = 1e-3  # peak learning rate
-    schedule: str = "constant"  # constant | cosine (cosine decays to 0 at trainer.max_steps)
+    schedule: str = "constant"  # constant | cosine (cosine decays to 0 at trainer.max_steps) | burda | burda_unrounded
+    steps_per_epoch: Optional[int] = None  # burda schedules: steps in an epoch; null: training digits // batch_size
     warmup_steps: int = 0  # linear warm-up from 0 to lr
     clip_norm: Optional[float] = None  # clip gradients to this global norm; null: no clipping
 
@@ -139,6 +155,7 @@ class EvalConfig:
     examples: int = 0  # evaluate the first N digits of the split only; 0: all of them
     tag: str = ""  # non-empty: write eval_<split>_<tag>.json (studies beside the table) instead of eval_<split>.json
     progress: bool = True  # cvae-eval: a progress bar with the time left (TQDM_DISABLE=1 also turns it off)
+    checkpoint: str = "best"  # best (by val/elbo) | last: the newest checkpoint (protocols that score the final model)
 
 
 @dataclass
@@ -311,6 +328,16 @@ ADDED_KEYS: dict[str, Any] = {
     "data.label_column": None,
     "data.resize": None,
     "model.mixtures": 10,
+    # the external checks' protocols (ReLU networks, LeCun-normal init, the ELBO, a random split, shuffled epochs)
+    "model.activation": "relu",
+    "model.kernel_init": "lecun_normal",
+    "model.output_bias": "zero",
+    "model.iw_samples": 1,
+    "model.kl": "analytic",
+    "data.val_from": "random",
+    "data.val_holdout": True,
+    "data.shuffle": True,
+    "optimizer.steps_per_epoch": None,
     # (trainer.data_on_device is not here: either feed trains the same parameters, so today's faster default)
 }
 _ABSENT = object()
@@ -448,6 +475,11 @@ def check_baseline_run(cfg: DictConfig) -> None:
             f"{key} was trained with model.likelihood={saved.model.likelihood}, but this run has "
             f"model.likelihood={m.likelihood}."
         )
+    if saved.model.activation != m.activation:
+        raise UserError(
+            f"{key} was trained with model.activation={saved.model.activation}, but this run has "
+            f"model.activation={m.activation}."
+        )
     hidden = list(m.baseline_hidden or m.hidden)
     if list(saved.model.hidden) != hidden:
         raise UserError(
@@ -491,6 +523,22 @@ def check_data_path(cfg: DictConfig) -> None:
 
     labels = cfg.data.condition == "label" and not kind(cfg.model.kind).fixed_prior
     sources.check_path(cfg.data.path, data_columns(cfg), needs_labels=labels)
+
+
+def check_network_options(m: DictConfig) -> None:
+    """The networks' activation and initialisation, and the importance-weighted objective (cvae and vae only:
+    the GSNN term and the baseline have no q to weight)."""
+    _choice("model.activation", m.activation, ACTIVATIONS)
+    _choice("model.kernel_init", m.kernel_init, KERNEL_INITS)
+    _choice("model.output_bias", m.output_bias, OUTPUT_BIASES)
+    if m.output_bias == "data_logit" and m.likelihood != "bernoulli":
+        raise UserError(f"model.output_bias=data_logit sets Bernoulli logits, but model.likelihood={m.likelihood}.")
+    _at_least("model.iw_samples", m.iw_samples, 1)
+    _choice("model.kl", m.kl, KL_ESTIMATES)
+    what = kind(m.kind)
+    if (m.iw_samples > 1 or m.kl == "sampled") and not (what.recognition and not what.prior_term):
+        setting = f"model.iw_samples={m.iw_samples}" if m.iw_samples > 1 else "model.kl=sampled"
+        raise UserError(f"{setting} weights samples of q(z | x, y): only model.kind=cvae or vae has that objective.")
 
 
 def check_keys(cfg: DictConfig, schema: type | None = None) -> None:
@@ -554,6 +602,7 @@ def validate_eval(cfg: DictConfig) -> None:
     if not all(c.isalnum() or c in "-_" for c in cfg.eval.tag):
         raise UserError(f"eval.tag={cfg.eval.tag} may hold only letters, digits, '-' and '_' (it names a file).")
     _choice("eval.split", cfg.eval.split, SPLITS)
+    _choice("eval.checkpoint", cfg.eval.checkpoint, EVAL_CHECKPOINTS)
 
 
 # Step counts: the step counter and the schedules count in int32 on the devices.
@@ -612,15 +661,19 @@ def validate(cfg: DictConfig) -> None:
     if d.resize is not None and (len(d.resize) != 2 or min(d.resize) < 1):
         raise UserError(f"data.resize={list(d.resize)} must be [height, width], two positive sizes (or null).")
     _choice("model.baseline_into", m.baseline_into, BASELINE_INTO)
+    check_network_options(m)
     for i, width in enumerate(m.baseline_hidden or []):
         _at_least(f"model.baseline_hidden[{i}]", width, 1)
     check_baseline_run(cfg)
     if not 0.0 <= d.omission_rate <= 1.0:
         raise UserError(f"data.omission_rate={d.omission_rate} must lie in [0, 1].")
     _at_least("data.val_size", d.val_size, 1)
+    _choice("data.val_from", d.val_from, VAL_FROM)
     if o.lr <= 0:
         raise UserError(f"optimizer.lr={o.lr} must be positive.")
-    _choice("optimizer.schedule", o.schedule, ("constant", "cosine"))
+    _choice("optimizer.schedule", o.schedule, SCHEDULES)
+    if o.steps_per_epoch is not None:
+        _at_least("optimizer.steps_per_epoch", o.steps_per_epoch, 1)
     _at_least("optimizer.warmup_steps", o.warmup_steps, 0)
     if o.schedule == "cosine" and o.warmup_steps >= t.max_steps:
         raise UserError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from cvae_exp.data.geometry import Geometry
@@ -10,14 +11,15 @@ from cvae_exp.models.cvae import CVAE, Baseline
 from cvae_exp.models.kinds import kind
 from cvae_exp.models.mlp import MLP
 
-__all__ = ["CVAE", "Baseline", "MLP", "build_model"]
+__all__ = ["CVAE", "Baseline", "MLP", "build_model", "data_logit"]
 
 
-def build_model(model_cfg, x_dim: int, geometry: Geometry, *, precision: str = "fp32", seed: int = 0):
+def build_model(model_cfg, x_dim: int, geometry: Geometry, *, precision: str = "fp32", seed: int = 0, output_bias=None):
     """(graphdef, params as a plain dict) of the network for `model.kind`: a Baseline, or a CVAE
     with the networks its objective needs (and a baseline submodule when `model.baseline_run` is set),
     predicting images of `geometry` (y has geometry.dims dimensions) from conditions of `x_dim`.
-    The steps merge the two back inside jit."""
+    The steps merge the two back inside jit. `output_bias` [y_dim], when given, is the first value of the
+    output layer's bias (model.output_bias=data_logit)."""
     dtype = jnp.bfloat16 if precision == "bf16" else jnp.float32
     y_dim = geometry.dims
     common = dict(
@@ -26,6 +28,8 @@ def build_model(model_cfg, x_dim: int, geometry: Geometry, *, precision: str = "
         min_log_var=model_cfg.min_log_var,
         channels=geometry.channels,
         mixtures=model_cfg.mixtures,
+        activation=model_cfg.activation,
+        kernel_init=model_cfg.kernel_init,
         dtype=dtype,
         rngs=nnx.Rngs(seed),
     )
@@ -47,4 +51,16 @@ def build_model(model_cfg, x_dim: int, geometry: Geometry, *, precision: str = "
             **common,
         )
     graphdef, state = nnx.split(model)
-    return graphdef, nnx.to_pure_dict(state)
+    params = nnx.to_pure_dict(state)
+    if output_bias is not None:
+        net = params["generation"] if what.latent else params["net"]
+        last = net[f"dense{len(model_cfg.hidden)}"]
+        last["bias"] = jnp.asarray(output_bias, last["bias"].dtype).reshape(last["bias"].shape)
+    return graphdef, params
+
+
+def data_logit(images) -> np.ndarray:
+    """logit(mean training pixel), the mean clipped to [0.001, 0.999]: the output bias yburda/iwae (datasets.py
+    get_train_bias_np) and nbip/IWAE (iwae1.py get_bias) start the decoder from; `images` uint8 [N, pixels]."""
+    mean = np.clip(np.asarray(images).mean(axis=0, dtype=np.float64) / 255.0, 0.001, 0.999)
+    return (-np.log(1.0 / mean - 1.0)).astype(np.float32)

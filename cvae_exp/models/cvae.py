@@ -71,10 +71,13 @@ class CVAE(nnx.Module):
         baseline_hidden: list[int] | None = None,
         baseline_into: str = "prior",
         baseline_frozen: bool = False,
+        activation: str = "relu",
+        kernel_init: str = "lecun_normal",
         dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
         self.latent_dim, self.x_dim = latent_dim, x_dim
+        net = dict(activation=activation, kernel_init=kernel_init, dtype=dtype, rngs=rngs)
         self.head = OutputHead(likelihood, min_log_var, channels, mixtures)
         # With `baseline_hidden`, the prior network also sees the baseline's prediction y_hat (and, with
         # baseline_into="prior_and_generation", the generation network too).
@@ -84,14 +87,10 @@ class CVAE(nnx.Module):
         h_dim = x_dim + (y_dim if aided else 0)
         g_dim = h_dim if self.baseline_into == "prior_and_generation" else x_dim
         # The GSNN never uses q, so it has no recognition network at all.
-        self.recognition = (
-            MLP([x_dim + y_dim, *hidden, 2 * latent_dim], dtype=dtype, rngs=rngs) if recognition else None
-        )
+        self.recognition = MLP([x_dim + y_dim, *hidden, 2 * latent_dim], **net) if recognition else None
         # A learned prior needs something to condition on; with no condition it is N(0, I).
-        self.prior_net = (
-            MLP([h_dim, *hidden, 2 * latent_dim], dtype=dtype, rngs=rngs) if prior == "learned" and x_dim > 0 else None
-        )
-        self.generation = MLP([g_dim + latent_dim, *hidden, self.head.width(y_dim)], dtype=dtype, rngs=rngs)
+        self.prior_net = MLP([h_dim, *hidden, 2 * latent_dim], **net) if prior == "learned" and x_dim > 0 else None
+        self.generation = MLP([g_dim + latent_dim, *hidden, self.head.width(y_dim)], **net)
         self.baseline = (
             Baseline(
                 x_dim,
@@ -101,8 +100,7 @@ class CVAE(nnx.Module):
                 min_log_var=min_log_var,
                 channels=channels,
                 mixtures=mixtures,
-                dtype=dtype,
-                rngs=rngs,
+                **net,
             )
             if baseline_hidden is not None
             else None
@@ -168,11 +166,19 @@ class Baseline(nnx.Module):
         min_log_var: float = -6.0,
         channels: int = 1,
         mixtures: int = 10,
+        activation: str = "relu",
+        kernel_init: str = "lecun_normal",
         dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
         self.head = OutputHead(likelihood, min_log_var, channels, mixtures)
-        self.net = MLP([x_dim, *hidden, self.head.width(y_dim)], dtype=dtype, rngs=rngs)
+        self.net = MLP(
+            [x_dim, *hidden, self.head.width(y_dim)],
+            activation=activation,
+            kernel_init=kernel_init,
+            dtype=dtype,
+            rngs=rngs,
+        )
 
     def __call__(self, x: jax.Array) -> Output:
         return self.head(self.net(x))

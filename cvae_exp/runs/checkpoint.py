@@ -44,6 +44,7 @@ SHAPE_KEYS = (
     "model.prior",
     "model.likelihood",
     "model.mixtures",
+    "model.activation",
     "data.name",
     "data.condition",
     "optimizer.transform",

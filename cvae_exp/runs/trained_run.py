@@ -39,11 +39,12 @@ def run_config(run_dir: Path) -> DictConfig:
     return read_run_config(run_dir, f"run_dir={run_dir}")
 
 
-def load_run(run_dir: str | Path, sharding=None, seed_index: int = 0) -> TrainedRun:
-    """The run's best checkpoint by val/elbo (the newest where none has a val/elbo), with its data; of a run
-    that trained K seeds together (trainer.num_seeds=K), the model of seed `seed` + `seed_index`."""
+def load_run(run_dir: str | Path, sharding=None, seed_index: int = 0, which: str = "best") -> TrainedRun:
+    """The run's best checkpoint by val/elbo (the newest where none has a val/elbo), or with which="last"
+    its newest (eval.checkpoint=last), with its data; of a run that trained K seeds together
+    (trainer.num_seeds=K), the model of seed `seed` + `seed_index`."""
     run_dir = Path(run_dir).resolve()
-    cfg, step, state, geometry = _best_state(run_dir, sharding, seed_index)
+    cfg, step, state, geometry = _best_state(run_dir, sharding, seed_index, which)
     check_data_path(cfg)  # the saved config's data, before it loads (its targets: _best_state)
     exp = build_experiment(cfg)
     if not geometry.same_shape(exp.geometry):
@@ -55,7 +56,9 @@ def load_run(run_dir: str | Path, sharding=None, seed_index: int = 0) -> Trained
     return TrainedRun(cfg, step, exp.graphdef, params, exp.task, exp.splits)
 
 
-def _best_state(run_dir: Path, sharding=None, seed_index: int = 0) -> tuple[DictConfig, int, Any, Geometry]:
+def _best_state(
+    run_dir: Path, sharding=None, seed_index: int = 0, which: str = "best"
+) -> tuple[DictConfig, int, Any, Geometry]:
     """(the config its weights were trained with, step, state, the geometry of its images) of the run's best
     checkpoint that verifies (damaged ones set aside unless the run is live); only the checkpoint is read,
     none of the data (a checkpoint without a geometry record was trained on MNIST)."""
@@ -66,7 +69,7 @@ def _best_state(run_dir: Path, sharding=None, seed_index: int = 0) -> tuple[Dict
     # damaged, and the ranking is made again from what is there now (a few tries; each save keeps `keep`).
     for attempt in range(_READ_TRIES):
         try:
-            return _read_best(run_dir, cfg, sharding, seed_index)
+            return _read_best(run_dir, cfg, sharding, seed_index, which)
         except (checkpoint.Vanished, FileNotFoundError) as err:
             if attempt == _READ_TRIES - 1:
                 raise UserError(
@@ -80,10 +83,12 @@ def _best_state(run_dir: Path, sharding=None, seed_index: int = 0) -> tuple[Dict
 _READ_TRIES = 8
 
 
-def _read_best(run_dir: Path, cfg: DictConfig, sharding, seed_index: int) -> tuple[DictConfig, int, Any, Geometry]:
+def _read_best(
+    run_dir: Path, cfg: DictConfig, sharding, seed_index: int, which: str
+) -> tuple[DictConfig, int, Any, Geometry]:
     manager = checkpoint.make_manager(run_dir, cfg.checkpoint.keep, read_only=True)
     try:
-        ranked = checkpoint.best_first(manager)
+        ranked = checkpoint.best_first(manager) if which == "best" else sorted(manager.all_steps(), reverse=True)
         if not ranked:
             raise UserError(f"run_dir={run_dir} holds no checkpoint.")
         # The config the weights were trained with, as the checkpoint recorded it (.hydra/config.yaml is the

@@ -20,7 +20,7 @@ from cvae_exp.data import sources
 from cvae_exp.data.geometry import Geometry
 from cvae_exp.data.pipeline import Splits, condition_dim, make_splits
 from cvae_exp.errors import UserError
-from cvae_exp.models.build import build_model
+from cvae_exp.models.build import build_model, data_logit
 from cvae_exp.training import devices, steps
 
 
@@ -77,9 +77,15 @@ def build_experiment(cfg: DictConfig) -> Experiment:
         split_seed=cfg.data.split_seed,
         binarize=cfg.data.binarize,
         binarize_seed=cfg.data.binarize_seed,
+        val_from=cfg.data.val_from,
+        val_holdout=cfg.data.val_holdout,
+        shuffle=cfg.data.shuffle,
     )
     task = steps.build_task(cfg, splits.dynamic, raw.geometry)
-    build_params, opt = _network(cfg, task.condition, raw.geometry)
+    bias = data_logit(splits.train.images) if cfg.model.output_bias == "data_logit" else None
+    # An epoch of the training split, for the schedules counted in epochs (optimizer.schedule=burda).
+    epoch = cfg.optimizer.steps_per_epoch or len(splits.train.images) // cfg.trainer.batch_size
+    build_params, opt = _network(cfg, task.condition, raw.geometry, epoch, bias)
     graphdef, params = build_params(cfg.seed)
     return Experiment(
         raw.source,
@@ -94,22 +100,28 @@ def build_experiment(cfg: DictConfig) -> Experiment:
     )
 
 
-def _network(cfg: DictConfig, condition: str, geometry: Geometry):
+def _network(cfg: DictConfig, condition: str, geometry: Geometry, steps_per_epoch: int, output_bias=None):
     """(seed -> (graphdef, params), optimizer) of the config's network on images of `geometry`: nothing of
-    the data is read."""
+    the data is read (`steps_per_epoch`: an epoch for the schedules counted in epochs; `output_bias`:
+    model.output_bias=data_logit's first bias)."""
 
     def build_params(seed: int):
         x_dim = condition_dim(condition, geometry)
-        return build_model(cfg.model, x_dim, geometry, precision=cfg.trainer.precision, seed=seed)
+        return build_model(
+            cfg.model, x_dim, geometry, precision=cfg.trainer.precision, seed=seed, output_bias=output_bias
+        )
 
-    return build_params, instantiate(cfg.optimizer, total_steps=cfg.trainer.max_steps, _convert_="all")
+    opt = instantiate(
+        cfg.optimizer, total_steps=cfg.trainer.max_steps, steps_per_epoch=steps_per_epoch, _convert_="all"
+    )
+    return build_params, opt
 
 
 def state_shape(cfg: DictConfig, geometry: Geometry) -> Any:
     """The shapes of a run's training state (its checkpoints' `state` item, with the seed axis of a K-seed
     run), built from its config and the geometry its checkpoint recorded: reading a run's parameters needs
-    none of its data."""
-    build_params, opt = _network(cfg, steps.task_condition(cfg), geometry)
+    none of its data (the schedule's epoch and the output bias change no shape)."""
+    build_params, opt = _network(cfg, steps.task_condition(cfg), geometry, cfg.optimizer.steps_per_epoch or 1)
     _, params = build_params(cfg.seed)
     shape = jax.eval_shape(lambda: steps.init_state(params, opt.tx, cfg.seed))
     lead = (cfg.trainer.num_seeds,) if cfg.trainer.num_seeds > 1 else ()

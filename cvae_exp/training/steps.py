@@ -46,6 +46,8 @@ class Task:
     nan_policy: str = "stop"
     precision: str = "fp32"
     frozen_baseline: bool = False  # model.baseline_frozen with a baseline_run: its parameters never change
+    iw_samples: int = 1  # model.iw_samples: k > 1 trains on the importance-weighted bound
+    sampled_kl: bool = False  # model.kl=sampled
 
 
 def build_task(cfg, dynamic: bool, geometry: Geometry) -> Task:
@@ -65,6 +67,8 @@ def build_task(cfg, dynamic: bool, geometry: Geometry) -> Task:
         nan_policy=cfg.trainer.nan_policy,
         precision=cfg.trainer.precision,
         frozen_baseline=bool(cfg.model.baseline_frozen and cfg.model.baseline_run),
+        iw_samples=cfg.model.iw_samples,
+        sampled_kl=cfg.model.kl == "sampled",
     )
 
 
@@ -100,7 +104,18 @@ def loss_fn(params, graphdef, batch, key, step, task: Task, train: bool):
     key_data, key_model = jax.random.split(key)
     x, y, mask = prepare(batch, key_data, task, train)
     beta = kl_weight(step, task.beta, task.kl_warmup_steps) if train else 1.0
-    loss, metrics = per_example_loss(model, x, y, mask, key_model, kind=task.kind, beta=beta, alpha=task.alpha)
+    loss, metrics = per_example_loss(
+        model,
+        x,
+        y,
+        mask,
+        key_model,
+        kind=task.kind,
+        beta=beta,
+        alpha=task.alpha,
+        iw_samples=task.iw_samples,
+        sampled_kl=task.sampled_kl,
+    )
     return loss, metrics
 
 
