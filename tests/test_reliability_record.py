@@ -288,7 +288,7 @@ def test_a_full_disk_under_the_vmap_launcher_names_the_file(tiny_mnist, env, tmp
     from cvae_exp.data import sources
 
     sources.load(path=tiny_mnist)  # decoded and cached (CVAE_EXP_CACHE) before the disk is full
-    limit = 6000
+    limit = 20000  # above multirun.yaml (about 6 kB), below a 300-step event file or log
     full_disk = (
         "import resource, runpy, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
         f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
