@@ -111,7 +111,12 @@ def test_committed_table_is_rebuilt_from_the_committed_records(cli_env, tmp_path
         check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rebuilt = ("sohn2015_table1.csv", "sohn2015_table1.md", "sohn2015_ablations.csv", "sohn2015_baseline_search_ranking.md")
+    rebuilt = (
+        "sohn2015_table1.csv",
+        "sohn2015_table1.md",
+        "sohn2015_ablations.csv",
+        "sohn2015_baseline_search_ranking.md",
+    )
     for name in rebuilt:
         assert (tmp_path / "results" / name).read_text() == (REPO / "results" / name).read_text(), name
     with open(REPO / "results" / "sohn2015_table1.csv") as f:
