@@ -1,11 +1,12 @@
 """A learning rate that differs between vmap members works under every optimizer and schedule the config offers
-(conf/optimizer: adam, adamw; constant or cosine, each with and without warm-up; with and without clipping): each
+(conf/optimizer: adam, adamw; constant or cosine, each with and without warm-up, or Burda's stages counted in
+epochs; with and without clipping): each
 member's parameters equal those of its separate optimizer, and so do the learning rates it logs.
 
 The members' optimizer is cvae_exp.training.members.member_optimizer, the one a vmap group trains with (the rate
 injected into each member's optimizer state, traced); the cosine schedule failed there with a tracer error
 (optax's warm-up cosine compares its peak with 0 in Python). A tiny regression stands in for the model and the
-steps run op by op, so the 16 combinations take about two seconds; tests/test_vmap_launcher.py trains real
+steps run op by op, so the 20 combinations take about two seconds; tests/test_vmap_launcher.py trains real
 groups against their separate runs."""
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from cvae_exp.training.optim import make_optimizer
 
 STEPS = 12  # also trainer.max_steps: the cosine decays to 0 at the last step
 RATES = (1e-2, 3e-3)
-SCHEDULES = [("constant", 0), ("constant", 4), ("cosine", 0), ("cosine", 4)]  # (optimizer.schedule, warmup_steps)
+# (optimizer.schedule, warmup_steps); burda's stages of 1, 3, 9 ... epochs, an epoch of EPOCH steps
+SCHEDULES = [("constant", 0), ("constant", 4), ("cosine", 0), ("cosine", 4), ("burda", 0)]
+EPOCH = 1
 
 
 def loss(params, batch):
@@ -69,7 +72,7 @@ def test_each_member_rate_equals_its_separate_optimizer(transform, schedule, cli
         "clip_norm": clip,
     }
     params, data = problem()
-    group, values = members.member_optimizer(optimizer, STEPS, ["optimizer.lr"])
+    group, values = members.member_optimizer(optimizer, STEPS, ["optimizer.lr"], EPOCH)
     txs = [group.init(values({**optimizer, "lr": lr})) for lr in RATES]  # each member's state holds its rate
     tx = txs[0]  # the group's one transformation; the rate it applies is read from the member's state
 
@@ -78,7 +81,7 @@ def test_each_member_rate_equals_its_separate_optimizer(transform, schedule, cli
 
     together = jax.vmap(member)(stacked([params] * len(RATES)), stacked([t.init(params) for t in txs]))
     for i, lr in enumerate(RATES):
-        alone = make_optimizer(getattr(optax, transform), lr, name, warmup, clip, STEPS)
+        alone = make_optimizer(getattr(optax, transform), lr, name, warmup, clip, STEPS, EPOCH)
         rate_at = lambda s, k, schedule=alone.schedule: schedule(k)  # noqa: E731
         expected, expected_rates = train(alone.tx, params, alone.tx.init(params), data, rate_at)
         got, got_rates = jax.tree.map(lambda a, i=i: a[i], together)

@@ -37,6 +37,7 @@ class Experiment:
     build_params: Callable[[int], Any]  # seed -> freshly initialised params (those of a run with that seed)
     baseline_run: str | None = None  # model.baseline_run: the run whose best params start the baseline submodule
     data_sha256: str = ""  # the raw data's content digest (sources.content_sha256)
+    steps_per_epoch: int = 0  # the epoch of the schedules counted in epochs (optimizer.schedule=burda)
 
     @property
     def geometry(self) -> Geometry:
@@ -97,6 +98,7 @@ def build_experiment(cfg: DictConfig) -> Experiment:
         lambda seed: build_params(seed)[1],
         cfg.model.baseline_run,
         data_sha256=raw.sha256,
+        steps_per_epoch=epoch,
     )
 
 

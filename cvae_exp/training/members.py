@@ -114,9 +114,12 @@ class MemberOptimizer:
         return Optimizer(tx, self.build(**opt_state.hyperparams).schedule)
 
 
-def member_optimizer(optimizer: dict, total_steps: int, traced_keys: list[str]) -> tuple[MemberOptimizer, Callable]:
+def member_optimizer(
+    optimizer: dict, total_steps: int, traced_keys: list[str], steps_per_epoch: int | None = None
+) -> tuple[MemberOptimizer, Callable]:
     """The group's MemberOptimizer from a member's optimizer config (plain), and `values(optimizer config)`,
-    a member's injected values. `traced_keys`: the varying member keys (optimizer.* ones are injected)."""
+    a member's injected values. `traced_keys`: the varying member keys (optimizer.* ones are injected);
+    `steps_per_epoch`: the experiment's epoch, for the schedules counted in epochs."""
     names = tuple(k.split(".")[-1] for k in traced_keys if k.startswith("optimizer."))
     transform = instantiate(optimizer["transform"])  # a functools.partial of an optax constructor
 
@@ -129,6 +132,7 @@ def member_optimizer(optimizer: dict, total_steps: int, traced_keys: list[str]) 
             optimizer["warmup_steps"],
             hp.get("clip_norm", optimizer["clip_norm"]),
             total_steps,
+            steps_per_epoch,
         )
 
     def values(member_optimizer_cfg: dict) -> dict:
@@ -146,7 +150,8 @@ def initial_states(exp, plains: list[dict], traced: list[str], baseline: Any = N
     `trained_run.baseline_params`, in its baseline submodule when given). `exp`: the partition's Experiment."""
     from cvae_exp.training.experiment import with_baseline
 
-    opt, values = member_optimizer(plains[0]["optimizer"], plains[0]["trainer"]["max_steps"], traced)
+    first = plains[0]
+    opt, values = member_optimizer(first["optimizer"], first["trainer"]["max_steps"], traced, exp.steps_per_epoch)
     txs, states = [], []
     for plain in plains:
         tx = opt.init(values(plain["optimizer"]))
