@@ -163,11 +163,12 @@ def program_loop(exp, cfg: DictConfig, mesh, warmup: int, plains: list[dict]):
     members' first states as plain single-run states for the bare loop, the traced keys)."""
     import jax
 
+    from cvae_exp.config import trusted_modules
     from cvae_exp.runs.trained_run import baseline_params
     from cvae_exp.training import devices, members, steps
     from cvae_exp.training.program import build_program
 
-    program = build_program(exp, plains, mesh, baseline_params(cfg.model.baseline_run))
+    program = build_program(exp, plains, mesh, baseline_params(cfg.model.baseline_run, trusted_modules(cfg)))
     spans = [range(i, i + 1) for i in range(program.size)]
     state = program.group_state([program.fresh_job_state(span) for span in spans], spans)
     feed = program.feed

@@ -1,4 +1,5 @@
-"""The multilayer perceptron every network of the model family is built from, and its bf16 matmul."""
+"""The multilayer perceptron (`MLP`), the default network of every role (`MLPNet`, `model/net=mlp`), and the bf16
+matmul both it and the convolutional network's dense layers use."""
 
 from __future__ import annotations
 
@@ -67,3 +68,22 @@ class MLP(nnx.Module):
             if i < self.depth - 1:
                 h = jax.nn.relu(h)
         return h
+
+
+class MLPNet(MLP):
+    """The MLP of `spec.hidden` widths as a network of the seam (cvae_exp.models.nets, `model/net=mlp`): its
+    inputs, broadcast to their common leading axes, joined into one vector in the order of `spec.inputs` (images
+    flattened as they come), and a flat output of `spec.out_features`. The layers are the MLP's own attributes
+    (`dense0`, ...), so parameter paths, checkpoints and `params_sha256` are those of the MLPs built before the
+    seam existed."""
+
+    def __init__(self, spec, *, rngs: nnx.Rngs):
+        sizes = [sum(i.size for i in spec.inputs), *spec.hidden, spec.out_features]
+        super().__init__(sizes, dtype=spec.dtype, rngs=rngs)
+
+    def __call__(self, *inputs: jax.Array) -> jax.Array:
+        if len(inputs) == 1:
+            return super().__call__(inputs[0])
+        lead = jnp.broadcast_shapes(*(a.shape[:-1] for a in inputs))
+        joined = jnp.concatenate([jnp.broadcast_to(a, (*lead, a.shape[-1])) for a in inputs], axis=-1)
+        return super().__call__(joined)

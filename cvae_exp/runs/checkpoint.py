@@ -53,6 +53,7 @@ SHAPE_KEYS = (
     "model.baseline_run",
     "model.baseline_hidden",
     "model.baseline_into",
+    "model.net",  # every network's builder and its keys (a config saved without it: the MLP)
 )
 
 
@@ -275,7 +276,27 @@ def changed_shape_keys(saved: dict, current: dict) -> list[str]:
         value = OmegaConf.select(defaults, k)
         return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
 
-    return [k for k in SHAPE_KEYS if get(saved, k, default(k)) != get(current, k)]
+    changed = []
+    for k in SHAPE_KEYS:
+        was, now = get(saved, k, default(k)), get(current, k)
+        if was != now:
+            changed += _differing(k, was, now) if isinstance(was, dict) and isinstance(now, dict) else [k]
+    return changed
+
+
+def _differing(prefix: str, was: dict, now: dict) -> list[str]:
+    """The keys below `prefix` whose values differ (model.net.channels rather than model.net); another
+    `_target_` is another network altogether, named alone."""
+    if was.get("_target_") != now.get("_target_"):
+        return [f"{prefix}._target_"]
+    out = []
+    for k in sorted(set(was) | set(now), key=str):
+        a, b = was.get(k), now.get(k)
+        if a != b:
+            out += (
+                _differing(f"{prefix}.{k}", a, b) if isinstance(a, dict) and isinstance(b, dict) else [f"{prefix}.{k}"]
+            )
+    return out
 
 
 class _UnretrievedReads(logging.Filter):

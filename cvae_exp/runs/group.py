@@ -23,6 +23,7 @@ from typing import Any
 import jax
 from omegaconf import DictConfig, OmegaConf
 
+from cvae_exp.config import trusted_modules
 from cvae_exp.errors import UserError
 from cvae_exp.runs import checkpoint, launch, resume
 from cvae_exp.runs.metrics import final_metrics, hparams, per_seed_results, prefixed, summarize, write_metrics
@@ -80,7 +81,7 @@ def train_group(specs: list[JobSpec], how: Launch) -> list[JobSpec]:
     # ---- devices, data and the network (one experiment for the group: they share every shape)
     mesh = training_mesh(cfg)
     exp = build_experiment(cfg)
-    baseline = baseline_params(cfg.model.baseline_run)
+    baseline = baseline_params(cfg.model.baseline_run, trusted_modules(cfg))
     program = build_program(exp, _member_plains(specs), mesh, baseline)  # refuses a batch larger than the split
     fingerprint = exp.fingerprint
     sizes = (fingerprint[s] for s in ("train", "val", "test"))

@@ -89,7 +89,7 @@ def _network(cfg: DictConfig, condition: str, geometry: Geometry):
 
     def build_params(seed: int):
         x_dim = condition_dim(condition, geometry)
-        return build_model(cfg.model, x_dim, geometry, precision=cfg.trainer.precision, seed=seed)
+        return build_model(cfg.model, x_dim, geometry, precision=cfg.trainer.precision, seed=seed, condition=condition)
 
     return build_params, instantiate(cfg.optimizer, total_steps=cfg.trainer.max_steps, _convert_="all")
 
