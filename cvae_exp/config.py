@@ -317,6 +317,20 @@ def net_nodes(net: dict) -> list[tuple[str, dict]]:
     return [("model.net", top)] + [(f"model.net.{r}", net[r]) for r in NET_ROLES if r in net]
 
 
+def differing_keys(prefix: str, was: dict, now: dict) -> list[str]:
+    """The keys below `prefix` whose values differ (model.net.channels rather than model.net); another
+    `_target_` is another network altogether, named alone."""
+    if was.get("_target_") != now.get("_target_"):
+        return [f"{prefix}._target_"]
+    out = []
+    for k in sorted(set(was) | set(now), key=str):
+        a, b = was.get(k), now.get(k)
+        if a != b:
+            both = isinstance(a, dict) and isinstance(b, dict)
+            out += differing_keys(f"{prefix}.{k}", a, b) if both else [f"{prefix}.{k}"]
+    return out
+
+
 def role_net(net: dict, role: str) -> dict:
     """The node that builds the `role` network (cvae_exp.models.nets.NetFactory.node)."""
     own = net.get(role)
@@ -449,8 +463,9 @@ def check_baseline_run(cfg: DictConfig) -> None:
         )
     was, now = role_net(_plain(saved.model.net), "baseline"), role_net(_plain(m.net), "baseline")
     if was != now:
+        keys = ", ".join(differing_keys("model.net", was, now))
         raise UserError(
-            f"{key} was built with the network {was}, but this model's baseline network would be {now}: give this "
+            f"{key} was trained with different {keys} than this model's baseline network would have: give this "
             "run the model.net of that run (model/net=...)."
         )
     hidden = list(m.baseline_hidden or m.hidden)

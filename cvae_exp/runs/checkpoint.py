@@ -260,7 +260,7 @@ def restore_first(manager: ocp.CheckpointManager, target: Any, steps: list[int])
 def changed_shape_keys(saved: dict, current: dict) -> list[str]:
     """The SHAPE_KEYS whose values differ between a checkpoint's config and the current one; a key the
     checkpoint's config lacks (added since it was saved) holds its default there."""
-    from cvae_exp.config import onto_schema
+    from cvae_exp.config import differing_keys, onto_schema
 
     defaults = onto_schema({})
     missing = object()
@@ -280,23 +280,8 @@ def changed_shape_keys(saved: dict, current: dict) -> list[str]:
     for k in SHAPE_KEYS:
         was, now = get(saved, k, default(k)), get(current, k)
         if was != now:
-            changed += _differing(k, was, now) if isinstance(was, dict) and isinstance(now, dict) else [k]
+            changed += differing_keys(k, was, now) if isinstance(was, dict) and isinstance(now, dict) else [k]
     return changed
-
-
-def _differing(prefix: str, was: dict, now: dict) -> list[str]:
-    """The keys below `prefix` whose values differ (model.net.channels rather than model.net); another
-    `_target_` is another network altogether, named alone."""
-    if was.get("_target_") != now.get("_target_"):
-        return [f"{prefix}._target_"]
-    out = []
-    for k in sorted(set(was) | set(now), key=str):
-        a, b = was.get(k), now.get(k)
-        if a != b:
-            out += (
-                _differing(f"{prefix}.{k}", a, b) if isinstance(a, dict) and isinstance(b, dict) else [f"{prefix}.{k}"]
-            )
-    return out
 
 
 class _UnretrievedReads(logging.Filter):
