@@ -1,10 +1,10 @@
-# make train | test | tensorboard | sweep | bench | table | docs | lint. The first target that needs it creates .venv.
+# make train | test | test-cluster | tensorboard | sweep | bench | table | docs | lint. The first target that needs it creates .venv.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install train test tensorboard sweep bench table docs lint clean
+.PHONY: install train test test-cluster tensorboard sweep bench table docs lint clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -21,6 +21,12 @@ train: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(ARGS)
+
+# The tests on a real SLURM cluster (tests/test_slurm.py, marker `slurm`): a one-node cluster of this machine,
+# started and stopped by the tests (scripts/slurm_local.sh); they skip, saying why, where SLURM is not installed
+# (apt-get install -y slurmctld slurmd slurm-client munge). One process: the jobs take the cores.
+test-cluster: $(STAMP)
+	$(BIN)/python -m pytest tests/test_slurm.py -m slurm -n 0 -rs $(ARGS)
 
 tensorboard: $(STAMP)
 	$(BIN)/python -c "import tensorboard" 2>/dev/null || $(BIN)/pip install -q tensorboard

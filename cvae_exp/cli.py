@@ -22,6 +22,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from cvae_exp.config import register_configs
 from cvae_exp.errors import STORAGE_EXIT_CODE, Interrupted, UserError, storage_error
+from cvae_exp.runs.process_log import primary_only
 
 log = logging.getLogger("cvae_exp")
 logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save and restore at INFO
@@ -50,14 +51,23 @@ def console(task):
     """Runs a Hydra task with the console set up: log lines go through tqdm, so a line logged while the
     progress bar is up prints on its own line and the bar redraws below it; the libraries' notes
     (LIBRARY_NOTES, and Orbax's INFO lines) stay out of the console and the run's log unless
-    `verbose=true`. Our own warnings are always shown."""
+    `verbose=true`. Our own warnings are always shown. In a run of several processes only process 0 logs below
+    WARNING (cvae_exp.runs.process_log)."""
 
     @functools.wraps(task)
     def run(cfg, *args, **kwargs):
-        with library_notes(shown=bool(cfg.get("verbose", False))), logging_redirect_tqdm():
+        with quiet_console(shown=bool(cfg.get("verbose", False))), primary_only(cfg):
             return task(cfg, *args, **kwargs)
 
     return run
+
+
+@contextlib.contextmanager
+def quiet_console(shown: bool) -> Iterator[None]:
+    """`console`'s set-up for code that is not a Hydra task (the vmap launcher): log lines through tqdm, and the
+    libraries' notes hidden unless `shown` (verbose=true)."""
+    with library_notes(shown=shown), logging_redirect_tqdm():
+        yield
 
 
 @contextlib.contextmanager
@@ -156,20 +166,27 @@ def exit_on_user_error(fn):
         except UserError as err:
             _exit(f"error: {err}", 2)
         except Interrupted as err:
-            _exit(err.message, 128 + err.signum)
+            from cvae_exp.runs.launch import startup_message
+
+            _exit(err.message or startup_message(err.signum), 128 + err.signum)
         except Exception as err:
             storage = storage_error(err)
             if storage is None:
+                _discard()  # a crash before the run was accepted leaves no empty folder behind either
                 raise
             _exit(f"error: {storage}", STORAGE_EXIT_CODE)
 
     return wrapped
 
 
-def _exit(message: str, code: int) -> None:
+def _discard() -> None:
     from cvae_exp.runs import launch
 
     launch.discard()
+
+
+def _exit(message: str, code: int) -> None:
+    _discard()
     print(message, file=sys.stderr)
     sys.exit(code)
 

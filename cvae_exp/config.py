@@ -8,14 +8,16 @@ data is loaded or any function compiled.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf, open_dict
 
 from cvae_exp.errors import UserError
 from cvae_exp.models.kinds import KINDS, NAMES, kind
@@ -45,6 +47,13 @@ SAFE_TARGET_PREFIXES = ("cvae_exp.", "optax.", "flax.")
 MLP_NET = "cvae_exp.models.mlp.MLPNet"
 CONV_NET = "cvae_exp.models.conv.ConvNet"
 NET_ROLES = ("recognition", "prior", "generation", "baseline")  # cvae_exp.models.nets.ROLES
+ACTIVATIONS = ("relu", "tanh")
+KERNEL_INITS = ("lecun_normal", "glorot_uniform")
+OUTPUT_BIASES = ("zero", "data_logit")
+KL_ESTIMATES = ("analytic", "sampled")
+VAL_FROM = ("random", "last")
+SCHEDULES = ("constant", "cosine", "burda", "burda_unrounded")
+EVAL_CHECKPOINTS = ("best", "last")
 
 
 @dataclass
@@ -63,6 +72,11 @@ class ModelConfig:
     baseline_hidden: Optional[list[int]] = None  # that baseline's hidden widths (its model.hidden); null: model.hidden
     baseline_into: str = "prior"  # prior (the paper's Figure 1(d)) | prior_and_generation (y_hat into p(y|x,z) too)
     baseline_frozen: bool = False  # true: the pre-trained baseline stays fixed; false: fine-tuned with the rest
+    activation: str = "relu"  # relu | tanh: between the layers of every network (model/net=mlp, conv)
+    kernel_init: str = "lecun_normal"  # lecun_normal (Flax's default) | glorot_uniform (yburda/iwae, Keras)
+    output_bias: str = "zero"  # zero | data_logit: the generation's output bias starts at logit(mean training pixel)
+    iw_samples: int = 1  # k > 1: train on the importance-weighted bound with k samples of q (cvae, vae); 1: the ELBO
+    kl: str = "analytic"  # analytic | sampled: at iw_samples=1, KL in closed form or log q - log p at the sample
     net: dict[str, Any] = field(
         default_factory=lambda: {"_target_": MLP_NET}
     )  # every network's builder and its keys (model/net=mlp|conv, or a trusted module's _target_); model.net.<role> for one role
@@ -80,7 +94,7 @@ class ConvNetConfig:
     norm: str = "none"  # none | group | layer: per-example GroupNorm (layer: one group), never batch statistics
     dense: list[int] = field(
         default_factory=lambda: [256]
-    )  # ReLU layers at the bottleneck (flattened features + vectors)
+    )  # dense layers (model.activation) at the bottleneck (flattened features + vectors)
     label: str = "bottleneck"  # bottleneck | channels: how a class label joins a network that reads images
 
 
@@ -107,6 +121,9 @@ class DataConfig:
     binarize: str = "dynamic"  # static | dynamic | threshold | none
     val_size: int = 5000  # carved from the training split with `split_seed`
     split_seed: int = 0  # seed of the train/val split
+    val_from: str = "random"  # random (with split_seed) | last: the last val_size digits of the training file
+    val_holdout: bool = True  # false: the val digits are trained on too (a monitor of fit, not a held-out set)
+    shuffle: bool = True  # false: every epoch visits the training digits in the same order (the split's)
     binarize_seed: int = 42  # static / dynamic: seed of the one fixed Bernoulli draw of every split that is scored
     condition: str = "label"  # label | none | quadrants
     n_given: int = 1  # quadrants given (quadrant task): 1, 2 or 3, in the order of quadrant_layout
@@ -121,7 +138,8 @@ class OptimizerConfig:
         default_factory=lambda: {"_target_": "optax.adam", "_partial_": True}
     )  # a partial optax constructor (optax.adam, optax.adamw, ...) and its arguments
     lr: float = 1e-3  # peak learning rate
-    schedule: str = "constant"  # constant | cosine (cosine decays to 0 at trainer.max_steps)
+    schedule: str = "constant"  # constant | cosine (cosine decays to 0 at trainer.max_steps) | burda | burda_unrounded
+    steps_per_epoch: Optional[int] = None  # burda schedules: steps in an epoch; null: training digits // batch_size
     warmup_steps: int = 0  # linear warm-up from 0 to lr
     clip_norm: Optional[float] = None  # clip gradients to this global norm; null: no clipping
 
@@ -169,6 +187,8 @@ class EvalConfig:
     seed_index: int = 0  # runs with trainer.num_seeds=K: which of the K models (seed + seed_index)
     examples: int = 0  # evaluate the first N digits of the split only; 0: all of them
     tag: str = ""  # non-empty: write eval_<split>_<tag>.json (studies beside the table) instead of eval_<split>.json
+    progress: bool = True  # cvae-eval: a progress bar with the time left (TQDM_DISABLE=1 also turns it off)
+    checkpoint: str = "best"  # best (by val/elbo) | last: the newest checkpoint (protocols that score the final model)
 
 
 @dataclass
@@ -222,7 +242,9 @@ class EvalApp:
 
 
 def register_configs() -> None:
-    """Registers the schemas; the YAML files in conf/ list them first in their defaults."""
+    """Registers the schemas; the YAML files in conf/ list them first in their defaults. Also registers the vmap
+    launcher (`register_launcher`)."""
+    register_launcher()
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     cs.store(name="eval_app_schema", node=EvalApp)
@@ -235,6 +257,23 @@ def register_configs() -> None:
         ("logger", LoggerConfig),
     ]:
         cs.store(group=group, name=f"{group}_schema", node=node)
+
+
+def register_launcher() -> None:
+    """`hydra/launcher=vmap` under every install: its config in the ConfigStore and its class among Hydra's plugins,
+    from here. Hydra finds plugins by scanning the hydra_plugins namespace package with pkgutil, which does not see
+    a package that setuptools' default editable install (`pip install -e .`) maps in through its import finder;
+    imported by name, it is found under every install (wheel, editable, compat). Hydra's own scan still finds it
+    where it can (`cvae-train --info plugins`)."""
+    try:
+        from hydra.core.plugins import Plugins
+
+        from hydra_plugins.cvae_vmap_launcher.config import VmapLauncherConf
+        from hydra_plugins.cvae_vmap_launcher.vmap_launcher import VmapLauncher
+    except ImportError:  # installed without its plugin package: Hydra's scan is all there is
+        return
+    ConfigStore.instance().store(group="hydra/launcher", name="vmap", node=VmapLauncherConf, provider="cvae_exp")
+    Plugins.instance().register(VmapLauncher)
 
 
 def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -404,10 +443,125 @@ def _renamed(saved: Any) -> Any:
     return out
 
 
+# Keys added since a run could have saved its config, each with the value that reproduces how runs behaved
+# before it existed (a function of the saved config where that depends on it). A saved config without such a
+# key takes this value (resume, cvae-eval, cvae-sample), not today's default; NOT_RECORDED: no value of today
+# reproduces it (it compares as different, and the key takes today's default). Keys added in neither this
+# table nor the saved config are compared nowhere (`saved_value`).
+NOT_RECORDED = "<not recorded: the run predates this key>"
+ADDED_KEYS: dict[str, Any] = {
+    "model.baseline_run": None,
+    "model.baseline_hidden": None,
+    # the aid fed y_hat to the prior and the generation networks until model.baseline_into existed
+    "model.baseline_into": lambda c: "prior_and_generation" if _get(c, "model.baseline_run") else "prior",
+    "model.baseline_frozen": False,
+    "data.quadrant_layout": "top_first",  # top-left, top-right, bottom-left, until left_first was added
+    # static and dynamic scored another draw (seeds 12345/12346, drawn after the split) before binarize_seed
+    "data.binarize_seed": lambda c: NOT_RECORDED if _get(c, "data.binarize") in ("static", "dynamic") else 42,
+    "trainer.num_seeds": 1,
+    "trainer.patience": 0,
+    "trainer.min_delta": 0.0,
+    "trainer.skip_limit": 1.0,  # nan_policy=skip never stopped for the share of skipped steps
+    # the data's geometry and 8-bit likelihoods (MNIST's columns, sizes and likelihoods until then)
+    "data.image_column": None,
+    "data.label_column": None,
+    "data.resize": None,
+    "model.mixtures": 10,
+    # the external checks' protocols (ReLU networks, LeCun-normal init, the ELBO, a random split, shuffled epochs)
+    "model.activation": "relu",
+    "model.kernel_init": "lecun_normal",
+    "model.output_bias": "zero",
+    "model.iw_samples": 1,
+    "model.kl": "analytic",
+    "data.val_from": "random",
+    "data.val_holdout": True,
+    "data.shuffle": True,
+    "optimizer.steps_per_epoch": None,
+    "model.net": lambda c: {"_target_": MLP_NET},  # every network an MLP of model.hidden until model.net existed
+    # (trainer.data_on_device is not here: either feed trains the same parameters, so today's faster default)
+}
+_ABSENT = object()
+
+
+def _get(config: Any, dotted_key: str, default: Any = None) -> Any:
+    for part in dotted_key.split("."):
+        if not (isinstance(config, (dict, DictConfig)) and part in config):
+            return default
+        config = config[part]
+    return config
+
+
+def recorded(cfg: DictConfig) -> dict:
+    """The config as runs record it (checkpoint meta, TensorBoard hparams): interpolations as written, never
+    resolved, as Hydra's .hydra/config.yaml holds them, so that `${oc.env:TOKEN}` is stored as that text and
+    not as the secret. What computes uses the resolved values; `resolved_record` reads a record back."""
+    return OmegaConf.to_container(cfg, resolve=False)
+
+
+def resolved_record(saved: Any) -> Any:
+    """A recorded config with its interpolations resolved here and now (for comparing it with this launch's
+    resolved config); one that cannot be resolved stays as written (and differs). Records from before
+    `recorded` hold resolved values already."""
+    if not isinstance(saved, (dict, DictConfig)):
+        return saved
+    node = OmegaConf.create(saved) if isinstance(saved, dict) else saved
+
+    def walk(container, path):
+        if isinstance(container, dict):
+            return {k: walk(v, f"{path}.{k}" if path else str(k)) for k, v in container.items()}
+        if isinstance(container, list):
+            return [walk(v, f"{path}[{i}]") for i, v in enumerate(container)]
+        if isinstance(container, str) and "${" in container:
+            try:
+                value = OmegaConf.select(node, path, throw_on_resolution_failure=True)
+                return (
+                    OmegaConf.to_container(value, resolve=True)
+                    if isinstance(value, (DictConfig, ListConfig))
+                    else value
+                )
+            except Exception:  # an unset variable, a key that is gone: as written
+                return container
+        return container
+
+    return walk(OmegaConf.to_container(node, resolve=False), "")
+
+
+def saved_value(saved: Any, dotted_key: str) -> Any:
+    """A key's value in a saved config: its own, or (added since) the value of ADDED_KEYS that reproduces how
+    the run behaved; `_ABSENT` for a key in neither, which comparisons skip."""
+    value = _get(saved, dotted_key, _ABSENT)
+    if value is _ABSENT and dotted_key in ADDED_KEYS:
+        value = ADDED_KEYS[dotted_key]
+        value = value(saved) if callable(value) else value
+    return value
+
+
+def differs(saved: Any, current: Any, dotted_key: str) -> bool:
+    """Whether a key of the current config differs from the run's saved one (a key the saved run could not
+    have had, and that ADDED_KEYS does not know, does not)."""
+    was = saved_value(resolved_record(saved), dotted_key)
+    return was is not _ABSENT and was != _get(current, dotted_key)
+
+
+def with_added_keys(saved: Any) -> dict:
+    """A saved config as a plain dict, with the keys of ADDED_KEYS it lacks set to their values from before."""
+    out = OmegaConf.to_container(saved, resolve=False) if isinstance(saved, DictConfig) else copy.deepcopy(saved)
+    for key in ADDED_KEYS:
+        value = saved_value(out, key)
+        if _get(out, key, _ABSENT) is _ABSENT and value != NOT_RECORDED:
+            *parents, leaf = key.split(".")
+            node = out
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+    return out
+
+
 def onto_schema(saved: Any) -> DictConfig:
-    """A saved config (dict or DictConfig) merged onto the schema: keys added since it was saved get their
-    defaults, keys and factories that moved since are found where they are now, and types are checked."""
-    out = OmegaConf.merge(OmegaConf.structured(Config), _renamed(saved))
+    """A saved config (dict or DictConfig) merged onto the schema: keys added since it was saved get the values
+    that reproduce how it ran (ADDED_KEYS; else their defaults), keys and factories that moved since are found where
+    they are now, and types are checked."""
+    out = OmegaConf.merge(OmegaConf.structured(Config), with_added_keys(_renamed(saved)))
     target = out.optimizer.get("_target_")
     if target in MOVED_TARGETS:
         out.optimizer._target_ = MOVED_TARGETS[target]
@@ -468,6 +622,16 @@ def check_baseline_run(cfg: DictConfig) -> None:
             f"{key} was trained with different {keys} than this model's baseline network would have: give this "
             "run the model.net of that run (model/net=...)."
         )
+    if saved.model.output_bias != m.output_bias and now.get("_target_") != MLP_NET:
+        raise UserError(  # the MLP's output bias is its last layer's; another network's may be a parameter of its own
+            f"{key} was trained with model.output_bias={saved.model.output_bias}, but this run has "
+            f"model.output_bias={m.output_bias}, which gives its {now.get('_target_')} baseline network other parameters."
+        )
+    if saved.model.activation != m.activation:
+        raise UserError(
+            f"{key} was trained with model.activation={saved.model.activation}, but this run has "
+            f"model.activation={m.activation}."
+        )
     hidden = list(m.baseline_hidden or m.hidden)
     if list(saved.model.hidden) != hidden:
         raise UserError(
@@ -517,9 +681,26 @@ def check_data_path(cfg: DictConfig) -> None:
     sources.check_path(cfg.data.path, data_columns(cfg), needs_labels=labels)
 
 
+def check_network_options(m: DictConfig) -> None:
+    """The networks' activation and initialisation, and the importance-weighted objective (cvae and vae only:
+    the GSNN term and the baseline have no q to weight)."""
+    _choice("model.activation", m.activation, ACTIVATIONS)
+    _choice("model.kernel_init", m.kernel_init, KERNEL_INITS)
+    _choice("model.output_bias", m.output_bias, OUTPUT_BIASES)
+    if m.output_bias == "data_logit" and m.likelihood != "bernoulli":
+        raise UserError(f"model.output_bias=data_logit sets Bernoulli logits, but model.likelihood={m.likelihood}.")
+    _at_least("model.iw_samples", m.iw_samples, 1)
+    _choice("model.kl", m.kl, KL_ESTIMATES)
+    what = kind(m.kind)
+    if (m.iw_samples > 1 or m.kl == "sampled") and not (what.recognition and not what.prior_term):
+        setting = f"model.iw_samples={m.iw_samples}" if m.iw_samples > 1 else "model.kl=sampled"
+        raise UserError(f"{setting} weights samples of q(z | x, y): only model.kind=cvae or vae has that objective.")
+
+
 def check_keys(cfg: DictConfig, schema: type | None = None) -> None:
     """Refuses a key the schema does not have, such as one added with `+` (`+trainer.max_stepz=5`), which
-    Hydra accepts; open nodes (optimizer.transform) take any key."""
+    Hydra accepts; open nodes (optimizer.transform) take any key. Then every value must resolve
+    (`check_interpolations`)."""
     from omegaconf.errors import ConfigKeyError
 
     try:
@@ -528,6 +709,33 @@ def check_keys(cfg: DictConfig, schema: type | None = None) -> None:
         raise UserError(
             f"{err.full_key} is not a config key (see docs/configuration.md for the keys there are)."
         ) from None
+    check_interpolations(cfg)
+
+
+def check_interpolations(cfg: DictConfig) -> None:
+    """Refuses, naming the key, an interpolation that cannot be resolved (`${oc.env:X}` with X unset, a key
+    that refers to itself, a key that does not exist), before anything reads it: resolved later, it would be
+    a traceback in the middle of the command."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    def walk(node, path: str) -> None:
+        written = OmegaConf.to_container(node, resolve=False)
+        for key in written if isinstance(node, DictConfig) else range(len(written)):
+            where = f"{path}[{key}]" if isinstance(node, ListConfig) else f"{path}.{key}" if path else str(key)
+            if where == "hydra" or OmegaConf.is_missing(node, key):  # Hydra's own node; a ??? (its own check)
+                continue
+            raw = written[key]
+            try:
+                value = node[key]
+            except OmegaConfBaseException as err:
+                reason = re.sub(r"^\w+ raised while resolving interpolation: ", "", str(err).splitlines()[0]).rstrip(
+                    "."
+                )
+                raise UserError(f"{where}={raw} cannot be resolved: {reason}.") from None
+            if isinstance(value, (DictConfig, ListConfig)):
+                walk(value, where)
+
+    walk(cfg, "")
 
 
 def resume_mode(cfg: DictConfig) -> str:
@@ -550,10 +758,40 @@ def validate_eval(cfg: DictConfig) -> None:
     if not all(c.isalnum() or c in "-_" for c in cfg.eval.tag):
         raise UserError(f"eval.tag={cfg.eval.tag} may hold only letters, digits, '-' and '_' (it names a file).")
     _choice("eval.split", cfg.eval.split, SPLITS)
+    _choice("eval.checkpoint", cfg.eval.checkpoint, EVAL_CHECKPOINTS)
+
+
+# Step counts: the step counter and the schedules count in int32 on the devices.
+STEP_KEYS = (
+    "trainer.max_steps",
+    "trainer.eval_every",
+    "trainer.log_every",
+    "checkpoint.every",
+    "model.kl_warmup_steps",
+    "optimizer.warmup_steps",
+)
+MAX_STEPS = 2**31 - 1
+
+
+def check_numbers(cfg: DictConfig) -> None:
+    """Every float key (optimizer.transform's arguments too) must be a finite number: NaN passes every
+    comparison the checks below make, and an infinity means nothing here. A step count must fit the
+    devices' int32 step counter."""
+    import math
+
+    check_interpolations(cfg)  # a resumed run's saved config is checked here first
+    values = dotted(OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True))
+    for key, value in values.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{key}={value} must be a finite number.")
+    for key in STEP_KEYS:
+        if isinstance(values.get(key), int) and values[key] > MAX_STEPS:
+            raise UserError(f"{key}={values[key]} is beyond the step counter's range (at most {MAX_STEPS:,}).")
 
 
 def validate(cfg: DictConfig) -> None:
     """Refuses impossible values with one sentence naming the key; cheap, runs before any work."""
+    check_numbers(cfg)
     m, d, o, t = cfg.model, cfg.data, cfg.optimizer, cfg.trainer
     _choice("model.kind", m.kind, NAMES)
     _choice("model.prior", m.prior, PRIORS)
@@ -580,15 +818,19 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(f"data.resize={list(d.resize)} must be [height, width], two positive sizes (or null).")
     check_net(cfg)
     _choice("model.baseline_into", m.baseline_into, BASELINE_INTO)
+    check_network_options(m)
     for i, width in enumerate(m.baseline_hidden or []):
         _at_least(f"model.baseline_hidden[{i}]", width, 1)
     check_baseline_run(cfg)
     if not 0.0 <= d.omission_rate <= 1.0:
         raise UserError(f"data.omission_rate={d.omission_rate} must lie in [0, 1].")
     _at_least("data.val_size", d.val_size, 1)
+    _choice("data.val_from", d.val_from, VAL_FROM)
     if o.lr <= 0:
         raise UserError(f"optimizer.lr={o.lr} must be positive.")
-    _choice("optimizer.schedule", o.schedule, ("constant", "cosine"))
+    _choice("optimizer.schedule", o.schedule, SCHEDULES)
+    if o.steps_per_epoch is not None:
+        _at_least("optimizer.steps_per_epoch", o.steps_per_epoch, 1)
     _at_least("optimizer.warmup_steps", o.warmup_steps, 0)
     if o.schedule == "cosine" and o.warmup_steps >= t.max_steps:
         raise UserError(

@@ -8,7 +8,7 @@ evaluated images. All in nats per image, lower is better. On 8-bit data (`data.b
 `*_bits_per_dim`: nats / (scored dimensions x ln 2), the unit the field reports for 8-bit images (with the
 dequantized `gaussian` likelihood an upper bound on the discrete figure). `eval.examples=N` evaluates the first N digits of the
 split; `eval.tag=T` writes eval_<split>_T.json instead of eval_<split>.json (for studies beside the table,
-e.g. other S).
+e.g. other S); `eval.checkpoint=last` scores the newest checkpoint instead of the best by val/elbo.
 """
 
 from __future__ import annotations
@@ -68,6 +68,8 @@ def evaluate_run(
     seed_index: int = 0,
     examples: int = 0,
     trust=(),
+    progress: bool = False,
+    which: str = "best",
 ) -> dict:
     import jax
 
@@ -77,7 +79,7 @@ def evaluate_run(
     from cvae_exp.training.steps import evaluate
 
     mesh = devices.make_mesh("all")
-    run = load_run(run_dir, sharding=devices.replicated(mesh), seed_index=seed_index, trust=trust)
+    run = load_run(run_dir, sharding=devices.replicated(mesh), seed_index=seed_index, trust=trust, which=which)
     launch.release_log()  # accepted: the log may reach <run dir>/evaluate.log
     batch_size = devices.round_to_devices(batch_size, mesh)
     data = run.splits.test if split == "test" else run.splits.val
@@ -91,7 +93,8 @@ def evaluate_run(
     compile_seconds = time.perf_counter() - start
     start = time.perf_counter()
     # The same batched loop as the validation pass: per-example means over the split (a host sync).
-    result = evaluate(step, run.params, data, batch_size, sharding, key)
+    label = f"{split} ({len(data.images):,} digits, {samples} samples)" if progress else None
+    result = evaluate(step, run.params, data, batch_size, sharding, key, progress=label)
     seconds = time.perf_counter() - start
     pixels = result.pop("pixels")  # scored dimensions per example
     n = len(data.images)
@@ -110,6 +113,7 @@ def evaluate_run(
         "condition": run.task.condition,
         "n_given": run.cfg.data.n_given if run.task.condition == "quadrants" else None,
         "checkpoint_step": run.step,
+        "checkpoint": which,
         "seed": run.cfg.seed + seed_index,  # the model's training seed
         "split": split,
         "samples": samples if kind(run.task.kind).latent else 0,
@@ -142,6 +146,8 @@ def run(cfg: DictConfig) -> dict:
         e.seed_index,
         examples=e.examples,
         trust=trusted_modules(cfg),
+        progress=e.progress,
+        which=e.checkpoint,
     )
     for name in ("eval.json", f"eval_{e.split}{'_' + e.tag if e.tag else ''}.json"):
         (Path(cfg.run_dir) / name).write_text(json.dumps(result, indent=2) + "\n")

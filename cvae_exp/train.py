@@ -7,10 +7,18 @@ cvae-train hydra.run.dir=<run dir> resume=true
 
 from __future__ import annotations
 
-import hydra
-from omegaconf import DictConfig
+import os
+import sys
 
-from cvae_exp.cli import CONF_DIR, console, exit_on_user_error, no_wait_after_storage_failure
+from cvae_exp import stop_signals
+
+if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "cvae-train":  # the command, not an import of it
+    stop_signals.hold_from_start()  # a stop signal from here on is noted until the run can act on it
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from cvae_exp.cli import CONF_DIR, console, exit_on_user_error, no_wait_after_storage_failure  # noqa: E402
 
 
 def train(cfg: DictConfig) -> float:

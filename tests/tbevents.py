@@ -132,3 +132,24 @@ def hparam_order(logdir: str | Path) -> list[str]:
                     if data.HasField("experiment"):
                         return [h.name for h in data.experiment.hparam_infos]
     return []
+
+
+def hparams_shown_first(logdir: str | Path, n: int) -> list[str]:
+    """The first `n` hparams of the HPARAMS view, ordered as TensorBoard orders them (its hparams plugin,
+    backend_context._sort_and_reduce_to_hparams_limit): those marked `differs` first, then by name. `differs` is
+    field 7 of TensorBoard's HParamInfo, which tensorboardX's copy of the proto lacks: read as an unknown field."""
+    from google.protobuf.unknown_fields import UnknownFieldSet
+    from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData
+
+    for file in event_files(logdir):
+        for event in read_events(file):
+            for value in event.summary.value:
+                if value.metadata.plugin_data.plugin_name != "hparams":
+                    continue
+                data = HParamsPluginData()
+                data.ParseFromString(value.metadata.plugin_data.content)
+                if data.HasField("experiment"):
+                    infos = data.experiment.hparam_infos
+                    differs = {i.name for i in infos if any(f.field_number == 7 and f.data for f in UnknownFieldSet(i))}
+                    return sorted((i.name for i in infos), key=lambda name: (name not in differs, name))[:n]
+    return []

@@ -203,3 +203,38 @@ def test_each_help_lists_its_own_groups_and_no_schema(cli_env):
         assert not set(re.findall(r"^(\w+):", helps[command], re.M)) & set(training_groups), helps[command]
         assert "run_dir: ???" in helps[command]
     assert helps["cvae-report"].startswith("usage: cvae-report")
+
+
+def test_the_vmap_launcher_prints_as_a_single_run_does(tiny_mnist, cli_env, tmp_path):
+    """Its lines in the jobs' format (no raw `[HYDRA]` tags) and the libraries' notes hidden (no TPU probe), as
+    every other command; JAX free to probe its platforms, as on a user's machine."""
+    sweep = tmp_path / "sweep"
+    args = [
+        "-m",
+        "hydra/launcher=vmap",
+        *(f"{k}={v}" for k, v in {"data.path": tiny_mnist, "data.val_size": 200, "model.hidden": "[32]"}.items()),
+        "model.latent_dim=4",
+        "trainer.batch_size=32",
+        "trainer.eval_batch_size=100",
+        "trainer.max_steps=2",
+        "trainer.eval_every=2",
+        "checkpoint.every=2",
+        "trainer.progress=false",
+        "logger.images=false",
+        "seed=0,1",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "cvae_exp.train", *args],
+        env=probing_env(cli_env),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT_S,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "[HYDRA]" not in output and TPU_PROBE not in output, output[-3000:]
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert lines and all(LOG_LINE.match(line) for line in lines), output[-3000:]
+    assert any("vmap group 0: jobs 0, 1" in line for line in lines)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import re
 import shutil
 import struct
 import time
@@ -80,6 +81,16 @@ def test_idx_folder_round_trips(tmp_path, suffix):
     assert data.source == f"idx:{tmp_path.resolve()}" and data.geometry == MNIST
     with pytest.raises(UserError, match=r"holds IDX files, arrays without columns .* unset data\.image_column"):
         sources.load(path=str(tmp_path), columns=Columns(resize=(14, 14)))
+
+
+def test_an_idx_file_the_file_system_refuses_is_a_storage_error(tmp_path):
+    """Exit 74 (the file system), not 2 (bad data): a folder where the file should be cannot be read."""
+    from cvae_exp.errors import StorageError
+
+    where = tmp_path / "train-images-idx3-ubyte"
+    where.mkdir()
+    with pytest.raises(StorageError, match=re.escape(f"The file system refused {where}: Is a directory (EISDIR).")):
+        sources.read_idx(where)
 
 
 def test_read_idx_rejects_truncated_and_wrong_magic(tmp_path):
@@ -207,6 +218,12 @@ def test_unreachable_hub_falls_back_to_bundled_sample_with_one_warning(monkeypat
         _assert_bundled(sources.load("mnist"))
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING and r.name == sources.__name__]
     assert len(warnings) == 1 and "data.path=" in warnings[0].getMessage()
+    # a sample, said as such, and nothing about training (cvae-sample and cvae-eval load it too)
+    assert (
+        "using the bundled MNIST sample instead: 10,000 of MNIST's 60,000 training digits and 2,000 of its 10,000 test"
+        in (warnings[0].getMessage())
+        and "training on" not in warnings[0].getMessage()
+    )
     with pytest.raises(UserError, match="data.path="):
         sources.load("fashion_mnist")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 
 import pytest
@@ -147,3 +148,17 @@ def test_eval_without_run_dir_is_one_sentence(cli_env, tmp_path):
         == "error: run_dir is missing: cvae-eval run_dir=<a cvae-train run directory> names the run to use."
     )
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_long_evaluation_shows_a_bar_with_the_time_left_unless_switched_off(quadrant_runs, cli_env, tmp_path):
+    """cvae-eval ran 38 minutes with no output (eval.samples=1000 over the test split): now one bar, batch by batch,
+    with the time left; eval.progress=false (or TQDM_DISABLE=1) shows none."""
+    run = quadrant_runs["cvae"]
+    shown = {k: v for k, v in cli_env.items() if k != "TQDM_DISABLE"}
+    args = ["eval.samples=5", "eval.chunk=5", "eval.batch_size=50", "eval.tag=bar"]
+    out = run_eval(run, shown, tmp_path, *args)
+    assert out.returncode == 0, out.stderr[-3000:]
+    bar = re.findall(r"test \(300 digits, 5 samples\): +\d+%.*?\| (\d+)/6 \[[\d:]+<[\d:?]+", out.stderr)
+    assert bar and bar[-1] == "6", out.stderr[-2000:]  # six batches of 50, the time left after "<"
+    quiet = run_eval(run, shown, tmp_path, *args, "eval.progress=false")
+    assert quiet.returncode == 0 and "batch" not in quiet.stderr, quiet.stderr[-2000:]

@@ -70,3 +70,44 @@ def test_non_editable_install_trains_from_another_folder(tiny_mnist, cli_env, tm
         [str(venv / "bin" / "cvae-train"), "--info", "plugins"], cwd=elsewhere, env=env, capture_output=True, text=True
     )
     assert "VmapLauncher" in plugins.stdout, plugins.stdout[-2000:]  # Hydra's own scan finds it
+
+
+def test_plain_editable_install_finds_the_vmap_launcher(cli_env, tmp_path):
+    """`pip install -e .`, the editable install most people type (not the Makefile's compat mode): setuptools maps
+    the packages in through an import finder that Hydra's plugin scan (pkgutil) does not see, so cvae_exp registers
+    `hydra/launcher=vmap` itself. The launcher is found and runs (it refuses max_members=0 with its own sentence)."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=CLI_TIMEOUT_S)
+    python = venv / "bin" / "python"
+    site = Path(
+        subprocess.check_output(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], text=True
+        ).strip()
+    )
+    (site / "borrowed.pth").write_text(sysconfig.get_path("purelib") + "\n")  # jax, hydra, ... of this environment
+    install = [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps"]
+    subprocess.run(
+        [*install, "--no-build-isolation", "-e", str(REPO)], check=True, capture_output=True, timeout=CLI_TIMEOUT_S
+    )
+    assert list(site.glob("__editable__*finder.py")), sorted(p.name for p in site.iterdir())  # the finder, not compat
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in cli_env.items() if k != "PYTHONPATH"}
+    args = [
+        "-m",
+        "hydra/launcher=vmap",
+        "hydra.launcher.max_members=0",
+        "seed=0,1",
+        f"hydra.sweep.dir={tmp_path / 's'}",
+    ]
+    proc = subprocess.run(
+        [str(venv / "bin" / "cvae-train"), *args],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT_S,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip() == "error: hydra.launcher.max_members=0 must be at least 1 (or null for no cap)."

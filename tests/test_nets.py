@@ -45,6 +45,20 @@ def x_dim(condition: str, geometry: Geometry) -> int:
     return {"label": geometry.classes, "quadrants": geometry.dims, "none": 0}[condition]
 
 
+def built(cfg, x: int, geometry: Geometry, **kwargs):
+    """build_model's (graphdef, params), its initializers run as one compiled program (eager, every layer's
+    draw compiles its own: seconds on a busy CPU); the same draws, bit for bit."""
+    found = []
+
+    def params():
+        graphdef, values = build_model(cfg, x, geometry, **kwargs)
+        found.append(graphdef)
+        return values
+
+    values = jax.jit(params)()
+    return found[0], values
+
+
 def test_the_default_mlp_is_the_network_it_replaced():
     """The same parameters (paths, values: one Rngs drawn in the same order) and the same outputs, bit for bit,
     as the three MLPs CVAE.__init__ built before the seam: the default's params_sha256 cannot move."""
@@ -64,6 +78,43 @@ def test_the_default_mlp_is_the_network_it_replaced():
     assert np.array_equal(model.encode(x, y)[0], old["recognition"](jnp.concatenate([x, y], -1))[..., :3])
     expected = old["generation"](jnp.concatenate([jnp.broadcast_to(x, (2, 4, 10)), z], -1))
     assert np.array_equal(model.generate(z, x)[0], expected)
+
+
+def test_every_network_takes_the_models_activation_init_and_output_bias():
+    """model.activation, model.kernel_init and model.output_bias=data_logit: the MLP default builds the MLP they
+    build (the same draws, the bias at the output layer, tanh between layers), and the convolutional network
+    uses them too (Glorot's kernels, tanh, the bias per output pixel)."""
+    bias = np.linspace(-3.0, 3.0, 784, dtype=np.float32)
+    options = dict(activation="tanh", kernel_init="glorot_uniform", output_bias="data_logit")
+    graphdef, params = built(model_cfg("vae", **options), 0, MNIST, seed=3, output_bias=bias)
+
+    def old_mlps():
+        rngs = nnx.Rngs(3)
+        old = {
+            name: MLP(sizes, activation="tanh", kernel_init="glorot_uniform", rngs=rngs)
+            for name, sizes in [("recognition", [784, 16, 6]), ("generation", [3, 16, 784])]
+        }
+        old["generation"].dense1.bias[...] = jnp.asarray(bias)
+        return {name: nnx.to_pure_dict(nnx.state(m)) for name, m in old.items()}
+
+    old_params = jax.jit(old_mlps)()
+    assert all(jax.tree.leaves(jax.tree.map(np.array_equal, params, old_params)))
+    z = jax.random.normal(jax.random.key(0), (2, 4, 3))
+    h = jnp.tanh(z @ old_params["generation"]["dense0"]["kernel"] + old_params["generation"]["dense0"]["bias"])
+    expected = h @ old_params["generation"]["dense1"]["kernel"] + bias
+    generated = nnx.merge(graphdef, params).generate(z, jnp.zeros((4, 0)))[0]
+    np.testing.assert_allclose(generated, expected, rtol=1e-5, atol=1e-5)
+
+    conv = {**CONV, "channels": [4]}
+    graphdef, params = built(
+        model_cfg("baseline", conv, **options), 784, MNIST, condition="quadrants", output_bias=bias
+    )
+    np.testing.assert_array_equal(params["net"]["out_bias"], bias.reshape(28, 28, 1))
+    assert nnx.merge(graphdef, params).net.activation == "tanh"
+    limit = np.sqrt(6 / (9 * 1 + 9 * 4))  # glorot_uniform's on the first kernel: 3 x 3, 1 -> 4 channels
+    assert np.abs(params["net"]["down0"]["kernel"]).max() <= limit  # LeCun normal's 36 draws would pass it
+    plain = abstract_model(model_cfg("baseline", conv), 784, MNIST, "quadrants")[1]
+    assert "out_bias" not in plain["net"]  # model.output_bias=zero: the parameters of a run before the option
 
 
 # 28 -> 14 -> 7 and 20 x 36 -> 10 x 18 -> 5 x 9: odd sizes after striding, cropped back on the way up
@@ -122,11 +173,11 @@ def test_conv_networks_fit_every_geometry_kind_and_likelihood(geometry):
             assert "to_map" in params["baseline"]["net"] and "last" in params["generation"]
 
 
-@pytest.mark.parametrize("norm", ["none", "group"])  # layer: GroupNorm with one group
-def test_conv_outputs_depend_on_their_own_example_only_and_take_sample_axes(norm):
+def test_conv_outputs_depend_on_their_own_example_only_and_take_sample_axes():
     """No batch statistics: an example's output is the same whatever else is in its batch (evaluations pad
-    batches; vmapped seeds share none); z [S, B, L] gives what S separate calls give."""
-    net = {**CONV, "norm": norm, "blocks": int(norm != "none")}
+    batches; vmapped seeds share none), with GroupNorm in residual blocks (`layer` is GroupNorm with one group;
+    `none` has no statistics at all); z [S, B, L] gives what S separate calls give."""
+    net = {**CONV, "norm": "group", "blocks": 1}
     graphdef, shapes = abstract_model(model_cfg("cvae", net), MNIST.dims, MNIST, "quadrants")
     params = random_params(shapes)
 
@@ -162,7 +213,7 @@ def test_bf16_conv_step_agrees_with_fp32():
     task = Task(kind="cvae", condition="quadrants", geometry=MNIST, dynamic=True, precision="bf16")
     batch = batch_of(MNIST, 16)
     results = {}
-    cfg = model_cfg("cvae", CONV)
+    cfg = model_cfg("cvae", {**CONV, "channels": [4]})  # one level: the bf16 path is the same at every level
     params = random_params(abstract_model(cfg, 784, MNIST, "quadrants")[1])
     for precision in ("fp32", "bf16"):
         graphdef, shapes = abstract_model(cfg, 784, MNIST, "quadrants", precision)

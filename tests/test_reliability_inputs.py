@@ -72,10 +72,27 @@ def write_broken(root: Path, *, image: bytes | None = None, label: int | None = 
     return root
 
 
+def write_idx(root: Path, n_train: int = 40, n_test: int = 10) -> Path:
+    """A folder of the four MNIST IDX files (uncompressed) with `n_train` / `n_test` random digits."""
+    import struct
+
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        (root / f"{prefix}-images-idx3-ubyte").write_bytes(
+            struct.pack(">HBBIII", 0, 8, 3, n, 28, 28) + images.tobytes()
+        )
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        (root / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">HBBI", 0, 8, 1, n) + labels.tobytes())
+    return root
+
+
 @pytest.fixture(scope="module")
 def bad_data(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("bad_data")
     return {
+        "no_test": str(write_idx(root / "no_test", n_test=0)),
         "missing": str(root / "no_such_folder"),
         "nolabel": str(write_parquet(root / "nolabel", label_column="digit")),
         "mixed": str(write_mixed(root / "mixed")),
@@ -108,6 +125,17 @@ CASES = [
     (["optimizer.transform._target_=cvae_exp.data.sources.os.system"], "sources.os.system is refused"),
     # instantiate also builds targets inside lists
     (["+optimizer.transform.extra=[{_target_:os.getpid}]"], "optimizer.transform.extra[0]._target_=os.getpid"),
+    # NaN passes every comparison; infinities mean nothing here: every float key must be finite
+    (["optimizer.lr=nan"], "optimizer.lr=nan must be a finite number"),
+    (["model.beta=inf"], "model.beta=inf must be a finite number"),
+    (["optimizer.clip_norm=nan"], "optimizer.clip_norm=nan must be a finite number"),
+    (["optimizer.transform.b1=-inf"], "optimizer.transform.b1=-inf must be a finite number"),
+    (["trainer.min_delta=nan"], "trainer.min_delta=nan must be a finite number"),
+    (["model.kl_warmup_steps=1000000000000000000"], "model.kl_warmup_steps=1000000000000000000 is beyond the step"),
+    # interpolations that cannot be resolved, refused by name before anything reads them
+    (["model.beta=${model.beta}"], "model.beta=${model.beta} cannot be resolved: Recursive interpolation"),
+    (["data.hub=${oc.env:CVAE_TEST_UNSET}"], "data.hub=${oc.env:CVAE_TEST_UNSET} cannot be resolved"),
+    (["model.hidden=[8,${nope}]"], "model.hidden[1]=${nope} cannot be resolved"),
 ]
 
 
@@ -153,6 +181,15 @@ def test_cli_refuses_bad_data_with_one_sentence(tiny_mnist, bad_data, cli_env, t
             [f"data.path={tiny_mnist}", "trainer.batch_size=2000"],
             "trainer.batch_size=2000 is larger than the training split (1000 images)",
         ),
+        # Known once the data is read, before the first step (they trained, then failed at the final evaluation).
+        "no_test": (
+            [f"data.path={bad_data['no_test']}", "data.val_size=10", "trainer.batch_size=10"],
+            f"data.path={bad_data['no_test']} holds no test images",
+        ),
+        "eval_batch": (
+            [f"data.path={tiny_mnist}", "trainer.eval_batch_size=1000000000"],
+            "trainer.eval_batch_size=1000000000 needs at least 23,365 GiB for one evaluation batch, more than the",
+        ),
         # Found while decoding, before anything is compiled: the file and the row are named.
         "undecodable": (
             [f"data.path={bad_data['undecodable']}"],
@@ -171,8 +208,19 @@ def test_cli_refuses_bad_data_with_one_sentence(tiny_mnist, bad_data, cli_env, t
         assert cases[name][1] in lines[0]
         assert "Traceback" not in out + err
         assert "Data:" not in out  # the data was never handed to training
-        assert not (tmp_path / name / "tb").exists()
-        assert not any((tmp_path / name / "checkpoints").glob("*"))
+        assert not (tmp_path / name).exists()  # refused: the run directory Hydra made is gone again
+
+
+@pytest.mark.parametrize("bad", ["model.beta=${model.beta}", "data.path=${oc.env:CVAE_TEST_UNSET}", "optimizer.lr=nan"])
+def test_a_refused_launch_leaves_no_run_directory(bad, tiny_mnist, cli_env, tmp_path):
+    """Through Hydra, which makes the run directory before the task runs: refused, it is gone again."""
+    run_dir = tmp_path / "outputs" / "run"
+    args = [f"data.path={tiny_mnist}", "trainer.progress=false", bad, f"hydra.run.dir={run_dir}"]
+    done = in_process("cvae_exp.train", args, env=cli_env, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr[-3000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {bad.split('=')[0]}="), done.stderr
+    assert not (tmp_path / "outputs").exists()
 
 
 def test_data_found_bad_while_decoding_names_the_file_and_row(bad_data, tmp_path):

@@ -282,6 +282,43 @@ def test_a_full_disk_ends_the_run_with_one_sentence_and_exit_74(base, env, tmp_p
     assert {s: tree_digest(run / "checkpoints" / str(s)) for s in steps(run)} == earlier
 
 
+def test_a_full_disk_under_the_vmap_launcher_names_the_file(tiny_mnist, env, tmp_path):
+    """The same full disk (RLIMIT_FSIZE) under hydra/launcher=vmap, checkpoints off, so that what fails is a
+    file written on another thread (TensorBoard's event file) or the job's log: its path is named."""
+    from cvae_exp.data import sources
+
+    sources.load(path=tiny_mnist)  # decoded and cached (CVAE_EXP_CACHE) before the disk is full
+    limit = 20000  # above multirun.yaml (about 6 kB), below a 300-step event file or log
+    full_disk = (
+        "import resource, runpy, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
+        "sys.argv[0] = 'cvae-train'; runpy.run_module('cvae_exp.train', run_name='__main__')"
+    )
+    sweep = tmp_path / "sweep"
+    changes = {"trainer.max_steps": 300, "trainer.log_every": 1, "checkpoint.enabled": "false"}
+    args = ["-m", "hydra/launcher=vmap", *tiny(tiny_mnist, sweep, changes), "optimizer.lr=1e-3,3e-3"]
+    args = [a for a in args if not a.startswith("hydra.run.dir=")] + [f"hydra.sweep.dir={sweep}"]
+    no_xla_cache = {
+        k: v for k, v in env.items() if not k.startswith("JAX_PERSISTENT_CACHE") and "COMPILATION_CACHE" not in k
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", full_disk, *args],
+        cwd=tmp_path,
+        env=no_xla_cache,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 74, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr + proc.stdout and "Logging error" not in proc.stderr
+    line = one_line(proc.stderr)
+    assert re.fullmatch(
+        rf"error: The file system refused {re.escape(str(sweep))}/[01]/(tb/events\.out\.tfevents\.\S+|train\.log): "
+        r"File too large \(EFBIG\)\.",
+        line,
+    ), line
+
+
 def test_only_file_system_errors_are_reported_as_such():
     from cvae_exp.errors import storage_error
 

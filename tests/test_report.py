@@ -126,6 +126,29 @@ def test_failed_and_running_jobs_are_listed_not_fatal(sweep, cli_env, tmp_path):
     assert f"Best: job {best} " in proc.stdout
 
 
+def test_unreadable_jobs_are_skipped_with_one_line_each(sweep, tmp_path, capsys):
+    """A metrics.json that is a list, a non-UTF-8 overrides.yaml, a non-UTF-8 folder name: one line each (or
+    a failed row), and the report of the rest; no traceback."""
+    copy = tmp_path / "copy"
+    shutil.copytree(sweep, copy, ignore=shutil.ignore_patterns("tb", "checkpoints", "report.*"))
+    (copy / "0" / "metrics.json").write_text("[1, 2]")
+    (copy / "0" / "eval.json").write_text('"a string"')
+    (copy / "1" / ".hydra" / "overrides.yaml").write_bytes(b"- seed=\xff\xfe\n")
+    odd = Path(os.fsdecode(bytes(copy / "job") + b"\xff"))
+    shutil.copytree(copy / "3", odd)
+    report.main([str(copy)])
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert len(lines) == 2, err
+    assert lines[0] == f"skipped {copy / '1'}: .hydra/overrides.yaml is not UTF-8 text."
+    assert lines[1].startswith("skipped '") and lines[1].endswith("job\\udcff': its name is not UTF-8.")
+    _, rows = first_table(out)
+    status = {r[0]: r[-1] for r in rows}
+    assert set(status) == {"0", "2", "3"}
+    assert status["0"] == "failed (unreadable metrics.json: a JSON list, not an object)"
+    assert status["2"] == status["3"] == "ok"
+
+
 def test_hparams_summary_in_every_job_with_the_same_keys(sweep):
     key_sets, metric_sets = [], []
     for job in sorted(p for p in sweep.iterdir() if p.is_dir()):
@@ -143,15 +166,17 @@ def test_hparams_summary_in_every_job_with_the_same_keys(sweep):
                         metrics = {m.name.tag for m in data.experiment.metric_infos}
                         order = [h.name for h in data.experiment.hparam_infos]
         assert start is not None and metrics, f"no hparams summary under {job / 'tb'}"
+        assert not [p for p in (job / "tb").iterdir() if p.is_dir()]  # in the run's own events: one run per job
         given = dict(o.split("=", 1) for o in yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()))
         assert start["model.latent_dim"].number_value == int(given["model.latent_dim"])
         assert start["seed"].number_value == int(given["seed"])
         key_sets.append(set(start))
         metric_sets.append(metrics)
-        scalar_tags = set(tbevents.load(job / "tb").scalars)
+        scalar_tags = {t for t in tbevents.load(job / "tb").scalars if t not in metrics}  # the training curves
         assert "z_hparams/val/elbo" in metrics and not metrics & scalar_tags  # metric names never collide with tags
         assert min(metrics) > max(scalar_tags)  # and sort below the training curves in the Scalars tab
-        assert order[:2] == SWEPT  # the swept keys first: the ones TensorBoard's HPARAMS shows by default
+        assert order[:2] == SWEPT  # the swept keys declared first (TensorBoards that keep the declared order)
+        assert tbevents.hparams_shown_first(job / "tb", 2) == sorted(SWEPT)  # and first in TensorBoard's own sort
     assert all(k == key_sets[0] for k in key_sets) and all(m == metric_sets[0] for m in metric_sets)
 
 

@@ -111,7 +111,13 @@ def test_committed_table_is_rebuilt_from_the_committed_records(cli_env, tmp_path
         check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for name in ("sohn2015_table1.csv", "sohn2015_table1.md", "sohn2015_ablations.csv"):
+    rebuilt = (
+        "sohn2015_table1.csv",
+        "sohn2015_table1.md",
+        "sohn2015_ablations.csv",
+        "sohn2015_baseline_search_ranking.md",
+    )
+    for name in rebuilt:
         assert (tmp_path / "results" / name).read_text() == (REPO / "results" / name).read_text(), name
     with open(REPO / "results" / "sohn2015_table1.csv") as f:
         rows = list(csv.DictReader(f))
@@ -121,3 +127,14 @@ def test_committed_table_is_rebuilt_from_the_committed_records(cli_env, tmp_path
     for (model, _), row in test_rows.items():
         if model in ("baseline", "cvae"):
             assert int(row["seeds"]) >= 3
+    # The tuned baseline's seed-0 cell is the search's best on validation, whatever its test figure.
+    search = {
+        d.name: json.loads((d / "eval_val.json").read_text())["ncll"]
+        for d in (REPO / "results" / "sohn2015_cells").glob("search__*")
+    }
+    with open(REPO / "results" / "sohn2015_ablations.csv") as f:
+        tuned = [r for r in csv.DictReader(f) if r["variant"] == "baseline_tuned_on_val" and r["split"] == "val"]
+    one_quadrant = [r for r in tuned if r["n_given"] == "1"]
+    assert len(search) >= 10 and one_quadrant
+    if int(one_quadrant[0]["seeds"]) == 1:
+        assert float(one_quadrant[0]["ncll"]) == pytest.approx(min(search.values()), abs=1e-3)

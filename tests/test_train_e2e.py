@@ -227,3 +227,21 @@ def test_resuming_a_finished_run_keeps_its_metrics(straight):
     for key in ("val/elbo", "val/kl", "val/recon"):
         assert key in after, f"{key} lost from metrics.json"
         assert after[key] == pytest.approx(before[key], rel=1e-5), key
+
+
+def test_a_gaussian_run_says_what_its_elbo_means(tiny_mnist, cli_env, tmp_path):
+    """model.likelihood=gaussian data.binarize=none printed val/elbo -1068 with no word: a density of pixel
+    values, bounded below by the variance floor. The run now says so when it starts, with that bound."""
+    from cli_runs import metrics, tiny, train
+
+    from cvae_exp.runs.metrics import likelihood_note
+
+    assert likelihood_note("bernoulli", -6.0) is None
+    note = likelihood_note("gaussian", -6.0)
+    assert "-2.08 per pixel (-1,632 per 28x28 image)" in note  # 784 * (log(2 pi) - 6) / 2
+    run = tmp_path / "run"
+    changes = {"model.likelihood": "gaussian", "data.binarize": "none", "trainer.max_steps": 4, "checkpoint.every": 4}
+    code, text = train(tiny(tiny_mnist, run, changes), cli_env, tmp_path / "run.log")
+    assert code == 0, text[-3000:]
+    assert note in text and note in (run / "train.log").read_text()
+    assert metrics(run)["val/elbo"] > 784 * -2.08  # no better than the floor

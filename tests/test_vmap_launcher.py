@@ -198,6 +198,8 @@ def test_cli_sweep_writes_ordinary_jobs_in_two_partitions_and_cvae_report_lists_
         assert result["step"] == 10 and (job / "checkpoints" / "10").is_dir() and (job / "train.log").is_file()
         groups.setdefault(given["model.latent_dim"], set()).add((result["group"]["partition"], n))
         assert tbevents.hparam_order(job / "tb")[:2] == ["optimizer.lr", "model.latent_dim"]  # swept keys first
+        assert tbevents.hparams_shown_first(job / "tb", 2) == ["model.latent_dim", "optimizer.lr"]  # as TB sorts
+        assert not [p for p in (job / "tb").iterdir() if p.is_dir()]  # one TensorBoard run per job
     assert sorted(len(g) for g in groups.values()) == [2, 2]  # two partitions, one per latent size
     assert len({p for g in groups.values() for p, _ in g}) == 2
     report = in_process("cvae_exp.report", [sweep], env=cli_env, cwd=tmp_path)

@@ -26,6 +26,7 @@ BINARIZE_SEED = 42  # data.binarize_seed's default: the seed of the fixed draw o
 class Split:
     images: np.ndarray  # uint8 [N, height * width * channels]; 0/255 when binarized on the host
     labels: np.ndarray  # int32 [N]
+    shuffle: bool = True  # training: a new order every epoch; False: every epoch in the split's own order
 
 
 @dataclass(frozen=True)
@@ -43,8 +44,21 @@ def _bernoulli_u8(images: np.ndarray, seed) -> np.ndarray:
     return np.where(rng.random(images.shape, dtype=np.float32) * 255.0 < images, 255, 0).astype(np.uint8)
 
 
-def make_splits(raw, *, val_size: int, split_seed: int, binarize: str, binarize_seed: int = BINARIZE_SEED) -> Splits:
-    """Train/val/test as flat uint8 arrays; val is carved from train with `split_seed`.
+def make_splits(
+    raw,
+    *,
+    val_size: int,
+    split_seed: int,
+    binarize: str,
+    binarize_seed: int = BINARIZE_SEED,
+    val_from: str = "random",
+    val_holdout: bool = True,
+    shuffle: bool = True,
+) -> Splits:
+    """Train/val/test as flat uint8 arrays; val is carved from train with `split_seed`, or (val_from="last")
+    is the last `val_size` digits of the training file and train the rest in file order (yburda/iwae
+    datasets.py: 59,600 / 400). val_holdout=False trains on the val digits too (nbip/IWAE trains on all
+    60,000: val is then a monitor of fit, not held out); shuffle=False keeps the training order in every epoch.
 
     static and dynamic score the same targets: one fixed Bernoulli draw per image, seeded by
     `binarize_seed` (the 60,000 training digits drawn once before the split, the test digits once), so
@@ -59,7 +73,10 @@ def make_splits(raw, *, val_size: int, split_seed: int, binarize: str, binarize_
             f"data.val_size={val_size} leaves no training data: the training split holds {n_train} images; "
             f"set data.val_size below that (a tenth would be {max(1, n_train // 10)})."
         )
-    order = np.random.default_rng(split_seed).permutation(n_train)
+    if val_from == "last":
+        order = np.concatenate([np.arange(n_train - val_size, n_train), np.arange(n_train - val_size)])
+    else:
+        order = np.random.default_rng(split_seed).permutation(n_train)
     flat = raw.train_images.reshape(n_train, -1)
     test_images = raw.test_images.reshape(len(raw.test_images), -1)
     labels = raw.train_labels.astype(np.int32)
@@ -71,7 +88,8 @@ def make_splits(raw, *, val_size: int, split_seed: int, binarize: str, binarize_
         drawn = _bernoulli_u8(flat, [binarize_seed, 0])
         test_images = _bernoulli_u8(test_images, [binarize_seed, 1])
     train_images = drawn if binarize == "static" else flat
-    train = Split(train_images[order[val_size:]], labels[order[val_size:]])
+    trained = order[val_size:] if val_holdout else np.concatenate([order[val_size:], order[:val_size]])
+    train = Split(train_images[trained], labels[trained], shuffle)
     val = Split(drawn[order[:val_size]], labels[order[:val_size]])
     test = Split(test_images, test_labels)
     return Splits(train, val, test, dynamic=binarize == "dynamic", geometry=raw.geometry)
@@ -90,7 +108,10 @@ class BatchSampler:
         self._epoch, self._order = -1, None
 
     def order(self, epoch: int) -> np.ndarray:
-        """The shuffled indices of one epoch; step s uses order(s // steps_per_epoch) in slices of batch_size."""
+        """The shuffled indices of one epoch; step s uses order(s // steps_per_epoch) in slices of batch_size.
+        An unshuffled split (data.shuffle=false) is visited in its own order in every epoch."""
+        if not self.split.shuffle:
+            return np.arange(len(self.split.images))
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.split.images))
 
     def indices(self, step: int) -> np.ndarray:

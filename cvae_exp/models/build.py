@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from cvae_exp.data.geometry import Geometry
+from cvae_exp.errors import UserError
 from cvae_exp.models.cvae import CVAE, Baseline
 from cvae_exp.models.kinds import kind
 from cvae_exp.models.mlp import MLP
 from cvae_exp.models.nets import NetFactory
 
-__all__ = ["CVAE", "Baseline", "MLP", "build_model"]
+__all__ = ["CVAE", "Baseline", "MLP", "build_model", "data_logit"]
 
 MLP_NET = {"_target_": "cvae_exp.models.mlp.MLPNet"}  # model.net of a config saved before the seam existed
 
@@ -24,17 +26,29 @@ def build_model(
     precision: str = "fp32",
     seed: int = 0,
     condition: str | None = None,
+    output_bias=None,
 ):
     """(graphdef, params as a plain dict) of the network for `model.kind`: a Baseline, or a CVAE
     with the networks its objective needs (and a baseline submodule when `model.baseline_run` is set),
     predicting images of `geometry` (y has geometry.dims dimensions) from conditions of `x_dim`: an image of
     the geometry for `condition="quadrants"` (None: when x_dim is the image's size), else a vector. Every
-    network comes from `model.net` (cvae_exp.models.nets). The steps merge the two back inside jit."""
+    network comes from `model.net` (cvae_exp.models.nets). The steps merge the two back inside jit.
+    `output_bias` [y_dim], when given, is the first value of the output network's bias
+    (model.output_bias=data_logit; the network's `start_output_bias`)."""
     dtype = jnp.bfloat16 if precision == "bf16" else jnp.float32
     y_dim = geometry.dims
     net = model_cfg.get("net") or MLP_NET
     net = dict(net) if isinstance(net, dict) else _plain(net)
-    nets = NetFactory(net, geometry, hidden=list(model_cfg.hidden), dtype=dtype, rngs=nnx.Rngs(seed))
+    nets = NetFactory(
+        net,
+        geometry,
+        hidden=list(model_cfg.hidden),
+        dtype=dtype,
+        rngs=nnx.Rngs(seed),
+        activation=model_cfg.activation,
+        kernel_init=model_cfg.kernel_init,
+        output_bias=model_cfg.output_bias == "data_logit",
+    )
     x_image = condition == "quadrants" if condition is not None else (x_dim > 0 and x_dim == y_dim)
     common = dict(
         nets=nets,
@@ -64,10 +78,33 @@ def build_model(
             **common,
         )
     graphdef, state = nnx.split(model)
+    if output_bias is not None:
+        start_output_bias(model.generation if what.latent else model.net, output_bias)
+    graphdef, state = nnx.split(model)
     return graphdef, nnx.to_pure_dict(state)
+
+
+def start_output_bias(net, bias) -> None:
+    """Sets the output bias of the generation (or baseline) network to `bias` [y_dim], through the network's
+    `start_output_bias` (MLPNet: its last layer's bias; ConvNet: its per-pixel output bias); a network without
+    one is refused in one sentence."""
+    start = getattr(net, "start_output_bias", None)
+    if start is None:
+        raise UserError(
+            f"model.output_bias=data_logit needs a network with a start_output_bias(bias) method, and "
+            f"{type(net).__module__}.{type(net).__name__} has none (see docs/extending.md)."
+        )
+    start(jnp.asarray(bias, jnp.float32))
 
 
 def _plain(node) -> dict:
     from omegaconf import OmegaConf
 
     return OmegaConf.to_container(node, resolve=True)
+
+
+def data_logit(images) -> np.ndarray:
+    """logit(mean training pixel), the mean clipped to [0.001, 0.999]: the output bias yburda/iwae (datasets.py
+    get_train_bias_np) and nbip/IWAE (iwae1.py get_bias) start the decoder from; `images` uint8 [N, pixels]."""
+    mean = np.clip(np.asarray(images).mean(axis=0, dtype=np.float64) / 255.0, 0.001, 0.999)
+    return (-np.log(1.0 / mean - 1.0)).astype(np.float32)

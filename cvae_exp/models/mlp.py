@@ -1,5 +1,5 @@
-"""The multilayer perceptron (`MLP`), the default network of every role (`MLPNet`, `model/net=mlp`), and the bf16
-matmul both it and the convolutional network's dense layers use."""
+"""The multilayer perceptron (`MLP`), the default network of every role (`MLPNet`, `model/net=mlp`), its
+activations, and the bf16 matmul both it and the convolutional network's dense layers use."""
 
 from __future__ import annotations
 
@@ -39,8 +39,11 @@ def _bf16_matmul_bwd(saved, g):
 bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
 
 
+ACTIVATIONS = {"relu": jax.nn.relu, "tanh": jnp.tanh}
+
+
 class MLP(nnx.Module):
-    """Dense layers with ReLU between them and no activation after the last.
+    """Dense layers with `activation` (ReLU, or tanh as in yburda/iwae) between them and none after the last.
 
     Layers are attributes `dense0`, `dense1`, ... so that parameter paths are plain strings, which
     keeps checkpoints readable and their tree structure stable. Parameters are fp32 in both
@@ -48,11 +51,23 @@ class MLP(nnx.Module):
     accumulation) and everything between the matmuls stays fp32.
     """
 
-    def __init__(self, sizes: list[int], *, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        sizes: list[int],
+        *,
+        activation: str = "relu",
+        kernel_init: str = "lecun_normal",
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         self.depth = len(sizes) - 1
         self.bf16 = dtype == jnp.bfloat16
+        self.activation = activation
+        # Flax's default is LeCun normal; glorot_uniform is the uniform init of Glorot & Bengio (2010) that
+        # yburda/iwae (nnet.py) and Keras's Dense use. Only that one is passed, so the default draws as before.
+        init = {"kernel_init": nnx.initializers.glorot_uniform()} if kernel_init == "glorot_uniform" else {}
         for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=False)):
-            layer = nnx.Linear(fan_in, fan_out, param_dtype=jnp.float32, rngs=rngs)
+            layer = nnx.Linear(fan_in, fan_out, param_dtype=jnp.float32, rngs=rngs, **init)
             setattr(self, f"dense{i}", layer)
 
     def _dense(self, i: int, h: jax.Array) -> jax.Array:
@@ -66,7 +81,7 @@ class MLP(nnx.Module):
         for i in range(self.depth):
             h = self._dense(i, h)
             if i < self.depth - 1:
-                h = jax.nn.relu(h)
+                h = ACTIVATIONS[self.activation](h)
         return h
 
 
@@ -79,7 +94,12 @@ class MLPNet(MLP):
 
     def __init__(self, spec, *, rngs: nnx.Rngs):
         sizes = [sum(i.size for i in spec.inputs), *spec.hidden, spec.out_features]
-        super().__init__(sizes, dtype=spec.dtype, rngs=rngs)
+        super().__init__(sizes, activation=spec.activation, kernel_init=spec.kernel_init, dtype=spec.dtype, rngs=rngs)
+
+    def start_output_bias(self, bias: jax.Array) -> None:
+        """model.output_bias=data_logit: the last layer's bias starts at `bias` [out_features]."""
+        last = getattr(self, f"dense{self.depth - 1}")
+        last.bias[...] = jnp.asarray(bias, last.bias[...].dtype).reshape(last.bias[...].shape)
 
     def __call__(self, *inputs: jax.Array) -> jax.Array:
         if len(inputs) == 1:

@@ -16,6 +16,10 @@ role's own `model.net.<role>._target_`), `keys` the other keys of that node, and
   mean and log-variance, halves of the last axis; generation and baseline: the likelihood head's input in its
   own layout, `cvae_exp.models.cvae.OutputHead`) or, for generation and baseline, an image
   `[..., height, width, out_channels]`, which the head turns into its layout.
+- **options** of the model every network may honour: `spec.activation` and `spec.kernel_init`
+  (model.activation, model.kernel_init); with `spec.output_bias` (model.output_bias=data_logit, generation and
+  baseline) the network needs a method `start_output_bias(bias)`, `bias` the [out_features] logits of the
+  training data's mean pixel, which sets the bias its output starts from.
 - `__call__` must be pure (no state changes): the steps merge the parameters back inside jit and vmap.
   Per-example: an output may depend on its own example only (no batch statistics, no mixing across the
   batch): evaluations pad batches and vmapped seeds must not see each other.
@@ -59,6 +63,11 @@ class NetSpec:
     geometry: Geometry  # the data's: height, width, channels (and classes)
     hidden: tuple[int, ...] = ()  # model.hidden (model.baseline_hidden for the aid's baseline): dense widths
     dtype: Any = jnp.float32  # the matmul and convolution inputs' type (bfloat16 with trainer.precision=bf16)
+    activation: str = "relu"  # model.activation: relu | tanh, between the layers
+    kernel_init: str = "lecun_normal"  # model.kernel_init: lecun_normal (Flax's default) | glorot_uniform
+    # model.output_bias=data_logit, generation and baseline: the output starts from a bias per output value,
+    # which `start_output_bias(bias [out_features])` sets once the network is built
+    output_bias: bool = False
 
     def lead(self, *inputs: jax.Array) -> tuple[int, ...]:
         """The leading axes of the output: those of the inputs, broadcast (z's sample axes in front)."""
@@ -76,9 +85,21 @@ class NetFactory:
     `_target_` and keys builds that role instead. One `rngs` for all, drawn in the order the model asks.
     """
 
-    def __init__(self, net: dict, geometry: Geometry, *, hidden, dtype, rngs):
+    def __init__(
+        self,
+        net: dict,
+        geometry: Geometry,
+        *,
+        hidden,
+        dtype,
+        rngs,
+        activation: str = "relu",
+        kernel_init: str = "lecun_normal",
+        output_bias: bool = False,
+    ):
         self.net, self.geometry = dict(net), geometry
         self.hidden, self.dtype, self.rngs = tuple(hidden), dtype, rngs
+        self.activation, self.kernel_init, self.output_bias = activation, kernel_init, output_bias
 
     def node(self, role: str) -> tuple[str, dict]:
         """(where it sits in the config, the node) that builds `role`."""
@@ -97,7 +118,18 @@ class NetFactory:
     ) -> NetSpec:
         """The contract of the `role` network with these inputs and outputs (`hidden`: the model's widths)."""
         widths = tuple(self.hidden if hidden is None else hidden)
-        return NetSpec(role, tuple(inputs), out_features, out_channels, self.geometry, widths, self.dtype)
+        return NetSpec(
+            role,
+            tuple(inputs),
+            out_features,
+            out_channels,
+            self.geometry,
+            widths,
+            self.dtype,
+            self.activation,
+            self.kernel_init,
+            self.output_bias and role in ("generation", "baseline"),
+        )
 
     def build(self, spec: NetSpec):
         """The network of `spec.role`, as its node in `model.net` describes it."""
@@ -136,3 +168,21 @@ def check_gaussian(out: jax.Array, spec: NetSpec, lead: tuple[int, ...]) -> jax.
             f"shape {(*lead, spec.out_features)}: a Gaussian's mean and log-variance (see docs/extending.md)."
         )
     return out
+
+
+def mlp_nets(hidden, y_dim: int, *, seed: int = 0, activation: str = "relu", kernel_init: str = "lecun_normal"):
+    """The factory of the default MLPs (`model/net=mlp`) of `hidden` widths, for flat outputs of `y_dim` values
+    (one row of pixels): for building a `CVAE` or `Baseline` directly, without a config (tests, notebooks)."""
+    from flax import nnx
+
+    net = {"_target_": "cvae_exp.models.mlp.MLPNet"}
+    geometry = Geometry(1, y_dim, 1, 0)
+    return NetFactory(
+        net,
+        geometry,
+        hidden=hidden,
+        dtype=jnp.float32,
+        rngs=nnx.Rngs(seed),
+        activation=activation,
+        kernel_init=kernel_init,
+    )

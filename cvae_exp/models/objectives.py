@@ -32,10 +32,36 @@ def gsnn_nll(model, x, y, mask, key) -> jax.Array:
     return -log_likelihood(y, model.generate_given(z, h), mask)
 
 
-def per_example_loss(model, x, y, mask, key, *, kind: str, beta, alpha: float):
+def iw_bound(model, x, y, mask, key, *, samples: int, beta) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The importance-weighted bound of Burda, Grosse, Salakhutdinov (2016), eq. (8), with k = `samples` draws
+    z_1..z_k of q(z | x, y) (docs/math.md):
+
+        -L_k = -logmeanexp_i [log p(y | x, z_i) + beta * (log p(z_i | x) - log q(z_i | x, y))]
+
+    as the loss (k = 1 with beta = 1: the negative ELBO with its KL estimated at the sample, the objective
+    yburda/iwae and nbip/IWAE train at k = 1). Metrics: "elbo" the negative ELBO (reconstruction averaged
+    over the k samples, closed-form KL), "iw_bound" the loss at beta = 1."""
+    h = model.context(x)
+    q, p = model.encode(x, y), model.prior_given(h)
+    z = q[0] + jnp.exp(0.5 * q[1]) * jax.random.normal(key, (samples, *q[0].shape), q[0].dtype)  # [k, B, L]
+    ll = log_likelihood(y, model.generate_given(z, h), mask)  # [k, B]
+    log_ratio = gaussian_log_prob(z, p) - gaussian_log_prob(z, q)
+    log_k = math.log(samples)
+    loss = log_k - jax.nn.logsumexp(ll + beta * log_ratio, axis=0)
+    recon, kl = -jnp.mean(ll, axis=0), kl_diag_gaussians(q, p)
+    bound = log_k - jax.nn.logsumexp(ll + log_ratio, axis=0)
+    return loss, {"elbo": recon + kl, "recon": recon, "kl": kl, "iw_bound": bound}
+
+
+def per_example_loss(
+    model, x, y, mask, key, *, kind: str, beta, alpha: float, iw_samples: int = 1, sampled_kl: bool = False
+):
     """The objective of `kind`: (loss, {"elbo", "recon", "kl"}) per example. The baseline and the GSNN have
-    no q: their "elbo" is their own negative log-likelihood term; the hybrid mixes the CVAE's and the GSNN's."""
+    no q: their "elbo" is their own negative log-likelihood term; the hybrid mixes the CVAE's and the GSNN's.
+    A cvae or vae with `iw_samples` > 1 (or `sampled_kl`) trains on the importance-weighted bound instead."""
     what = kinds.kind(kind)
+    if (iw_samples > 1 or sampled_kl) and what.recognition and not what.prior_term:
+        return iw_bound(model, x, y, mask, key, samples=iw_samples, beta=beta)
     if not what.latent:
         nll = -log_likelihood(y, model(x), mask)
         return nll, {"elbo": nll, "recon": nll, "kl": jnp.zeros_like(nll)}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,29 +85,58 @@ def _numbers(data: dict, prefix: str = "") -> dict:
     return out
 
 
-def load_job(root: Path, path: Path) -> RecordedJob:
-    name = path.relative_to(root).as_posix() if path != root else path.name
+class Unreadable(Exception):
+    """A job directory the report cannot read as a job (the message says why); it is skipped, with one line."""
+
+
+def _text(file: Path) -> str:
+    """A job file's text; one that is not UTF-8 makes the job unreadable (OSError: a missing file passes on)."""
     try:
-        listed = yaml.safe_load((path / ".hydra" / "overrides.yaml").read_text()) or []
+        return file.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        shown = f".hydra/{file.name}" if file.parent.name == ".hydra" else file.name
+        raise Unreadable(f"{shown} is not UTF-8 text") from None
+
+
+def _json_object(file: Path) -> dict:
+    data = json.loads(_text(file))
+    if not isinstance(data, dict):
+        raise ValueError(f"a JSON {type(data).__name__}, not an object")
+    return data
+
+
+def load_job(root: Path, path: Path) -> RecordedJob:
+    """The job in `path`; raises Unreadable for a directory that cannot be reported (a name or an
+    overrides.yaml that is not UTF-8, overrides that are not a list)."""
+    name = path.relative_to(root).as_posix() if path != root else path.name
+    if _surrogates(name):  # undecodable bytes in a folder name: it could not be printed or written in a table
+        raise Unreadable("its name is not UTF-8")
+    try:
+        listed = yaml.safe_load(_text(path / ".hydra" / "overrides.yaml")) or []
     except (OSError, yaml.YAMLError):
         listed = []
+    if not isinstance(listed, list):
+        raise Unreadable(f".hydra/overrides.yaml holds a {type(listed).__name__}, not a list of overrides")
     overrides = dict(_split_override(o) for o in listed if not str(o).startswith("hydra."))
     job = RecordedJob(name, path, overrides)
     try:
-        job.saved = json.loads((path / "metrics.json").read_text())
+        job.saved = _json_object(path / "metrics.json")
         job.metrics = _numbers(job.saved)
     except FileNotFoundError:
         job.status = _unfinished(path)
-    except (OSError, ValueError) as err:
-        job.status = f"failed (unreadable metrics.json: {type(err).__name__})"
+    except (OSError, ValueError, Unreadable) as err:
+        why = str(err) if isinstance(err, Unreadable) or "JSON" in str(err) else type(err).__name__
+        job.status = f"failed (unreadable metrics.json: {why})"
     try:
-        job.config = yaml.safe_load((path / ".hydra" / "config.yaml").read_text()) or {}
-    except (OSError, yaml.YAMLError):
+        job.config = yaml.safe_load(_text(path / ".hydra" / "config.yaml")) or {}
+    except (OSError, yaml.YAMLError, Unreadable):
+        job.config = None
+    if not isinstance(job.config, dict):
         job.config = None
     for stem in EVAL_FILES:
         try:
-            job.evals[stem] = json.loads((path / f"{stem}.json").read_text())
-        except (OSError, ValueError):
+            job.evals[stem] = _json_object(path / f"{stem}.json")
+        except (OSError, ValueError, Unreadable):
             continue
         job.metrics |= _numbers(job.evals[stem], f"{stem}/")
     return job
@@ -182,6 +212,14 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def _surrogates(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def load_sweep(sweep_dir: str | Path) -> tuple[Path, list[RecordedJob], list[str], str | None]:
     root = Path(sweep_dir).expanduser()
     if not root.is_dir():
@@ -190,6 +228,14 @@ def load_sweep(sweep_dir: str | Path) -> tuple[Path, list[RecordedJob], list[str
     paths = find_jobs(root)
     if not paths:
         raise UserError(f"{root} holds no job directories (subfolders with a .hydra/ folder); is it a multirun dir?")
-    jobs = [load_job(root, p) for p in paths]
+    jobs = []
+    for path in paths:
+        try:
+            jobs.append(load_job(root, path))
+        except Unreadable as why:
+            where = ascii(str(path)) if _surrogates(str(path)) else str(path)
+            print(f"skipped {where}: {why}.", file=sys.stderr)
+    if not jobs:
+        raise UserError(f"{root} holds no job directory that can be read (each was skipped, above).")
     declared, command = multirun_info(root)
     return root, jobs, varied_keys(jobs, declared), command

@@ -30,7 +30,6 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from omegaconf import OmegaConf
 
 from cvae_exp.errors import UserError
 
@@ -45,6 +44,7 @@ SHAPE_KEYS = (
     "model.prior",
     "model.likelihood",
     "model.mixtures",
+    "model.activation",
     "data.name",
     "data.condition",
     "optimizer.transform",
@@ -70,11 +70,30 @@ def _quiet_orphaned_reads() -> None:
 
     def hook(unraisable):
         err = unraisable.exc_value
-        if not (isinstance(err, RuntimeError) and str(err) == "Event loop is closed"):
-            previous(unraisable)
+        if isinstance(err, RuntimeError) and str(err) == "Event loop is closed":
+            return
+        if _abandoned_orbax_read(unraisable):
+            return
+        previous(unraisable)
 
     hook.quiets_orphaned_reads = True
     sys.unraisablehook = hook
+
+
+def _abandoned_orbax_read(unraisable) -> bool:
+    """An Orbax read coroutine of a restore that failed (a damaged checkpoint, or one deleted while being read),
+    closed when it is collected: Orbax turns the GeneratorExit into "Encountered error while reading array
+    index", which Python can only print ("Exception ignored in: <coroutine ...>", a traceback). The restore's
+    failure itself is reported once, by step and path."""
+    code = getattr(unraisable.object, "cr_code", None)
+    if code is None or "/orbax/" not in code.co_filename.replace("\\", "/"):
+        return False
+    err = unraisable.exc_value
+    while err is not None:
+        if isinstance(err, GeneratorExit):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def make_manager(run_dir: Path, keep: int, read_only: bool = False) -> ocp.CheckpointManager:
@@ -224,7 +243,7 @@ def restore_first(manager: ocp.CheckpointManager, target: Any, steps: list[int])
     parameters) is reported by step and path and skipped; the caller sets the skipped ones aside. If
     checkpoints exist but none restores, that is an error, and nothing is moved.
     """
-    damaged = []
+    damaged, vanished = [], []
     for step in steps:
         where = Path(manager.directory) / str(step)
         try:
@@ -233,8 +252,11 @@ def restore_first(manager: ocp.CheckpointManager, target: Any, steps: list[int])
                 args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()),
             )
         except Exception as err:  # Orbax raises many types for damaged files; all mean "skip it"
-            log.warning("Checkpoint at step %d (%s) could not be restored and is skipped: %s", step, where, _short(err))
             _quiet_unretrieved_reads()
+            if not where.exists():  # deleted while being read, by the keep policy of the run still training
+                vanished.append(step)
+                continue
+            log.warning("Checkpoint at step %d (%s) could not be restored and is skipped: %s", step, where, _short(err))
             damaged.append(step)
             continue
         meta = dict(restored["meta"])
@@ -250,6 +272,8 @@ def restore_first(manager: ocp.CheckpointManager, target: Any, steps: list[int])
                 where,
             )
         return Restored(step, restored["state"], meta, damaged)
+    if vanished:
+        raise Vanished(vanished)
     if steps:
         raise UserError(
             f"None of the {len(steps)} checkpoints in {manager.directory} (steps {', '.join(map(str, steps))}) could be restored."
@@ -257,29 +281,29 @@ def restore_first(manager: ocp.CheckpointManager, target: Any, steps: list[int])
     return None
 
 
+class Vanished(Exception):
+    """Checkpoints that were deleted while they were read (a run still training moves on and its keep policy
+    deletes its older ones): not damaged; the reader looks again at what is there now."""
+
+    def __init__(self, steps: list[int]):
+        super().__init__(f"checkpoints deleted while being read: steps {', '.join(map(str, steps))}")
+        self.steps = steps
+
+
 def changed_shape_keys(saved: dict, current: dict) -> list[str]:
-    """The SHAPE_KEYS whose values differ between a checkpoint's config and the current one; a key the
-    checkpoint's config lacks (added since it was saved) holds its default there."""
-    from cvae_exp.config import differing_keys, onto_schema
+    """The SHAPE_KEYS whose values differ between a checkpoint's config and the current one; a key added since
+    the checkpoint was saved counts with the value it had then (cvae_exp.config.ADDED_KEYS). A node (model.net)
+    is named by the keys below it that differ (model.net.channels), or by its _target_ when that differs."""
+    from omegaconf import OmegaConf
 
-    defaults = onto_schema({})
-    missing = object()
+    from cvae_exp.config import differing_keys, differs, resolved_record, saved_value
 
-    def get(cfg, dotted: str, default=None):
-        for part in dotted.split("."):
-            cfg = cfg.get(part, missing) if isinstance(cfg, dict) else None
-            if cfg is missing:
-                return default
-        return cfg
-
-    def default(k: str):
-        value = OmegaConf.select(defaults, k)
-        return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
-
+    saved = resolved_record(saved)  # a record holds interpolations as written: compared resolved
     changed = []
     for k in SHAPE_KEYS:
-        was, now = get(saved, k, default(k)), get(current, k)
-        if was != now:
+        if differs(saved, current, k):
+            was, now = saved_value(saved, k), saved_value(current, k)
+            now = OmegaConf.to_container(now, resolve=True) if OmegaConf.is_config(now) else now
             changed += differing_keys(k, was, now) if isinstance(was, dict) and isinstance(now, dict) else [k]
     return changed
 

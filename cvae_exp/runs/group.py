@@ -10,6 +10,7 @@ step it has a checkpoint of and none is stepped past its own checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -23,15 +24,23 @@ from typing import Any
 import jax
 from omegaconf import DictConfig, OmegaConf
 
-from cvae_exp.config import trusted_modules
+from cvae_exp.config import recorded, trusted_modules
 from cvae_exp.errors import UserError
 from cvae_exp.runs import checkpoint, launch, resume
-from cvae_exp.runs.metrics import final_metrics, hparams, per_seed_results, prefixed, summarize, write_metrics
+from cvae_exp.runs.metrics import (
+    final_metrics,
+    hparams,
+    likelihood_note,
+    per_seed_results,
+    prefixed,
+    summarize,
+    write_metrics,
+)
 from cvae_exp.runs.outputs import JobOutput, Outputs, _take
 from cvae_exp.runs.tensorboard import hparams_first
 from cvae_exp.runs.trained_run import baseline_params
 from cvae_exp.training import devices, loop
-from cvae_exp.training.experiment import build_experiment, training_mesh
+from cvae_exp.training.experiment import build_experiment, check_eval_batch, training_mesh
 from cvae_exp.training.program import Program, build_program
 
 log = logging.getLogger("cvae_exp")
@@ -81,6 +90,7 @@ def train_group(specs: list[JobSpec], how: Launch) -> list[JobSpec]:
     # ---- devices, data and the network (one experiment for the group: they share every shape)
     mesh = training_mesh(cfg)
     exp = build_experiment(cfg)
+    check_eval_batch(cfg.trainer.eval_batch_size, exp.splits, mesh)  # before any job directory is written
     baseline = baseline_params(cfg.model.baseline_run, trusted_modules(cfg))
     program = build_program(exp, _member_plains(specs), mesh, baseline)  # refuses a batch larger than the split
     fingerprint = exp.fingerprint
@@ -88,6 +98,8 @@ def train_group(specs: list[JobSpec], how: Launch) -> list[JobSpec]:
     log.info("Data: %s; train %d, val %d, test %d; %s", exp.source, *sizes, exp.geometry.describe())
     for spec in specs:
         resume.check_data(spec.saved, spec.cfg, fingerprint)
+    if note := likelihood_note(cfg.model.likelihood, cfg.model.min_log_var):
+        log.info("%s", note)  # what the numbers this run prints mean
     outs = [_output(spec, fingerprint) for spec in specs]
     try:
         # ---- restore (verified), then each job is accepted: its record and its log go to disk
@@ -138,7 +150,7 @@ def _output(spec: JobSpec, fingerprint: dict) -> JobOutput:
     if not (spec.run_dir / "checkpoints").exists():
         launch.created(spec.run_dir / "checkpoints")  # removed again if this launch is refused
     manager = checkpoint.make_manager(spec.run_dir, spec.cfg.checkpoint.keep)
-    return JobOutput(spec.run_dir, resume.recorded(spec.cfg), fingerprint, manager, spec.seeds)
+    return JobOutput(spec.run_dir, recorded(spec.cfg), fingerprint, manager, spec.seeds)
 
 
 def _restore(spec: JobSpec, out: JobOutput, program: Program, span: range) -> tuple[Any, int, loop.EarlyStopping]:
@@ -173,12 +185,13 @@ def _train(program: Program, specs, outs, restored, how: Launch, mesh, t0: float
     try:
         block = program.block if program.jitted_block is not None else None
         state, stopped = loop.fit(state, program.step, program.feed, plan, jobs, hooks, block)
-    finally:
-        for out in outs:
-            out.manager.wait_until_finished()
-        hooks.flush()
+    except BaseException:
+        with contextlib.suppress(Exception):  # the saves and events in flight; a second failure (the same full
+            _settle(outs, hooks)  # disk) must not replace the first, which names its file
+        raise
+    _settle(outs, hooks)
     if stopped:
-        _stopped(outs, how, stopped, loop.current_step(state))
+        _stopped(specs, outs, how, stopped, loop.current_step(state))
     for spec, job in zip(specs, jobs, strict=True):
         spec.error = job.error
     if how.signals is not None:
@@ -188,15 +201,34 @@ def _train(program: Program, specs, outs, restored, how: Launch, mesh, t0: float
     _finish(program, specs, outs, jobs, state, how, mesh, timing)
 
 
-def _stopped(outs: list[JobOutput], how: Launch, signum: int, step: int) -> None:
+def _settle(outs: list[JobOutput], hooks: Outputs) -> None:
+    """Orbax saves are async and TensorBoard writes on a thread: both land before the run goes on."""
+    for out in outs:
+        out.manager.wait_until_finished()
+    hooks.flush()
+
+
+def _stopped(specs: list[JobSpec], outs: list[JobOutput], how: Launch, signum: int, step: int) -> None:
     """After a stop request: every job's checkpoint is written; the command ends with 128 + the signal (the
     run did not finish, so `cvae-train && cvae-eval` or a scheduler's afterok must not treat it as done)."""
     for out in outs:
         out.manager.wait_until_finished()
         for writer in out.writers:
             writer.close()
-    log.warning("%s", how.stop_message(signal.Signals(signum).name, step))
+    _say(specs, logging.WARNING, how.stop_message(signal.Signals(signum).name, step))
+    loop.hand_over(signum)  # submitit's requeue, when it sent the signal
     raise SystemExit(128 + signum)
+
+
+def _say(specs: list[JobSpec], level: int, message: str) -> None:
+    """A line about the whole group: once on the console (and in a run of its own's log), and in the log file
+    of every job of a vmap group."""
+    log.log(level, "%s", message)
+    for spec in specs:
+        if spec.log is not log:
+            record = spec.log.makeRecord(spec.log.name, level, __file__, 0, message, None, None)
+            for handler in spec.log.handlers:
+                handler.handle(record)
 
 
 def _finish(program: Program, specs, outs, jobs, state, how: Launch, mesh, timing: dict) -> None:
@@ -245,10 +277,12 @@ def _close(out: JobOutput, per_seed: list[dict], swept: list[str]) -> None:
     """Each model's HPARAMS summary, then its writer closed. The same metric names in every job, whatever its
     model kind, so the HPARAMS view compares them all; the sweep's swept keys first."""
     run_hparams = hparams_first(hparams(out.plain), swept)
+    differs = swept + (["seed"] if len(out.seeds) > 1 else [])  # one TensorBoard run per seed
     for writer, result in zip(out.writers, per_seed, strict=True):
         writer.hparams(
             run_hparams | {"seed": result["seed"]},
             {f"{s}/{n}": result.get(f"{s}/{n}", math.nan) for s in ("val", "test") for n in ("elbo", "kl", "recon")},
+            differs=differs,
         )
         writer.close()
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from cvae_exp.runs import launch, preflight
-from cvae_exp.runs.rundir import RunLock, current_run_dir
+from cvae_exp.runs.rundir import RunLock, check_not_nested, current_run_dir
 
 log = logging.getLogger("cvae_exp")
 
@@ -22,6 +22,7 @@ def run_training(cfg: DictConfig) -> dict:
     launch.begin()
     with launch.Interruptible() as signals:  # SIGTERM/SIGINT before the loop: exit 143/130, nothing trained
         run_dir = current_run_dir()
+        check_not_nested(run_dir)  # no run inside another's checkpoints, where its keep policy deletes
         mode = preflight.mode_of(cfg)
         resumed = preflight.check_run(cfg, run_dir, mode)
         # One lock per run: in a multi-process run every process shares the directory; process 0 holds it.

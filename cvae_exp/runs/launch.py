@@ -30,6 +30,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from cvae_exp import stop_signals
 from cvae_exp.errors import STORAGE_EXIT_CODE, Interrupted, storage_error
 
 RECORD_DIR = ".hydra"
@@ -97,7 +98,26 @@ class LaunchRecord(Callback):
         _Launch.made_by_hydra = sorted(set(created), key=lambda p: len(p.parts), reverse=True)
 
 
-class RunLog(logging.FileHandler):
+class LogFile(logging.FileHandler):
+    """A log file whose failed write (a full disk) is remembered for the main thread, naming the file (one
+    sentence, exit 74), instead of logging's own traceback."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        err = sys.exc_info()[1]
+        if err is not None and storage_error(err) is not None:
+            _note_failure(with_path(err, self.baseFilename))
+        else:
+            super().handleError(record)
+
+
+def with_path(err: BaseException, path) -> BaseException:
+    """`err` naming `path` when it is an OSError that names no file (a failed write names none)."""
+    if isinstance(err, OSError) and not err.filename and err.errno and path:
+        return OSError(err.errno, err.strerror or os.strerror(err.errno), str(path))
+    return err
+
+
+class RunLog(LogFile):
     """The job's log file (conf/config.yaml puts it in Hydra's job_logging): records wait in memory until
     the run is accepted, so a refused command leaves no log; a write that fails later is remembered for
     the main thread (one sentence, exit 74) instead of logging's own traceback."""
@@ -122,13 +142,6 @@ class RunLog(logging.FileHandler):
         """The held records go: the command was refused."""
         if self._held is not None:
             self._held = []
-
-    def handleError(self, record: logging.LogRecord) -> None:
-        err = sys.exc_info()[1]
-        if err is not None and storage_error(err) is not None:
-            _note_failure(err)
-        else:
-            super().handleError(record)
 
 
 def _run_logs() -> list[RunLog]:
@@ -233,7 +246,9 @@ def watch_background_writes() -> None:
 
     def hook(args):
         if storage_error(args.exc_value) is not None:
-            _note_failure(args.exc_value)
+            # TensorBoard's writer thread knows its event file; the failed write itself names none
+            events = getattr(getattr(args.thread, "_record_writer", None), "_file_name", None)
+            _note_failure(with_path(args.exc_value, events))
         else:
             previous(args)
 
@@ -263,6 +278,9 @@ class Interruptible:
         self._unraisable = sys.unraisablehook
 
     def __enter__(self) -> Interruptible:
+        early = stop_signals.take_pending()  # noted since the command's first line (cvae_exp/train.py)
+        if early is not None:
+            raise Interrupted(early, startup_message(early))
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -282,14 +300,19 @@ class Interruptible:
         for sig in self._previous:
             signal.signal(sig, signal.SIG_DFL)  # a second signal ends the process at once
         self.received = signum
+        if stop_signals.importing(frame):  # raised there, it would break a C extension's start (a crash at exit)
+            stop_signals.raise_after_import(frame, self.check)
+            return
         self.check()
 
     def check(self) -> None:
         if self.received is not None:
+            stop_signals.stop_tracing()
             after, name = self.after_training, signal.Signals(self.received).name
             raise Interrupted(self.received, after.format(signal=name) if after else startup_message(self.received))
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        stop_signals.stop_tracing()
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         sys.unraisablehook = self._unraisable

@@ -1,6 +1,6 @@
 """What a training run reports: each seed's values out of per-seed arrays, the mean over the seeds, each seed's
 final results, and what metrics.json holds (`final_metrics`, pure: no JAX, no files; `write_metrics` writes it).
-`cvae_exp.runs.job` and the vmap group (cvae_exp.runs.group_loop) call these; numpy only."""
+`cvae_exp.runs.group` calls these for every job of a group; numpy only."""
 
 from __future__ import annotations
 
@@ -116,3 +116,18 @@ def hparams(plain: dict) -> dict:
 def write_metrics(run_dir: Path, metrics: dict) -> None:
     """<run dir>/metrics.json, strict JSON."""
     (run_dir / "metrics.json").write_text(json.dumps(strict(metrics), indent=2) + "\n")
+
+
+def likelihood_note(likelihood: str, min_log_var: float) -> str | None:
+    """What val/elbo (and test/elbo, cvae-eval's ncll) means under model.likelihood=gaussian, logged when such a
+    run starts: a density of pixel values, which the variance floor bounds from below, not the probability of an
+    image; None for the Bernoulli likelihood, whose numbers are probabilities of binary pixels."""
+    if likelihood != "gaussian":
+        return None
+    floor = 0.5 * (math.log(2 * math.pi) + min_log_var)  # -log N(y; y, exp(min_log_var)): a pixel predicted exactly
+    return (
+        "model.likelihood=gaussian: val/elbo and test/elbo are negative log-densities of pixel values in [0, 1] "
+        f"(nats), not probabilities of images; they fall below 0 as the model grows sure, down to {floor:.2f} per "
+        f"pixel ({784 * floor:,.0f} per 28x28 image) at the variance floor model.min_log_var={min_log_var:g}, "
+        "and compare neither with Bernoulli runs nor with published MNIST likelihoods."
+    )

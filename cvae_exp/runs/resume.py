@@ -25,7 +25,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from cvae_exp.config import onto_schema
+from cvae_exp.config import differs, onto_schema, saved_value
 from cvae_exp.errors import UserError
 from cvae_exp.runs import checkpoint
 
@@ -183,10 +183,10 @@ def check_resumable(resumed: Resumed, run_dir: Path) -> None:
             f"{where} was trained with different {', '.join(changed)}; resume it with the same values or "
             "start a new run directory."
         )
-    was, now = saved.config.get("data", {}), plain["data"]
-    data = [k for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
+    data = [k for k in sorted(plain["data"]) if differs(saved.config, plain, f"data.{k}")]
     if data and not new.resume_data_change:
-        listed = ", ".join(f"data.{k}={now.get(k)} (trained with {was.get(k)})" for k in data)
+        now = plain["data"]
+        listed = ", ".join(f"data.{k}={now[k]} (trained with {saved_value(saved.config, f'data.{k}')})" for k in data)
         raise UserError(
             f"Resuming the run in {run_dir} with {listed} would change the data it trains on: resume without "
             "them, or pass resume_data_change=true to change it deliberately."
@@ -195,7 +195,9 @@ def check_resumable(resumed: Resumed, run_dir: Path) -> None:
 
 def check_data(saved: SavedRun | None, cfg: DictConfig, fingerprint: dict) -> None:
     """Refuses data of another geometry than the checkpoint's (its networks would not fit; a checkpoint without
-    one was trained on MNIST), and (unless resume_data_change=true) data that differs in any other way."""
+    one was trained on MNIST), and (unless resume_data_change=true) data that differs in any other way: another
+    source or split sizes, or other contents at the same path. Only what both record is compared: a checkpoint
+    from before the content digest resumes on its source and sizes."""
     from cvae_exp.data.geometry import Geometry
 
     if saved is None or not saved.data:
@@ -206,21 +208,23 @@ def check_data(saved: SavedRun | None, cfg: DictConfig, fingerprint: dict) -> No
             f"The data's images are {now.describe()}, but the checkpoint at step {saved.step} was trained on "
             f"{was.describe()}: point data.path at data of that geometry, or start a new run directory."
         )
+    if cfg.resume_data_change:
+        return
     # a record-less checkpoint (MNIST's shapes) names no classes: the data's own names stand for them
     recorded = {**saved.data, "geometry": saved.data.get("geometry") or fingerprint.get("geometry")}
-    if recorded == fingerprint or cfg.resume_data_change:
+    differ = sorted(k for k in set(fingerprint) & set(recorded) if fingerprint[k] != recorded[k])
+    if not differ:
         return
-    diff = "; ".join(
-        f"{k} {fingerprint.get(k)} instead of {recorded.get(k)}"
-        for k in sorted(set(fingerprint) | set(recorded))
-        if fingerprint.get(k) != recorded.get(k)
-    )
+    if differ == ["content_sha256"]:
+        path = OmegaConf.select(cfg, "data.path", default=None)
+        where = f"data.path={path}" if path is not None else f"the data ({fingerprint.get('source')})"
+        raise UserError(
+            f"The contents of {where} differ from the data the checkpoint at step {saved.step} was trained on "
+            "(the same source and split sizes, other images or labels); point data.path at the run's data, or pass "
+            "resume_data_change=true to change it deliberately."
+        )
+    diff = "; ".join(f"{k} {fingerprint.get(k)} instead of {recorded.get(k)}" for k in differ if k != "content_sha256")
     raise UserError(
         f"The data differs from what the checkpoint at step {saved.step} was trained on ({diff}); "
         "point data.path at the run's data, or pass resume_data_change=true to change it deliberately."
     )
-
-
-def recorded(cfg: DictConfig) -> dict:
-    """The config as a run records it (checkpoint meta, HPARAMS), plain Python."""
-    return OmegaConf.to_container(cfg, resolve=True)

@@ -34,6 +34,60 @@ def current_run_dir() -> Path:
     return Path.cwd().resolve()
 
 
+# The folders of a run directory that its checkpoint policy deletes from (the newest `keep` and the best stay)
+# or moves folders into (damaged checkpoints): no other run may live inside them.
+MANAGED = ("checkpoints", "damaged_checkpoints")
+_RUN_MARKS = (".hydra", LOCK_NAME, "metrics.json")  # what a run directory holds, whatever wrote it
+_SEARCH_DEPTH = 6  # how deep inside a run's managed folders another run is looked for
+
+
+def _looks_like_run(path: Path) -> bool:
+    return any((path / mark).exists() for mark in _RUN_MARKS)
+
+
+def check_not_nested(run_dir: Path) -> None:
+    """Refuses a run directory inside another run's checkpoints/ (or damaged_checkpoints/), or equal to it,
+    and one whose own checkpoints/ holds another run: the keep policy of the outer run would delete the
+    inner one, or move it to damaged_checkpoints/. Cheap (a few stats); runs before anything is written."""
+    run_dir = Path(run_dir).absolute()
+    for folder in (run_dir, *run_dir.parents):
+        owner = folder.parent
+        if folder.name in MANAGED and owner != folder and (_looks_like_run(owner) or _holds_steps(folder)):
+            raise UserError(
+                f"The run directory {run_dir} {'is' if folder == run_dir else 'lies inside'} {folder}, the "
+                f"{folder.name} folder of the run {owner}, whose "
+                "checkpoint policy deletes or moves what is there: choose a directory outside it."
+            )
+    for name in MANAGED:
+        inner = _run_inside(run_dir / name)
+        if inner is not None:
+            raise UserError(
+                f"The run directory {run_dir} holds another run, {inner}, inside its {name} folder, which this run's checkpoint "
+                "policy would delete or move: move that run out first."
+            )
+
+
+def _holds_steps(folder: Path) -> bool:
+    """Whether `folder` holds Orbax step folders (digit names), as a checkpoints folder does."""
+    try:
+        return any(p.name.isdigit() and p.is_dir() for p in folder.iterdir())
+    except OSError:
+        return False
+
+
+def _run_inside(folder: Path) -> Path | None:
+    """The first run directory found inside `folder` (its step folders and below), or None."""
+    if not folder.is_dir():
+        return None
+    for dirpath, dirnames, filenames in os.walk(folder):
+        here = Path(dirpath)
+        if here != folder and (set(_RUN_MARKS) & (set(dirnames) | set(filenames))):
+            return here
+        if len(here.relative_to(folder).parts) >= _SEARCH_DEPTH:
+            dirnames[:] = []
+    return None
+
+
 def _owner(path: Path) -> str:
     """Who holds (or last held) the lock, from what the holder wrote: 'PID 123 on host'."""
     try:

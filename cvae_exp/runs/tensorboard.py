@@ -7,7 +7,7 @@ curve never doubles back on itself.
 from __future__ import annotations
 
 import errno
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import jax
@@ -15,6 +15,9 @@ import numpy as np
 from tensorboardX import SummaryWriter
 
 HPARAMS_PREFIX = "z_hparams/"  # the hparams summary's metric names
+
+
+_QUEUE = 1000  # events tensorboardX holds before its writer thread takes them (its default, 10, is one log step)
 
 
 class Writer:
@@ -25,7 +28,9 @@ class Writer:
         self._w = None
         if enabled and jax.process_index() == 0:
             purge = resume_step + 1 if resume_step is not None else None
-            self._w = SummaryWriter(str(run_dir / "tb" / name if name else run_dir / "tb"), purge_step=purge)
+            # a queue long enough for a log step's events: a put waits only on a writer thread that is behind
+            where = str(run_dir / "tb" / name if name else run_dir / "tb")
+            self._w = SummaryWriter(where, purge_step=purge, max_queue=_QUEUE)
 
     def _check_alive(self) -> None:
         """tensorboardX writes events on a thread; when a write fails there (a full disk) that thread ends
@@ -45,9 +50,9 @@ class Writer:
         raise OSError(errno.EIO, "TensorBoard's event writer stopped", events.get_logdir())
 
     def scalars(self, metrics: Mapping[str, float], step: int) -> None:
-        if self._w:
-            self._check_alive()
-            for tag, value in metrics.items():
+        for tag, value in metrics.items():
+            if self._w:
+                self._check_alive()  # before every event: one put into a dead writer's full queue never returns
                 self._w.add_scalar(tag, float(value), step)
 
     def image(self, tag: str, grid: np.ndarray, step: int) -> None:
@@ -60,13 +65,26 @@ class Writer:
             else:
                 self._w.add_image(tag, grid, step, dataformats="HWC")
 
-    def hparams(self, hparams: Mapping[str, object], metrics: Mapping[str, float]) -> None:
-        """The HPARAMS summary (a sub-run). TensorBoard shows the first few hparams by default, so pass the
-        swept keys first (`hparams_first`). Metric names are prefixed `z_hparams/`: distinct from the scalar
-        tags, and sorting below train/ and val/ in the Scalars tab, where the summary's one-point series land."""
+    def hparams(
+        self, hparams: Mapping[str, object], metrics: Mapping[str, float], *, step: int = 0, differs: Sequence[str] = ()
+    ) -> None:
+        """The HPARAMS summary, in this run's own event file (add_hparams would write a sub-run, `tb/<name>`,
+        which TensorBoard lists as a second run of every job). Metric names are prefixed `z_hparams/`: distinct
+        from the scalar tags, and sorting below train/ and val/ in the Scalars tab, where their one-point series
+        land. TensorBoard's HPARAMS view shows first the hparams marked `differs` (then the rest by name):
+        `differs` names them (a sweep's swept keys), and they are also declared first (`hparams_first`) for
+        TensorBoards that keep the declared order."""
         if self._w:
+            from tensorboardX.summary import hparams as hparams_summaries
+
             clean = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
-            self._w.add_hparams(clean, {f"{HPARAMS_PREFIX}{k}": float(v) for k, v in metrics.items()}, name="hparams")
+            named = {f"{HPARAMS_PREFIX}{k}": float(v) for k, v in metrics.items()}
+            experiment, start, end = hparams_summaries(clean, named)
+            _mark_differing(experiment, set(differs))
+            for summary in (experiment, start, end):
+                self._w.file_writer.add_summary(summary, step)
+            for tag, value in named.items():
+                self._w.add_scalar(tag, value, step)
 
     def flush(self) -> None:
         if self._w:
@@ -75,6 +93,26 @@ class Writer:
     def close(self) -> None:
         if self._w:
             self._w.close()
+
+
+_DIFFERS = b"\x38\x01"  # HParamInfo field 7 (`differs`, bool) = true: TensorBoard's api.proto, not tensorboardX's
+
+
+def _mark_differing(experiment_summary, names: set[str]) -> None:
+    """Sets `differs` on the named hparams of a tensorboardX experiment summary (in place). TensorBoard sorts the
+    HPARAMS columns by (not differs, name); tensorboardX's copy of the proto predates the field, so it is added
+    as the encoded field, which protobuf keeps as an unknown field and TensorBoard reads."""
+    if not names:
+        return
+    from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData
+
+    value = experiment_summary.value[0]
+    data = HParamsPluginData()
+    data.ParseFromString(value.metadata.plugin_data.content)
+    for info in data.experiment.hparam_infos:
+        if info.name in names:
+            info.MergeFromString(_DIFFERS)
+    value.metadata.plugin_data.content = data.SerializeToString()
 
 
 def hparams_first(hparams: dict, swept: list[str]) -> dict:

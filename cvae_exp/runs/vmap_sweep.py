@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from cvae_exp.errors import UserError
 from cvae_exp.runs import launch, preflight, resume
+from cvae_exp.runs.rundir import check_not_nested
 
 log = logging.getLogger("cvae_exp")
 _FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's job log format
@@ -74,6 +75,7 @@ def check(job: SweepJob, swept: list[str]) -> resume.Resumed:
         )
     if cfg.cluster.coordinator_address is not None or cfg.cluster.num_processes not in (None, 1):
         raise UserError("hydra/launcher=vmap trains in one process: leave cluster.* unset.")
+    check_not_nested(job.run_dir)
     try:
         resumed = preflight.check_run(cfg, job.run_dir, mode, merge=False)
     except UserError as err:
@@ -101,11 +103,26 @@ def _values(overrides: list[str], swept: list[str]) -> list[str]:
     return sorted(o for o in overrides if o.split("=", 1)[0].lstrip("+~") in keys)
 
 
-def launch_sweep(launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[JobReturn]:
-    launch.begin()  # nothing of this sweep is accepted yet
+def configure_console(launcher) -> None:
+    """The launcher's logging as Hydra's launchers set it up, with the console lines in the jobs' own format
+    (`[time][logger][LEVEL] - message`, as a single run prints them), not Hydra's `[time][HYDRA]` tags."""
     setup_globals()
     configure_log(launcher.config.hydra.hydra_logging, launcher.config.hydra.verbose)
-    if not _is_cvae_train(launcher.task_function):
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setFormatter(logging.Formatter(_FORMAT))
+
+
+def launch_sweep(launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[JobReturn]:
+    """SIGTERM/SIGINT outside a group's loop (composing, checking, building, restoring, final evaluations): one
+    sentence and 128 + the signal, never Python's silent -15; inside a loop, its own handler checkpoints first."""
+    launch.begin()  # nothing of this sweep is accepted yet
+    with launch.Interruptible() as signals:
+        return _launch_sweep(launcher, job_overrides, initial_job_idx, signals)
+
+
+def _launch_sweep(launcher, job_overrides, initial_job_idx: int, signals) -> list[JobReturn]:
+    if not is_cvae_train(launcher.task_function):
         raise UserError("hydra/launcher=vmap launches cvae-train multiruns only.")
     if launcher.max_members is not None and launcher.max_members < 1:
         raise UserError(f"hydra.launcher.max_members={launcher.max_members} must be at least 1 (or null for no cap).")
@@ -121,13 +138,12 @@ def launch_sweep(launcher, job_overrides: Sequence[Sequence[str]], initial_job_i
         for i in idxs:
             log.info("\t#%d (partition %d): %s", jobs[i].num, p, " ".join(filter_overrides(jobs[i].overrides)))
     returns, failed = {}, []
-    with launch.Interruptible() as signals:
-        for p, idxs in enumerate(parts):
-            specs = train_partition([jobs[i] for i in idxs], p, swept, [checked[i] for i in idxs], signals)
-            for i, spec in zip(idxs, specs, strict=True):
-                returns[jobs[i].num] = _job_return(jobs[i], spec)
-                if spec.error is not None:
-                    failed.append(f"error: job {jobs[i].num} ({' '.join(jobs[i].overrides)}): {spec.error}")
+    for p, idxs in enumerate(parts):
+        specs = train_partition([jobs[i] for i in idxs], p, swept, [checked[i] for i in idxs], signals)
+        for i, spec in zip(idxs, specs, strict=True):
+            returns[jobs[i].num] = job_return(jobs[i], spec)
+            if spec.error is not None:
+                failed.append(f"error: job {jobs[i].num} ({' '.join(jobs[i].overrides)}): {spec.error}")
     if failed:
         print("\n".join(failed), file=sys.stderr)
         sys.exit(2)
@@ -164,6 +180,8 @@ def train_partition(jobs: list[SweepJob], partition: int, swept: list[str], chec
         ),
         signals=signals,
     )
+    log.info("vmap group %d: jobs %s in one program (%d members; traced per member: %s)", partition,
+             ", ".join(str(j.num) for j in jobs), len(jobs), ", ".join(traced) or "nothing")  # fmt: skip
     with contextlib.ExitStack() as held:
         for job in jobs:
             job.run_dir.mkdir(parents=True, exist_ok=True)
@@ -181,7 +199,7 @@ def _acceptor(job: SweepJob, handlers: list, partition: int, traced: list[str]):
     def accept() -> None:
         launch.mark_accepted()
         launch.write_run_record(job.run_dir, job.cfg, OmegaConf.create({"hydra": job.hydra}), job.overrides)
-        handler = logging.FileHandler(job.run_dir / f"{job.hydra.job.name}.log")
+        handler = launch.LogFile(job.run_dir / f"{job.hydra.job.name}.log")  # a failed write: one sentence naming it
         handler.setFormatter(logging.Formatter(_FORMAT))
         handlers.append(handler)
         logger = logging.getLogger(f"cvae_exp.job{job.num}")
@@ -192,7 +210,7 @@ def _acceptor(job: SweepJob, handlers: list, partition: int, traced: list[str]):
     return accept
 
 
-def _job_return(job: SweepJob, spec) -> JobReturn:
+def job_return(job: SweepJob, spec) -> JobReturn:
     ret = JobReturn(
         overrides=list(job.overrides),
         cfg=job.cfg,
@@ -205,7 +223,7 @@ def _job_return(job: SweepJob, spec) -> JobReturn:
     return ret
 
 
-def _is_cvae_train(task_function) -> bool:
+def is_cvae_train(task_function) -> bool:
     """Whether Hydra's task function is cvae-train's (also as `python -m cvae_exp.train`, module __main__)."""
     import importlib.util
     import inspect

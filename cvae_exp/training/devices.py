@@ -67,6 +67,22 @@ def round_to_devices(batch_size: int, mesh) -> int:
     return -(-batch_size // mesh.size) * mesh.size
 
 
+def memory_bytes(mesh) -> int | None:
+    """The memory one device of `mesh` may use (an accelerator's limit; on a CPU the machine's memory), or
+    None where neither is known."""
+    local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]  # another host's: no stats
+    try:
+        stats = (local[0].memory_stats() if local else None) or {}
+    except Exception:  # a backend without memory statistics
+        stats = {}
+    if stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def replicated(mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 

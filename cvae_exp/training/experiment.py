@@ -20,7 +20,7 @@ from cvae_exp.data import sources
 from cvae_exp.data.geometry import Geometry
 from cvae_exp.data.pipeline import Splits, condition_dim, make_splits
 from cvae_exp.errors import UserError
-from cvae_exp.models.build import build_model
+from cvae_exp.models.build import build_model, data_logit
 from cvae_exp.training import devices, steps
 
 
@@ -36,6 +36,7 @@ class Experiment:
     opt: Any  # cvae_exp.training.optim.Optimizer
     build_params: Callable[[int], Any]  # seed -> freshly initialised params (those of a run with that seed)
     baseline_run: str | None = None  # model.baseline_run: the run whose best params start the baseline submodule
+    data_sha256: str = ""  # the raw data's content digest (sources.content_sha256)
 
     @property
     def geometry(self) -> Geometry:
@@ -44,11 +45,13 @@ class Experiment:
 
     @property
     def fingerprint(self) -> dict:
-        """What a checkpoint records the run was trained on: the data source, the split sizes and the geometry."""
+        """What a checkpoint records the run was trained on: the data source, the split sizes, the geometry and
+        the digest of the data's contents (the same path may hold other images later)."""
         return {
             "source": self.source,
             **{name: len(getattr(self.splits, name).images) for name in ("train", "val", "test")},
             "geometry": self.geometry.record(),
+            "content_sha256": self.data_sha256,
         }
 
     def init_state(self, seed: int, params: Any = None, baseline: Any = None) -> dict:
@@ -74,31 +77,57 @@ def build_experiment(cfg: DictConfig) -> Experiment:
         split_seed=cfg.data.split_seed,
         binarize=cfg.data.binarize,
         binarize_seed=cfg.data.binarize_seed,
+        val_from=cfg.data.val_from,
+        val_holdout=cfg.data.val_holdout,
+        shuffle=cfg.data.shuffle,
     )
     task = steps.build_task(cfg, splits.dynamic, raw.geometry)
-    build_params, opt = _network(cfg, task.condition, raw.geometry)
+    bias = data_logit(splits.train.images) if cfg.model.output_bias == "data_logit" else None
+    # An epoch of the training split, for the schedules counted in epochs (optimizer.schedule=burda).
+    epoch = cfg.optimizer.steps_per_epoch or len(splits.train.images) // cfg.trainer.batch_size
+    build_params, opt = _network(cfg, task.condition, raw.geometry, epoch, bias)
     graphdef, params = build_params(cfg.seed)
     return Experiment(
-        raw.source, splits, task, graphdef, params, opt, lambda seed: build_params(seed)[1], cfg.model.baseline_run
+        raw.source,
+        splits,
+        task,
+        graphdef,
+        params,
+        opt,
+        lambda seed: build_params(seed)[1],
+        cfg.model.baseline_run,
+        data_sha256=raw.sha256,
     )
 
 
-def _network(cfg: DictConfig, condition: str, geometry: Geometry):
+def _network(cfg: DictConfig, condition: str, geometry: Geometry, steps_per_epoch: int, output_bias=None):
     """(seed -> (graphdef, params), optimizer) of the config's network on images of `geometry`: nothing of
-    the data is read."""
+    the data is read (`steps_per_epoch`: an epoch for the schedules counted in epochs; `output_bias`:
+    model.output_bias=data_logit's first bias)."""
 
     def build_params(seed: int):
         x_dim = condition_dim(condition, geometry)
-        return build_model(cfg.model, x_dim, geometry, precision=cfg.trainer.precision, seed=seed, condition=condition)
+        return build_model(
+            cfg.model,
+            x_dim,
+            geometry,
+            precision=cfg.trainer.precision,
+            seed=seed,
+            condition=condition,
+            output_bias=output_bias,
+        )
 
-    return build_params, instantiate(cfg.optimizer, total_steps=cfg.trainer.max_steps, _convert_="all")
+    opt = instantiate(
+        cfg.optimizer, total_steps=cfg.trainer.max_steps, steps_per_epoch=steps_per_epoch, _convert_="all"
+    )
+    return build_params, opt
 
 
 def state_shape(cfg: DictConfig, geometry: Geometry) -> Any:
     """The shapes of a run's training state (its checkpoints' `state` item, with the seed axis of a K-seed
     run), built from its config and the geometry its checkpoint recorded: reading a run's parameters needs
-    none of its data."""
-    build_params, opt = _network(cfg, steps.task_condition(cfg), geometry)
+    none of its data (the schedule's epoch and the output bias change no shape)."""
+    build_params, opt = _network(cfg, steps.task_condition(cfg), geometry, cfg.optimizer.steps_per_epoch or 1)
     _, params = build_params(cfg.seed)
     shape = jax.eval_shape(lambda: steps.init_state(params, opt.tx, cfg.seed))
     lead = (cfg.trainer.num_seeds,) if cfg.trainer.num_seeds > 1 else ()
@@ -143,3 +172,23 @@ def training_mesh(cfg: DictConfig) -> jax.sharding.Mesh:
     mesh = devices.make_mesh(cfg.trainer.devices)
     devices.check_batch("trainer.batch_size", cfg.trainer.batch_size, mesh)
     return mesh
+
+
+# Bytes one value of an evaluation batch's images holds at least, on the host and on the device: the image,
+# target, mask and output as float32 and a few more of the same size (a rough lower bound, for the check below).
+_EVAL_BYTES_PER_VALUE = 8 * 4
+
+
+def check_eval_batch(eval_batch_size: int, splits: Splits, mesh) -> None:
+    """Refuses an evaluation batch that cannot fit in memory (`trainer.eval_batch_size=1e9` trained, then
+    failed with a MemoryError at the first evaluation). Known once the data is loaded, before the first step;
+    a batch larger than the splits is padded, so the padding counts too."""
+    need = devices.round_to_devices(eval_batch_size, mesh) * _EVAL_BYTES_PER_VALUE * splits.geometry.dims
+    have = devices.memory_bytes(mesh)
+    if have is not None and need > have:
+        largest = max(len(splits.val.images), len(splits.test.images))
+        raise UserError(
+            f"trainer.eval_batch_size={eval_batch_size} needs at least {need / 2**30:,.0f} GiB for one evaluation "
+            f"batch, more than the {have / 2**30:,.0f} GiB there are: the largest split it evaluates holds "
+            f"{largest:,} images, so at most {largest} is useful."
+        )

@@ -34,8 +34,14 @@ log = logging.getLogger("cvae_exp")
 SELECTION = "val/elbo"
 
 
+# SIGUSR1/SIGUSR2: what SLURM sends before a time limit (sbatch --signal; submitit asks for USR2, its
+# preemption signal), and what `scancel --signal` sends.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+
+
 class StopRequest:
-    """SIGTERM/SIGINT ask the loop to checkpoint and stop after the current step; a second one exits."""
+    """SIGTERM/SIGINT/SIGUSR1/SIGUSR2 ask the loop to checkpoint and stop after the current step; a second one
+    exits."""
 
     def __init__(self):
         self.requested = False
@@ -44,7 +50,7 @@ class StopRequest:
         self._previous = {}
 
     def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread (e.g. some launchers): no handler
@@ -68,6 +74,17 @@ class StopRequest:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def hand_over(signum: int) -> None:
+    """After the stop's checkpoint: a SIGUSR1/SIGUSR2 that had a Python handler before the loop's (submitit's
+    requeue on its preemption signal) is passed on to it now; it may end the process itself."""
+    handler = signal.getsignal(signum)
+    owner = getattr(handler, "__self__", None)
+    if isinstance(owner, StopRequest):  # called inside the loop's `with`: the handler from before it
+        handler = owner._previous.get(signum)
+    if signum in (signal.SIGUSR1, signal.SIGUSR2) and callable(handler):
+        handler(signum, None)
 
 
 class NonFinite(Exception):
@@ -226,7 +243,8 @@ def fit(state, step_fn, feed, plan: Plan, jobs: list[Job], hooks: Hooks, block_f
                 bar.close()
                 return state, stop.signum
     bar.close()
-    return state, None
+    # a signal that came while the last step logged, evaluated or saved: its checkpoint is written; stop there
+    return state, stop.signum if stop.requested else None
 
 
 def _block(step: int, plan: Plan, jobs: list[Job]) -> int:

@@ -46,6 +46,8 @@ class Task:
     nan_policy: str = "stop"
     precision: str = "fp32"
     frozen_baseline: bool = False  # model.baseline_frozen with a baseline_run: its parameters never change
+    iw_samples: int = 1  # model.iw_samples: k > 1 trains on the importance-weighted bound
+    sampled_kl: bool = False  # model.kl=sampled
 
 
 def build_task(cfg, dynamic: bool, geometry: Geometry) -> Task:
@@ -65,6 +67,8 @@ def build_task(cfg, dynamic: bool, geometry: Geometry) -> Task:
         nan_policy=cfg.trainer.nan_policy,
         precision=cfg.trainer.precision,
         frozen_baseline=bool(cfg.model.baseline_frozen and cfg.model.baseline_run),
+        iw_samples=cfg.model.iw_samples,
+        sampled_kl=cfg.model.kl == "sampled",
     )
 
 
@@ -100,7 +104,18 @@ def loss_fn(params, graphdef, batch, key, step, task: Task, train: bool):
     key_data, key_model = jax.random.split(key)
     x, y, mask = prepare(batch, key_data, task, train)
     beta = kl_weight(step, task.beta, task.kl_warmup_steps) if train else 1.0
-    loss, metrics = per_example_loss(model, x, y, mask, key_model, kind=task.kind, beta=beta, alpha=task.alpha)
+    loss, metrics = per_example_loss(
+        model,
+        x,
+        y,
+        mask,
+        key_model,
+        kind=task.kind,
+        beta=beta,
+        alpha=task.alpha,
+        iw_samples=task.iw_samples,
+        sampled_kl=task.sampled_kl,
+    )
     return loss, metrics
 
 
@@ -210,13 +225,24 @@ def fold_in(key: jax.Array, i: int) -> jax.Array:
     return jax.random.fold_in(key, i) if key.ndim == 0 else jax.vmap(jax.random.fold_in, (0, None))(key, i)
 
 
-def evaluate(eval_step, params, split, batch_size: int, sharding, key) -> dict[str, Any]:
+def evaluate(eval_step, params, split, batch_size: int, sharding, key, progress: str | None = None) -> dict[str, Any]:
     """Means over a whole split (fixed keys per batch, so a result depends only on the params): floats,
-    or arrays of K values when `params` and `key` carry a seed axis."""
+    or arrays of K values when `params` and `key` carry a seed axis. `progress`: a label for a tqdm bar with
+    the time left (cvae-eval's long passes), which waits for each batch so that the bar tells the truth."""
     totals = None
+    bar = None
+    if progress is not None:
+        from tqdm import tqdm
+
+        bar = tqdm(total=-(-len(split.images) // batch_size), desc=progress, unit="batch", dynamic_ncols=True)
     for i, batch in enumerate(eval_batches(split, batch_size)):
         sums = eval_step(params, put_batch(batch, sharding), fold_in(key, i))
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+        if bar is not None:
+            jax.block_until_ready(totals)  # host sync: only with a bar
+            bar.update(1)
+    if bar is not None:
+        bar.close()
     totals = jax.device_get(totals)  # host sync
     count = totals.pop("count")
     return {k: host_value(v / count) for k, v in totals.items()}

@@ -5,8 +5,9 @@ Train with them (from the repository root; the command names the package it trus
     PYTHONPATH=docs/examples cvae-train trust_modules=[mynets] model.net._target_=mynets.Joined \
         +model.net.width=64 +model.net.generation._target_=mynets.Painter
 
-Every network of the model is then a `Joined`, except the generation network, a `Painter`. tests/test_nets.py
-(test_a_trusted_user_module_trains_and_evaluates_and_every_command_names_the_trust) runs this command on a small dataset.
+Every network of the model is then a `Joined`, except the generation network, a `Painter`.
+tests/test_net_runs.py (test_a_trusted_user_module_trains_and_evaluates_and_every_command_names_the_trust) runs this
+command on a small dataset.
 """
 
 from __future__ import annotations

@@ -22,7 +22,9 @@ class VmapLauncher(Launcher):
         self.config, self.task_function, self.hydra_context = config, task_function, hydra_context
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from cvae_exp.cli import exit_on_user_error  # a refused sweep: one sentence, exit 2
+        from cvae_exp.cli import exit_on_user_error, quiet_console  # a refused sweep: one sentence, exit 2
         from cvae_exp.runs import vmap_sweep
 
-        return exit_on_user_error(vmap_sweep.launch_sweep)(self, job_overrides, initial_job_idx)
+        vmap_sweep.configure_console(self)
+        with quiet_console(shown=bool(self.config.get("verbose", False))):  # as every command's console
+            return exit_on_user_error(vmap_sweep.launch_sweep)(self, job_overrides, initial_job_idx)
