@@ -20,7 +20,7 @@ import statistics
 import time
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from cvae_exp.cli import CONF_DIR, console, exit_on_user_error
 from cvae_exp.config import check_data_path, check_keys, check_targets, validate
@@ -89,8 +89,9 @@ def peak(dtype_name: str, device, achieved: float) -> tuple[float, str]:
 
 def step_flops(step, *args) -> float:
     """FLOPs of one call: XLA's cost analysis of the lowered (not yet compiled) module, where every backend
-    counts the matmuls (a GPU's compiled module hides them in library calls); where a backend gives none,
-    the matrix products of the jaxpr (2 x M x N x K each), which dominate this model's count."""
+    counts the matmuls and convolutions (a GPU's compiled module hides them in library calls); where a backend
+    gives none, the matrix products and convolutions of the jaxpr (`jaxpr_flops`), which dominate this model's
+    count."""
     import jax
 
     lowered = step.lower(*args)
@@ -98,28 +99,58 @@ def step_flops(step, *args) -> float:
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     if cost and cost.get("flops"):
         return float(cost["flops"])
-    return _dot_flops(jax.make_jaxpr(step)(*args).jaxpr)
+    return jaxpr_flops(jax.make_jaxpr(step)(*args).jaxpr)
 
 
-def _dot_flops(jaxpr) -> float:
+def jaxpr_flops(jaxpr) -> float:
+    """2 x the multiply-adds of every matrix product (M x N x K) and convolution in `jaxpr` and the jaxprs
+    nested in it (jit, custom_vjp, scan and vmap bodies; a scan's body counted once per iteration)."""
     import math
 
     from jax.extend.core import ClosedJaxpr, Jaxpr
 
     total = 0.0
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
+        name = eqn.primitive.name
+        if name == "dot_general":
             (lhs_contract, _), (lhs_batch, _) = eqn.params["dimension_numbers"]
             lhs = eqn.invars[0].aval.shape
             out = eqn.outvars[0].aval.shape
             total += 2.0 * math.prod(out) * math.prod(lhs[d] for d in lhs_contract)
+        elif name == "conv_general_dilated":
+            total += 2.0 * _conv_macs(eqn)
+        times = eqn.params.get("length", 1) if name == "scan" else 1
         for value in eqn.params.values():  # nested jaxprs: jit, custom_vjp, vmap'd bodies, ...
             for sub in value if isinstance(value, (list, tuple)) else [value]:
                 if isinstance(sub, ClosedJaxpr):
-                    total += _dot_flops(sub.jaxpr)
+                    total += times * jaxpr_flops(sub.jaxpr)
                 elif isinstance(sub, Jaxpr):
-                    total += _dot_flops(sub)
+                    total += times * jaxpr_flops(sub)
     return total
+
+
+def _conv_macs(eqn) -> float:
+    """Multiply-adds of one `conv_general_dilated`: per output element, the kernel positions that meet a real
+    input value (not padding, not a hole of lhs dilation, as XLA counts them), times the input features the
+    kernel reads. The backward pass's transposed and dilated convolutions are counted the same way, so a
+    stride-2 convolution's gradients count what its forward pass does, not the zeros they skip."""
+    import math
+
+    p = eqn.params
+    lhs_spec, rhs_spec, out_spec = p["dimension_numbers"]
+    lhs, rhs, out = (v.aval.shape for v in (eqn.invars[0], eqn.invars[1], eqn.outvars[0]))
+    pairs = 1
+    for d, (lo, _) in enumerate(p["padding"]):
+        size_in, size_k, size_out = lhs[lhs_spec[2 + d]], rhs[rhs_spec[2 + d]], out[out_spec[2 + d]]
+        a, r, s = p["lhs_dilation"][d], p["rhs_dilation"][d], p["window_strides"][d]
+        extent = (size_in - 1) * a + 1  # the dilated input
+        pairs *= sum(
+            1
+            for o in range(size_out)
+            for k in range(size_k)
+            if 0 <= o * s + k * r - lo < extent and (o * s + k * r - lo) % a == 0
+        )
+    return math.prod(out[i] for i in out_spec[:2]) * pairs * rhs[rhs_spec[1]]
 
 
 def bare_loop(exp, state, batch, warmup: int, seeds: int = 1):
@@ -163,11 +194,12 @@ def program_loop(exp, cfg: DictConfig, mesh, warmup: int, plains: list[dict]):
     members' first states as plain single-run states for the bare loop, the traced keys)."""
     import jax
 
+    from cvae_exp.config import trusted_modules
     from cvae_exp.runs.trained_run import baseline_params
     from cvae_exp.training import devices, members, steps
     from cvae_exp.training.program import build_program
 
-    program = build_program(exp, plains, mesh, baseline_params(cfg.model.baseline_run))
+    program = build_program(exp, plains, mesh, baseline_params(cfg.model.baseline_run, trusted_modules(cfg)))
     spans = [range(i, i + 1) for i in range(program.size)]
     state = program.group_state([program.fresh_job_state(span) for span in spans], spans)
     feed = program.feed
@@ -275,6 +307,7 @@ def bench(cfg: DictConfig) -> dict:
         "steps": options.steps,
         "model": cfg.model.kind,
         "hidden": list(cfg.model.hidden),
+        "net": OmegaConf.to_container(cfg.model.net, resolve=True),  # the networks timed (model/net=...)
         "latent_dim": cfg.model.latent_dim,
     }
     if options.reference:

@@ -9,6 +9,7 @@ data is loaded or any function compiled.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 import tempfile
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf, open_dict
 
 from cvae_exp.errors import UserError
 from cvae_exp.models.kinds import KINDS, NAMES, kind
@@ -43,6 +44,9 @@ SPLITS = ("val", "test")
 QUADRANT_LAYOUTS = ("left_first", "top_first")
 BASELINE_INTO = ("prior", "prior_and_generation")
 SAFE_TARGET_PREFIXES = ("cvae_exp.", "optax.", "flax.")
+MLP_NET = "cvae_exp.models.mlp.MLPNet"
+CONV_NET = "cvae_exp.models.conv.ConvNet"
+NET_ROLES = ("recognition", "prior", "generation", "baseline")  # cvae_exp.models.nets.ROLES
 ACTIVATIONS = ("relu", "tanh")
 KERNEL_INITS = ("lecun_normal", "glorot_uniform")
 OUTPUT_BIASES = ("zero", "data_logit")
@@ -68,11 +72,40 @@ class ModelConfig:
     baseline_hidden: Optional[list[int]] = None  # that baseline's hidden widths (its model.hidden); null: model.hidden
     baseline_into: str = "prior"  # prior (the paper's Figure 1(d)) | prior_and_generation (y_hat into p(y|x,z) too)
     baseline_frozen: bool = False  # true: the pre-trained baseline stays fixed; false: fine-tuned with the rest
-    activation: str = "relu"  # relu | tanh: between the dense layers of every network
+    activation: str = "relu"  # relu | tanh: between the layers of every network (model/net=mlp, conv)
     kernel_init: str = "lecun_normal"  # lecun_normal (Flax's default) | glorot_uniform (yburda/iwae, Keras)
-    output_bias: str = "zero"  # zero | data_logit: the generation's last bias starts at logit(mean training pixel)
+    output_bias: str = "zero"  # zero | data_logit: the generation's output bias starts at logit(mean training pixel)
     iw_samples: int = 1  # k > 1: train on the importance-weighted bound with k samples of q (cvae, vae); 1: the ELBO
     kl: str = "analytic"  # analytic | sampled: at iw_samples=1, KL in closed form or log q - log p at the sample
+    net: dict[str, Any] = field(
+        default_factory=lambda: {"_target_": MLP_NET}
+    )  # every network's builder and its keys (model/net=mlp|conv, or a trusted module's _target_); model.net.<role> for one role
+
+
+@dataclass
+class ConvNetConfig:
+    """The keys of `model/net=conv` (cvae_exp.models.conv.ConvNet): every network convolutional, sized here and
+    by the data's geometry."""
+
+    _target_: str = CONV_NET  # the network's builder
+    channels: list[int] = field(default_factory=lambda: [32, 64])  # one stride-2 convolution per entry, its channels
+    kernel: int = 3  # kernel height and width of every convolution
+    blocks: int = 0  # residual blocks after each downsampling (and before each upsampling)
+    norm: str = "none"  # none | group | layer: per-example GroupNorm (layer: one group), never batch statistics
+    dense: list[int] = field(
+        default_factory=lambda: [256]
+    )  # dense layers (model.activation) at the bottleneck (flattened features + vectors)
+    label: str = "bottleneck"  # bottleneck | channels: how a class label joins a network that reads images
+
+
+@dataclass
+class MLPNetConfig:
+    """The keys of `model/net=mlp` (cvae_exp.models.mlp.MLPNet, the default): every network an MLP of model.hidden."""
+
+    _target_: str = MLP_NET  # the network's builder
+
+
+BUILTIN_NETS = {MLP_NET: MLPNetConfig, CONV_NET: ConvNetConfig}
 
 
 @dataclass
@@ -190,6 +223,9 @@ class Config:
         False  # resume: let data.* or the data itself (source, split sizes) differ from the run's
     )
     verbose: bool = False  # also show what JAX and Orbax log about themselves (the TPU probe, read-only restores)
+    trust_modules: list[str] = field(
+        default_factory=list
+    )  # packages whose model.net targets this command may import (e.g. [mypkg]); never read from a saved run
 
 
 @dataclass
@@ -200,6 +236,9 @@ class EvalApp:
     eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0  # key of the importance samples
     verbose: bool = False  # as in cvae-train
+    trust_modules: list[str] = field(
+        default_factory=list
+    )  # as in cvae-train: a run built with a user's network needs its package named again here
 
 
 def register_configs() -> None:
@@ -263,24 +302,124 @@ def _targets(node: Any, path: str = "optimizer") -> list[tuple[str, str]]:
 
 
 def check_targets(cfg: DictConfig) -> None:
-    """Refuses an optimizer `_target_` that resolves to an object defined outside the safe packages.
+    """Refuses a `_target_` (the optimizer's, the networks') that resolves to an object defined outside the safe
+    packages or, for a network, the packages this command trusts (`trust_modules`).
 
     `validate` checks the prefix only, which an attribute chain gets past (`cvae_exp.data.sources.os.system`
     is os.system); resolving imports the target's package, so this runs after the cheap checks.
     """
     from hydra._internal.utils import _locate  # what instantiate resolves with (get_object also logs errors)
 
-    for where, target in _targets(OmegaConf.to_container(cfg.optimizer, resolve=True)):
+    trust = tuple(f"{t}." for t in trusted_modules(cfg))
+    found = [(w, t, SAFE_TARGET_PREFIXES) for w, t in _targets(OmegaConf.to_container(cfg.optimizer, resolve=True))]
+    net = OmegaConf.to_container(cfg.model.net, resolve=True) if "net" in cfg.model else {}
+    found += [(w, t, SAFE_TARGET_PREFIXES + trust) for w, t in _targets(net, "model.net")]
+    for where, target, allowed in found:
+        if where.startswith("model.net") and not target.startswith(allowed):
+            raise UserError(_untrusted(where, target))  # not even imported
         try:
             obj = _locate(target)
         except Exception as err:  # ImportError, AttributeError, ...: the target does not exist
             raise UserError(f"{where}={target} cannot be imported ({type(err).__name__}).") from None
         home = getattr(obj, "__module__", None) or getattr(obj, "__name__", "")  # a module has only __name__
-        if not f"{home}.".startswith(SAFE_TARGET_PREFIXES):
+        if not f"{home}.".startswith(allowed):
+            names = ", ".join(p.rstrip(".") for p in allowed)
             raise UserError(
                 f"{where}={target} is refused: it resolves to an object from {home or 'an unknown module'}, and "
-                f"configs may only build objects from {', '.join(p.rstrip('.') for p in SAFE_TARGET_PREFIXES)}."
+                f"configs may only build objects from {names}."
             )
+
+
+def trusted_modules(cfg: DictConfig) -> list[str]:
+    """The packages whose networks this command may build: `trust_modules`, as the command line gave it."""
+    return [str(t) for t in cfg.get("trust_modules") or []]
+
+
+def _untrusted(where: str, target: str) -> str:
+    package = target.split(".")[0]
+    return (
+        f"{where}={target} is refused: building it would import {package}, which this command does not trust; "
+        f"name it on the command line with trust_modules=[{package}] (a saved config never grants that)."
+    )
+
+
+def with_trust(cfg: DictConfig, trust) -> DictConfig:
+    """A saved run's config with this command's `trust_modules` (a saved config's own is never used)."""
+    with open_dict(cfg):
+        cfg.trust_modules = [str(t) for t in trust or []]
+    return cfg
+
+
+def net_nodes(net: dict) -> list[tuple[str, dict]]:
+    """(where, node) of every network builder in a `model.net` node: its own, then each role's own node."""
+    top = {k: v for k, v in net.items() if k not in NET_ROLES}
+    return [("model.net", top)] + [(f"model.net.{r}", net[r]) for r in NET_ROLES if r in net]
+
+
+def differing_keys(prefix: str, was: dict, now: dict) -> list[str]:
+    """The keys below `prefix` whose values differ (model.net.channels rather than model.net); another
+    `_target_` is another network altogether, named alone."""
+    if was.get("_target_") != now.get("_target_"):
+        return [f"{prefix}._target_"]
+    out = []
+    for k in sorted(set(was) | set(now), key=str):
+        a, b = was.get(k), now.get(k)
+        if a != b:
+            both = isinstance(a, dict) and isinstance(b, dict)
+            out += differing_keys(f"{prefix}.{k}", a, b) if both else [f"{prefix}.{k}"]
+    return out
+
+
+def role_net(net: dict, role: str) -> dict:
+    """The node that builds the `role` network (cvae_exp.models.nets.NetFactory.node)."""
+    own = net.get(role)
+    return own if isinstance(own, dict) else {k: v for k, v in net.items() if k not in NET_ROLES}
+
+
+def check_net(cfg: DictConfig) -> None:
+    """Refuses a `model.net` that cannot build networks, naming the key: a node without `_target_`, a key or a
+    value that model/net=mlp or conv does not take, or (imported by no one yet) a module the command does not
+    trust. A trusted module's keys are its own: its constructor checks them."""
+    trust = tuple(f"{t}." for t in trusted_modules(cfg))
+    for i, t in enumerate(trusted_modules(cfg)):
+        if not t or not all(part.isidentifier() for part in t.split(".")):
+            raise UserError(f"trust_modules[{i}]={t} is not a module name (mypkg or mypkg.nets).")
+    net = OmegaConf.to_container(cfg.model.net, resolve=True)
+    for where, node in net_nodes(net):
+        if not isinstance(node, dict) or not node.get("_target_"):
+            raise UserError(
+                f"{where} names no network: set {where}._target_ (model/net=mlp or conv, or your module's)."
+            )
+        target = str(node["_target_"])
+        schema = BUILTIN_NETS.get(target)
+        if schema is None:
+            if not target.startswith(SAFE_TARGET_PREFIXES + trust):
+                raise UserError(_untrusted(f"{where}._target_", target))
+            continue
+        try:
+            merged = OmegaConf.merge(OmegaConf.structured(schema), node)
+        except Exception as err:  # an unknown key, a wrong type
+            keys = ", ".join(f.name for f in dataclasses.fields(schema))
+            bad = getattr(err, "full_key", "") or ""
+            raise UserError(
+                f"{where}.{bad} is not a key of {target} (it takes {keys})."
+                if "Key" in type(err).__name__
+                else f"{where}.{bad}: {str(err).splitlines()[0]}"
+            ) from None
+        if schema is ConvNetConfig:
+            _check_conv(where, merged)
+
+
+def _check_conv(where: str, c: DictConfig) -> None:
+    if not c.channels:
+        raise UserError(f"{where}.channels=[] must list at least one convolution's channels.")
+    for key in ("channels", "dense"):
+        for i, width in enumerate(c[key]):
+            _at_least(f"{where}.{key}[{i}]", width, 1)
+    _at_least(f"{where}.kernel", c.kernel, 1)
+    _at_least(f"{where}.blocks", c.blocks, 0)
+    _choice(f"{where}.norm", c.norm, ("none", "group", "layer"))
+    _choice(f"{where}.label", c.label, ("bottleneck", "channels"))
 
 
 # Factories that moved since a run saved its config: {the target it recorded: where it is now}.
@@ -338,6 +477,7 @@ ADDED_KEYS: dict[str, Any] = {
     "data.val_holdout": True,
     "data.shuffle": True,
     "optimizer.steps_per_epoch": None,
+    "model.net": lambda c: {"_target_": MLP_NET},  # every network an MLP of model.hidden until model.net existed
     # (trainer.data_on_device is not here: either feed trains the same parameters, so today's faster default)
 }
 _ABSENT = object()
@@ -475,6 +615,18 @@ def check_baseline_run(cfg: DictConfig) -> None:
             f"{key} was trained with model.likelihood={saved.model.likelihood}, but this run has "
             f"model.likelihood={m.likelihood}."
         )
+    was, now = role_net(_plain(saved.model.net), "baseline"), role_net(_plain(m.net), "baseline")
+    if was != now:
+        keys = ", ".join(differing_keys("model.net", was, now))
+        raise UserError(
+            f"{key} was trained with different {keys} than this model's baseline network would have: give this "
+            "run the model.net of that run (model/net=...)."
+        )
+    if saved.model.output_bias != m.output_bias and now.get("_target_") != MLP_NET:
+        raise UserError(  # the MLP's output bias is its last layer's; another network's may be a parameter of its own
+            f"{key} was trained with model.output_bias={saved.model.output_bias}, but this run has "
+            f"model.output_bias={m.output_bias}, which gives its {now.get('_target_')} baseline network other parameters."
+        )
     if saved.model.activation != m.activation:
         raise UserError(
             f"{key} was trained with model.activation={saved.model.activation}, but this run has "
@@ -489,6 +641,10 @@ def check_baseline_run(cfg: DictConfig) -> None:
     folder = run / "checkpoints"
     if not (folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir())):
         raise UserError(f"{key} holds no checkpoint in {folder}: let the baseline run save one first.")
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
 def check_likelihood(likelihood: str, binarize: str) -> None:
@@ -660,6 +816,7 @@ def validate(cfg: DictConfig) -> None:
     _at_least("model.mixtures", m.mixtures, 1)
     if d.resize is not None and (len(d.resize) != 2 or min(d.resize) < 1):
         raise UserError(f"data.resize={list(d.resize)} must be [height, width], two positive sizes (or null).")
+    check_net(cfg)
     _choice("model.baseline_into", m.baseline_into, BASELINE_INTO)
     check_network_options(m)
     for i, width in enumerate(m.baseline_hidden or []):

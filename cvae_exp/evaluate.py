@@ -22,7 +22,7 @@ import hydra
 from omegaconf import DictConfig
 
 from cvae_exp.cli import CONF_DIR, console, exit_on_user_error, no_wait_after_storage_failure
-from cvae_exp.config import EvalApp, check_keys, register_configs, require_run_dir, validate_eval
+from cvae_exp.config import EvalApp, check_keys, register_configs, require_run_dir, trusted_modules, validate_eval
 from cvae_exp.models.kinds import kind
 from cvae_exp.runs import launch
 
@@ -67,6 +67,7 @@ def evaluate_run(
     seed: int = 0,
     seed_index: int = 0,
     examples: int = 0,
+    trust=(),
     progress: bool = False,
     which: str = "best",
 ) -> dict:
@@ -78,7 +79,7 @@ def evaluate_run(
     from cvae_exp.training.steps import evaluate
 
     mesh = devices.make_mesh("all")
-    run = load_run(run_dir, sharding=devices.replicated(mesh), seed_index=seed_index, which=which)
+    run = load_run(run_dir, sharding=devices.replicated(mesh), seed_index=seed_index, trust=trust, which=which)
     launch.release_log()  # accepted: the log may reach <run dir>/evaluate.log
     batch_size = devices.round_to_devices(batch_size, mesh)
     data = run.splits.test if split == "test" else run.splits.val
@@ -144,6 +145,7 @@ def run(cfg: DictConfig) -> dict:
         cfg.seed,
         e.seed_index,
         examples=e.examples,
+        trust=trusted_modules(cfg),
         progress=e.progress,
         which=e.checkpoint,
     )

@@ -29,7 +29,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
 from cvae_exp.cli import CONF_DIR, console, exit_on_user_error, no_wait_after_storage_failure
-from cvae_exp.config import check_keys, require_run_dir
+from cvae_exp.config import check_keys, require_run_dir, trusted_modules
 from cvae_exp.errors import UserError
 from cvae_exp.models.kinds import kind
 from cvae_exp.runs import launch
@@ -56,6 +56,7 @@ class SampleApp:
     seed: int = 0
     sample: SampleOptions = field(default_factory=SampleOptions)
     verbose: bool = False  # as in cvae-train
+    trust_modules: list[str] = field(default_factory=list)  # as in cvae-train: a user's network's package, again
 
 
 ConfigStore.instance().store(name="sample_app_schema", node=SampleApp)
@@ -157,11 +158,11 @@ def draw(run, opts, seed: int) -> dict[str, np.ndarray]:
     return grids
 
 
-def sample_run(run_dir: str, opts, seed: int = 0) -> list[Path]:
+def sample_run(run_dir: str, opts, seed: int = 0, trust=()) -> list[Path]:
     from cvae_exp.runs.tensorboard import Writer
     from cvae_exp.runs.trained_run import load_run
 
-    run = load_run(run_dir)
+    run = load_run(run_dir, trust=trust)
     launch.release_log()  # accepted: the log may reach <run dir>/sample.log
     out = Path(run_dir).resolve() / opts.out
     out.mkdir(parents=True, exist_ok=True)
@@ -182,7 +183,7 @@ def run(cfg: DictConfig) -> list[Path]:
     require_run_dir(cfg, "cvae-sample")
     check_keys(cfg, SampleApp)
     validate(cfg.sample)
-    return sample_run(cfg.run_dir, cfg.sample, cfg.seed)
+    return sample_run(cfg.run_dir, cfg.sample, cfg.seed, trusted_modules(cfg))
 
 
 @no_wait_after_storage_failure

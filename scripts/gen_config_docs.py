@@ -186,6 +186,24 @@ def option_rows(group: str, schema_defaults: dict[str, Any] | None, chosen: str 
     return rows
 
 
+# Nested groups (conf/<group>/<sub>/): the schema of each option's keys, where it has one.
+NESTED_SCHEMAS = {"model/net": {"mlp": "MLPNetConfig", "conv": "ConvNetConfig"}}
+
+
+def nested_group(config, comments, group: str, chosen, missing, undocumented: list[str]) -> list[str]:
+    """A nested group's section: its options, then each option's keys (`model.net.channels`, ...)."""
+    key = group.replace("/", ".")
+    out = [f"### `{group}` (`{group}=NAME`, from `conf/{group}/`: the keys of `{key}`)", ""]
+    out += table(["option", "description", "sets", "file"], option_rows(group, None, chosen.get(group)))
+    for option, name in NESTED_SCHEMAS.get(group, {}).items():
+        cls = getattr(config, name)
+        out += [f"Keys of `{group}={option}` (`cvae_exp/config.py:{name}`):", ""]
+        rows, missing_here = schema_table(cls, comments.get(name, {}), f"{key}.", missing)
+        out += rows
+        undocumented += missing_here
+    return out
+
+
 def render() -> tuple[str, list[str]]:
     """(the page, the dotted keys whose schema field has no comment)."""
     config = load_config_module()
@@ -235,6 +253,8 @@ def render() -> tuple[str, list[str]]:
             out += table(
                 ["option", "description", "sets", "file"], option_rows(f.name, schema_defaults, chosen.get(f.name))
             )
+        for sub in sorted(p for p in (CONF_DIR / f.name).glob("*") if p.is_dir()):
+            out += nested_group(config, comments, f"{f.name}/{sub.name}", chosen, missing, undocumented)
 
     for group in sorted(GLOBAL_GROUPS):
         if not (CONF_DIR / group).is_dir():

@@ -20,6 +20,7 @@ KEYS = {
     "num_seeds",
     "reference_examples_per_s",
     "ratio_to_reference",
+    "net",
 }
 
 

@@ -29,6 +29,7 @@ from cvae_exp.models.build import build_model, data_logit
 from cvae_exp.models.cvae import CVAE
 from cvae_exp.models.distributions import gaussian_log_prob, kl_diag_gaussians, log_likelihood
 from cvae_exp.models.mlp import MLP
+from cvae_exp.models.nets import mlp_nets
 from cvae_exp.models.objectives import conditional_nll, iw_bound, per_example_loss
 from cvae_exp.training.optim import adam_epsilon_hat, make_optimizer
 
@@ -205,7 +206,7 @@ def test_last_split_is_the_file_order_and_val_can_stay_in_training(raw):
 
 @pytest.fixture(scope="module")
 def cvae_batch():
-    model = CVAE(10, 20, hidden=[16], latent_dim=3, activation="tanh", rngs=nnx.Rngs(5))
+    model = CVAE(10, 20, nets=mlp_nets([16], 20, seed=5, activation="tanh"), latent_dim=3)
     rng = np.random.default_rng(6)
     x = jax.nn.one_hot(rng.integers(0, 10, 8), 10)
     y = jnp.asarray(rng.integers(0, 2, (8, 20)), jnp.float32)

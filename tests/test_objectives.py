@@ -10,12 +10,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from cvae_exp.data.geometry import MNIST
 from cvae_exp.data.pipeline import prepare_arrays, quadrant_mask
 from cvae_exp.models.cvae import CVAE, Baseline, OutputHead
 from cvae_exp.models.distributions import gaussian_log_prob, kl_diag_gaussians, log_likelihood, reparameterize
+from cvae_exp.models.nets import mlp_nets
 from cvae_exp.models.objectives import conditional_nll, kl_weight, per_example_loss
 
 LOG_2PI = math.log(2 * math.pi)
@@ -198,7 +198,7 @@ def test_reparameterize_passes_gradients_to_mean_and_log_var():
 @pytest.fixture(scope="module")
 def small_cvae():
     """A CVAE on label-like conditions and 20-pixel targets, with all three networks."""
-    model = CVAE(10, 20, hidden=[16], latent_dim=3, prior="learned", rngs=nnx.Rngs(0))
+    model = CVAE(10, 20, nets=mlp_nets([16], 20, seed=0), latent_dim=3, prior="learned")
     rng = np.random.default_rng(8)
     x = jax.nn.one_hot(jnp.arange(6) % 10, 10)
     y = jnp.asarray(rng.integers(0, 2, (6, 20)), jnp.float32)
@@ -246,7 +246,7 @@ def test_hybrid_interpolates_between_cvae_and_gsnn(small_cvae):
 
 
 def test_gsnn_draws_z_from_the_prior_and_needs_no_recognition_network():
-    model = CVAE(10, 20, hidden=[16], latent_dim=3, recognition=False, rngs=nnx.Rngs(1))
+    model = CVAE(10, 20, nets=mlp_nets([16], 20, seed=1), latent_dim=3, recognition=False)
     assert model.recognition is None
     x = jax.nn.one_hot(jnp.arange(4), 10)
     y = jnp.ones((4, 20))
@@ -259,7 +259,7 @@ def test_gsnn_draws_z_from_the_prior_and_needs_no_recognition_network():
 
 
 def test_baseline_loss_is_its_negative_log_likelihood():
-    model = Baseline(10, 20, hidden=[16], rngs=nnx.Rngs(2))
+    model = Baseline(10, 20, nets=mlp_nets([16], 20, seed=2))
     x = jax.nn.one_hot(jnp.arange(4), 10)
     y = jnp.asarray(np.random.default_rng(9).integers(0, 2, (4, 20)), jnp.float32)
     mask = jnp.ones_like(y).at[:, :5].set(0.0)
@@ -269,7 +269,7 @@ def test_baseline_loss_is_its_negative_log_likelihood():
 
 
 def test_vae_kl_is_against_the_standard_normal():
-    model = CVAE(0, 20, hidden=[16], latent_dim=3, prior="standard", rngs=nnx.Rngs(3))
+    model = CVAE(0, 20, nets=mlp_nets([16], 20, seed=3), latent_dim=3, prior="standard")
     assert model.prior_net is None
     x = jnp.zeros((5, 0))
     y = jnp.asarray(np.random.default_rng(10).integers(0, 2, (5, 20)), jnp.float32)

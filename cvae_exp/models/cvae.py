@@ -1,9 +1,10 @@
 """The conditional VAE of Sohn, Lee and Yan (2015) and the deterministic baseline.
 
 Notation follows the paper: x is the condition, y the output, z the latent. A VAE is the same module
-with an empty condition (x_dim = 0) and the fixed prior N(0, I). A CVAE built with `baseline_hidden`
+with an empty condition (x_dim = 0) and the fixed prior N(0, I). A CVAE built with `aided=True`
 holds a `Baseline` whose prediction feeds its prior network, and with `baseline_into="prior_and_generation"`
-its generation network too (`model.baseline_run`).
+its generation network too (`model.baseline_run`). Every network comes from one factory
+(cvae_exp.models.nets.NetFactory, the `model.net` config: an MLP, the convolutional network, or a user's).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from flax import nnx
 
 from cvae_exp.models import pixel_likelihoods
 from cvae_exp.models.distributions import Gaussian, Output, mean_of, reparameterize
-from cvae_exp.models.mlp import MLP
+from cvae_exp.models.nets import Input, NetFactory, check_gaussian, to_flat
 from cvae_exp.models.pixel_likelihoods import DequantizedGaussian
 
 
@@ -43,6 +44,20 @@ class OutputHead(nnx.Module):
             return pixel_likelihoods.head_width(self.likelihood, y_dim, self.channels, self.mixtures)
         return y_dim if self.likelihood == "bernoulli" else 2 * y_dim
 
+    def image_channels(self, y_dim: int, pixels: int) -> int:
+        """Channels per pixel of a network's image output [..., H, W, F] that `from_image` turns into width(y_dim)."""
+        return self.width(y_dim) // pixels
+
+    def from_image(self, h: jax.Array) -> jax.Array:
+        """An image output [..., H, W, F] as this head's flat input: the (mean, log-variance) heads take the
+        first F / 2 channels of every pixel as the means and the rest as the log-variances (their flat layout
+        is all means, then all log-variances); the others read each pixel's channels in place."""
+        lead, grouped = h.shape[:-3], self.likelihood in ("gaussian", "discretized_gaussian")
+        if not grouped:
+            return h.reshape(*lead, -1)
+        means, log_vars = jnp.split(h, 2, axis=-1)
+        return jnp.concatenate([means.reshape(*lead, -1), log_vars.reshape(*lead, -1)], axis=-1)
+
     def __call__(self, h: jax.Array) -> Output:
         if self.likelihood == "bernoulli":
             return h, None
@@ -53,61 +68,65 @@ class OutputHead(nnx.Module):
 
 
 class CVAE(nnx.Module):
-    """Recognition q(z | x, y), prior p(z | x) and generation p(y | x, z), each an MLP."""
+    """Recognition q(z | x, y), prior p(z | x) and generation p(y | x, z), each built by `nets`."""
 
     def __init__(
         self,
         x_dim: int,
         y_dim: int,
         *,
-        hidden: list[int],
+        nets: NetFactory,
         latent_dim: int,
+        x_image: bool = False,
         prior: str = "learned",
         likelihood: str = "bernoulli",
         min_log_var: float = -6.0,
         channels: int = 1,
         mixtures: int = 10,
         recognition: bool = True,
+        aided: bool = False,
         baseline_hidden: list[int] | None = None,
         baseline_into: str = "prior",
         baseline_frozen: bool = False,
-        activation: str = "relu",
-        kernel_init: str = "lecun_normal",
-        dtype=jnp.float32,
-        rngs: nnx.Rngs,
     ):
         self.latent_dim, self.x_dim = latent_dim, x_dim
-        net = dict(activation=activation, kernel_init=kernel_init, dtype=dtype, rngs=rngs)
         self.head = OutputHead(likelihood, min_log_var, channels, mixtures)
-        # With `baseline_hidden`, the prior network also sees the baseline's prediction y_hat (and, with
+        # With `aided`, the prior network also sees the baseline's prediction y_hat (and, with
         # baseline_into="prior_and_generation", the generation network too).
-        aided = baseline_hidden is not None
         self.baseline_into = baseline_into if aided else None
         self.baseline_frozen = baseline_frozen and aided
-        h_dim = x_dim + (y_dim if aided else 0)
-        g_dim = h_dim if self.baseline_into == "prior_and_generation" else x_dim
+        x = Input("x", x_dim, x_image)
+        y, y_hat, z = Input("y", y_dim, True), Input("y_hat", y_dim, True), Input("z", latent_dim, False)
+        pixels = nets.geometry.pixels
+        # Each network's contract (cvae_exp.models.nets.NetSpec) is kept beside it.
+        self.recognition_spec = nets.spec("recognition", (x, y), 2 * latent_dim)
+        self.prior_spec = nets.spec("prior", (x, y_hat) if aided else (x,), 2 * latent_dim)
+        g_inputs = (x, y_hat, z) if self.baseline_into == "prior_and_generation" else (x, z)
+        width = self.head.width(y_dim)
+        self.generation_spec = nets.spec("generation", g_inputs, width, self.head.image_channels(y_dim, pixels))
         # The GSNN never uses q, so it has no recognition network at all.
-        self.recognition = MLP([x_dim + y_dim, *hidden, 2 * latent_dim], **net) if recognition else None
+        self.recognition = nets.build(self.recognition_spec) if recognition else None
         # A learned prior needs something to condition on; with no condition it is N(0, I).
-        self.prior_net = MLP([h_dim, *hidden, 2 * latent_dim], **net) if prior == "learned" and x_dim > 0 else None
-        self.generation = MLP([g_dim + latent_dim, *hidden, self.head.width(y_dim)], **net)
+        self.prior_net = nets.build(self.prior_spec) if prior == "learned" and x_dim > 0 else None
+        self.generation = nets.build(self.generation_spec)
         self.baseline = (
             Baseline(
                 x_dim,
                 y_dim,
+                nets=nets,
+                x_image=x_image,
                 hidden=baseline_hidden,
                 likelihood=likelihood,
                 min_log_var=min_log_var,
                 channels=channels,
                 mixtures=mixtures,
-                **net,
             )
-            if baseline_hidden is not None
+            if aided
             else None
         )
 
-    def context(self, x: jax.Array) -> jax.Array:
-        """What the prior network conditions on: x, and the baseline's y_hat when there is one.
+    def context(self, x: jax.Array) -> tuple[jax.Array, ...]:
+        """What the prior network conditions on: (x,), or (x, y_hat) with the baseline's prediction.
 
         Sohn et al. (2015) build the CVAE on top of the deterministic baseline: its prediction y_hat (the
         "initial guess") is an input of the prior network p(z | x, y_hat) (their Figure 1(d)); with
@@ -116,14 +135,15 @@ class CVAE(nnx.Module):
         gradient (and the train step keeps its parameters as they were).
         """
         if self.baseline is None:
-            return x
+            return (x,)
         y_hat = mean_of(self.baseline(x))
         if self.baseline_frozen:
             y_hat = jax.lax.stop_gradient(y_hat)
-        return jnp.concatenate([x, y_hat.astype(x.dtype)], axis=-1)
+        return x, y_hat.astype(x.dtype)
 
     def encode(self, x: jax.Array, y: jax.Array) -> Gaussian:
-        return _split_gaussian(self.recognition(jnp.concatenate([x, y], axis=-1)))
+        spec = self.recognition_spec
+        return _split_gaussian(check_gaussian(self.recognition(x, y), spec, spec.lead(x, y)))
 
     def prior(self, x: jax.Array) -> Gaussian:
         return self.prior_given(self.context(x))
@@ -132,19 +152,20 @@ class CVAE(nnx.Module):
         """p(y | x, z) for z [B, L], or z [S, B, L]: S samples for each of the B conditions."""
         return self.generate_given(z, self.context(x))
 
-    def prior_given(self, h: jax.Array) -> Gaussian:
+    def prior_given(self, h: tuple[jax.Array, ...]) -> Gaussian:
         """p(z | x) from h = context(x) (compute h once when several calls share x)."""
         if self.prior_net is None:
-            zeros = jnp.zeros((h.shape[0], self.latent_dim), jnp.float32)
+            zeros = jnp.zeros((h[0].shape[0], self.latent_dim), jnp.float32)
             return zeros, zeros
-        return _split_gaussian(self.prior_net(h))
+        spec = self.prior_spec
+        return _split_gaussian(check_gaussian(self.prior_net(*h), spec, spec.lead(*h)))
 
-    def generate_given(self, z: jax.Array, h: jax.Array) -> Output:
-        """p(y | x, z) from h = context(x) [B, H]; z [..., B, L] may carry leading sample axes."""
+    def generate_given(self, z: jax.Array, h: tuple[jax.Array, ...]) -> Output:
+        """p(y | x, z) from h = context(x), each [B, ...]; z [..., B, L] may carry leading sample axes."""
         if self.baseline_into == "prior":  # the generation network sees x alone
-            h = h[..., : self.x_dim]
-        h = jnp.broadcast_to(h, (*z.shape[:-1], h.shape[-1]))
-        return self.head(self.generation(jnp.concatenate([h, z], axis=-1)))
+            h = h[:1]
+        inputs, spec = (*h, z), self.generation_spec
+        return self.head(to_flat(self.generation(*inputs), spec, spec.lead(*inputs), self.head.from_image))
 
     def __call__(self, x: jax.Array, y: jax.Array, key: jax.Array) -> tuple[Output, Gaussian, Gaussian]:
         """One reparameterised pass through q: returns (p(y | x, z) parameters, q, p)."""
@@ -161,24 +182,19 @@ class Baseline(nnx.Module):
         x_dim: int,
         y_dim: int,
         *,
-        hidden: list[int],
+        nets: NetFactory,
+        x_image: bool = False,
+        hidden: list[int] | None = None,
         likelihood: str = "bernoulli",
         min_log_var: float = -6.0,
         channels: int = 1,
         mixtures: int = 10,
-        activation: str = "relu",
-        kernel_init: str = "lecun_normal",
-        dtype=jnp.float32,
-        rngs: nnx.Rngs,
     ):
         self.head = OutputHead(likelihood, min_log_var, channels, mixtures)
-        self.net = MLP(
-            [x_dim, *hidden, self.head.width(y_dim)],
-            activation=activation,
-            kernel_init=kernel_init,
-            dtype=dtype,
-            rngs=rngs,
-        )
+        width, pixels = self.head.width(y_dim), nets.geometry.pixels
+        x = Input("x", x_dim, x_image)
+        self.spec = nets.spec("baseline", (x,), width, self.head.image_channels(y_dim, pixels), hidden=hidden)
+        self.net = nets.build(self.spec)
 
     def __call__(self, x: jax.Array) -> Output:
-        return self.head(self.net(x))
+        return self.head(to_flat(self.net(x), self.spec, x.shape[:-1], self.head.from_image))

@@ -1,4 +1,5 @@
-"""The multilayer perceptron every network of the model family is built from, and its bf16 matmul."""
+"""The multilayer perceptron (`MLP`), the default network of every role (`MLPNet`, `model/net=mlp`), its
+activations, and the bf16 matmul both it and the convolutional network's dense layers use."""
 
 from __future__ import annotations
 
@@ -82,3 +83,27 @@ class MLP(nnx.Module):
             if i < self.depth - 1:
                 h = ACTIVATIONS[self.activation](h)
         return h
+
+
+class MLPNet(MLP):
+    """The MLP of `spec.hidden` widths as a network of the seam (cvae_exp.models.nets, `model/net=mlp`): its
+    inputs, broadcast to their common leading axes, joined into one vector in the order of `spec.inputs` (images
+    flattened as they come), and a flat output of `spec.out_features`. The layers are the MLP's own attributes
+    (`dense0`, ...), so parameter paths, checkpoints and `params_sha256` are those of the MLPs built before the
+    seam existed."""
+
+    def __init__(self, spec, *, rngs: nnx.Rngs):
+        sizes = [sum(i.size for i in spec.inputs), *spec.hidden, spec.out_features]
+        super().__init__(sizes, activation=spec.activation, kernel_init=spec.kernel_init, dtype=spec.dtype, rngs=rngs)
+
+    def start_output_bias(self, bias: jax.Array) -> None:
+        """model.output_bias=data_logit: the last layer's bias starts at `bias` [out_features]."""
+        last = getattr(self, f"dense{self.depth - 1}")
+        last.bias[...] = jnp.asarray(bias, last.bias[...].dtype).reshape(last.bias[...].shape)
+
+    def __call__(self, *inputs: jax.Array) -> jax.Array:
+        if len(inputs) == 1:
+            return super().__call__(inputs[0])
+        lead = jnp.broadcast_shapes(*(a.shape[:-1] for a in inputs))
+        joined = jnp.concatenate([jnp.broadcast_to(a, (*lead, a.shape[-1])) for a in inputs], axis=-1)
+        return super().__call__(joined)

@@ -53,6 +53,7 @@ SHAPE_KEYS = (
     "model.baseline_run",
     "model.baseline_hidden",
     "model.baseline_into",
+    "model.net",  # every network's builder and its keys (a config saved without it: the MLP)
 )
 
 
@@ -291,11 +292,20 @@ class Vanished(Exception):
 
 def changed_shape_keys(saved: dict, current: dict) -> list[str]:
     """The SHAPE_KEYS whose values differ between a checkpoint's config and the current one; a key added since
-    the checkpoint was saved counts with the value it had then (cvae_exp.config.ADDED_KEYS)."""
-    from cvae_exp.config import differs, resolved_record
+    the checkpoint was saved counts with the value it had then (cvae_exp.config.ADDED_KEYS). A node (model.net)
+    is named by the keys below it that differ (model.net.channels), or by its _target_ when that differs."""
+    from omegaconf import OmegaConf
+
+    from cvae_exp.config import differing_keys, differs, resolved_record, saved_value
 
     saved = resolved_record(saved)  # a record holds interpolations as written: compared resolved
-    return [k for k in SHAPE_KEYS if differs(saved, current, k)]
+    changed = []
+    for k in SHAPE_KEYS:
+        if differs(saved, current, k):
+            was, now = saved_value(saved, k), saved_value(current, k)
+            now = OmegaConf.to_container(now, resolve=True) if OmegaConf.is_config(now) else now
+            changed += differing_keys(k, was, now) if isinstance(was, dict) and isinstance(now, dict) else [k]
+    return changed
 
 
 class _UnretrievedReads(logging.Filter):

@@ -24,7 +24,7 @@ from typing import Any
 import jax
 from omegaconf import DictConfig, OmegaConf
 
-from cvae_exp.config import recorded
+from cvae_exp.config import recorded, trusted_modules
 from cvae_exp.errors import UserError
 from cvae_exp.runs import checkpoint, launch, resume
 from cvae_exp.runs.metrics import (
@@ -91,7 +91,7 @@ def train_group(specs: list[JobSpec], how: Launch) -> list[JobSpec]:
     mesh = training_mesh(cfg)
     exp = build_experiment(cfg)
     check_eval_batch(cfg.trainer.eval_batch_size, exp.splits, mesh)  # before any job directory is written
-    baseline = baseline_params(cfg.model.baseline_run)
+    baseline = baseline_params(cfg.model.baseline_run, trusted_modules(cfg))
     program = build_program(exp, _member_plains(specs), mesh, baseline)  # refuses a batch larger than the split
     fingerprint = exp.fingerprint
     sizes = (fingerprint[s] for s in ("train", "val", "test"))

@@ -8,7 +8,8 @@ from the config the run recorded (the newest checkpoint whose JSON item reads an
 - a config-group choice (`model=vae`, `experiment=sohn2015`): nothing when it is the run's own choice
   (recorded in `.hydra/hydra.yaml`); a different one replaces that group's node (model, data, ...), and
   a different global one (experiment, sweep) is refused, since it would change keys all over;
-- `resume`, `resume_data_change`, `cluster.*` and `verbose` describe this launch and always come from the command.
+- `resume`, `resume_data_change`, `cluster.*`, `verbose` and `trust_modules` describe this launch and always come
+  from the command (a run built with a user's network resumes only when the command trusts its package again).
 
 Then the rules: what the arrays' shapes depend on (checkpoint.SHAPE_KEYS) may not change, and neither may
 the data (`data.*`; after loading, the source and split sizes the checkpoint recorded) unless the command
@@ -29,8 +30,17 @@ from cvae_exp.errors import UserError
 from cvae_exp.runs import checkpoint
 
 log = logging.getLogger("cvae_exp")
-PER_LAUNCH = ("resume", "resume_data_change", "cluster", "verbose")  # from the command, never from the saved run
-GROUP_NODES = ("model", "data", "optimizer", "trainer", "checkpoint", "logger")  # groups that fill one node
+# From the command, never from the saved run: trust_modules above all (a saved config never grants trust).
+PER_LAUNCH = ("resume", "resume_data_change", "cluster", "verbose", "trust_modules")
+GROUP_NODES = (
+    "model",
+    "data",
+    "optimizer",
+    "trainer",
+    "checkpoint",
+    "logger",
+    "model/net",
+)  # groups that fill one node
 
 
 @dataclass
@@ -119,7 +129,8 @@ def resumed_config(cfg: DictConfig, saved: SavedRun, overrides: list[str], choic
                         f"{o.input_line} changes keys all over the run's config (it was launched with {name}={was}); "
                         f"resume without it, or start a new run directory."
                     )
-                out[name] = cfg[name]
+                node = name.replace("/", ".")  # model/net fills model.net
+                OmegaConf.update(out, node, OmegaConf.select(cfg, node), merge=False, force_add=True)
             elif o.type == OverrideType.DEL:
                 parent, _, leaf = name.rpartition(".")
                 node = OmegaConf.select(out, parent) if parent else out
@@ -128,7 +139,8 @@ def resumed_config(cfg: DictConfig, saved: SavedRun, overrides: list[str], choic
             else:
                 OmegaConf.update(out, name, OmegaConf.select(cfg, name), merge=False, force_add=True)
         for key in PER_LAUNCH:
-            out[key] = cfg[key]
+            if key in cfg:
+                out[key] = cfg[key]
     return Resumed(out, saved, list(merged.values()), {**saved.choices, **applied_choices})
 
 

@@ -13,7 +13,14 @@ from typing import Any
 import jax
 from omegaconf import DictConfig
 
-from cvae_exp.config import check_data_path, check_interpolations, check_targets, onto_schema, read_run_config
+from cvae_exp.config import (
+    check_data_path,
+    check_interpolations,
+    check_targets,
+    onto_schema,
+    read_run_config,
+    with_trust,
+)
 from cvae_exp.data.geometry import Geometry
 from cvae_exp.data.pipeline import Splits
 from cvae_exp.errors import UserError
@@ -39,12 +46,13 @@ def run_config(run_dir: Path) -> DictConfig:
     return read_run_config(run_dir, f"run_dir={run_dir}")
 
 
-def load_run(run_dir: str | Path, sharding=None, seed_index: int = 0, which: str = "best") -> TrainedRun:
+def load_run(run_dir: str | Path, sharding=None, seed_index: int = 0, which: str = "best", trust=()) -> TrainedRun:
     """The run's best checkpoint by val/elbo (the newest where none has a val/elbo), or with which="last"
     its newest (eval.checkpoint=last), with its data; of a run that trained K seeds together
-    (trainer.num_seeds=K), the model of seed `seed` + `seed_index`."""
+    (trainer.num_seeds=K), the model of seed `seed` + `seed_index`. `trust`: the command's trust_modules (a run
+    built with a user's network needs its package named again)."""
     run_dir = Path(run_dir).resolve()
-    cfg, step, state, geometry = _best_state(run_dir, sharding, seed_index, which)
+    cfg, step, state, geometry = _best_state(run_dir, sharding, seed_index, which, trust)
     check_data_path(cfg)  # the saved config's data, before it loads (its targets: _best_state)
     exp = build_experiment(cfg)
     if not geometry.same_shape(exp.geometry):
@@ -57,7 +65,7 @@ def load_run(run_dir: str | Path, sharding=None, seed_index: int = 0, which: str
 
 
 def _best_state(
-    run_dir: Path, sharding=None, seed_index: int = 0, which: str = "best"
+    run_dir: Path, sharding=None, seed_index: int = 0, which: str = "best", trust=()
 ) -> tuple[DictConfig, int, Any, Geometry]:
     """(the config its weights were trained with, step, state, the geometry of its images) of the run's best
     checkpoint that verifies (damaged ones set aside unless the run is live); only the checkpoint is read,
@@ -69,7 +77,7 @@ def _best_state(
     # damaged, and the ranking is made again from what is there now (a few tries; each save keeps `keep`).
     for attempt in range(_READ_TRIES):
         try:
-            return _read_best(run_dir, cfg, sharding, seed_index, which)
+            return _read_best(run_dir, cfg, sharding, seed_index, which, trust)
         except (checkpoint.Vanished, FileNotFoundError) as err:
             if attempt == _READ_TRIES - 1:
                 raise UserError(
@@ -84,7 +92,7 @@ _READ_TRIES = 8
 
 
 def _read_best(
-    run_dir: Path, cfg: DictConfig, sharding, seed_index: int, which: str
+    run_dir: Path, cfg: DictConfig, sharding, seed_index: int, which: str, trust=()
 ) -> tuple[DictConfig, int, Any, Geometry]:
     manager = checkpoint.make_manager(run_dir, cfg.checkpoint.keep, read_only=True)
     try:
@@ -103,7 +111,9 @@ def _read_best(
                 f"eval.seed_index={seed_index} is out of range: run_dir={run_dir} trained {num_seeds} seed(s), "
                 f"so it must lie in 0..{num_seeds - 1}."
             )
-        check_targets(cfg)  # a saved config may come from someone else: instantiate only safe targets
+        # A saved config may come from someone else: instantiate only safe targets, and networks of the packages
+        # this command (never the saved config) trusts.
+        check_targets(with_trust(cfg, trust))
         geometry = Geometry.from_record(((saved[1] if saved else {}).get("data") or {}).get("geometry"))
         restored = checkpoint.restore_first(manager, state_target(cfg, geometry, sharding), ranked)
         if restored.damaged:
@@ -121,10 +131,11 @@ def state_target(cfg: DictConfig, geometry: Geometry | None = None, sharding=Non
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), shape)
 
 
-def newest_params(run_dir: str | Path) -> Any:
+def newest_params(run_dir: str | Path, trust=()) -> Any:
     """The parameters of a run's newest checkpoint that verifies, on the host (no data read)."""
     run_dir = Path(run_dir).resolve()
-    cfg = onto_schema(run_config(run_dir))
+    cfg = with_trust(onto_schema(run_config(run_dir)), trust)
+    check_targets(cfg)
     manager = checkpoint.make_manager(run_dir, cfg.checkpoint.keep, read_only=True)
     found = checkpoint.newest_meta(manager)
     geometry = Geometry.from_record(((found[1] if found else {}).get("data") or {}).get("geometry"))
@@ -133,18 +144,18 @@ def newest_params(run_dir: str | Path) -> Any:
     return jax.device_get(restored.state["params"])
 
 
-def baseline_params(baseline_run: str | None) -> Any:
+def baseline_params(baseline_run: str | None, trust=()) -> Any:
     """The best params of `baseline_run` (model.baseline_run), on the host, read from its verified checkpoint
-    without its data; None without one."""
+    without its data; None without one. `trust`: the command's trust_modules, for a baseline of a user's network."""
     if not baseline_run:
         return None
-    return _best_params(str(Path(baseline_run).expanduser().resolve()))
+    return _best_params(str(Path(baseline_run).expanduser().resolve()), tuple(str(t) for t in trust or ()))
 
 
 @functools.lru_cache(maxsize=4)
-def _best_params(run_dir: str) -> Any:
+def _best_params(run_dir: str, trust: tuple[str, ...] = ()) -> Any:
     """A finished run's best params, on the host (read once per process, however many seeds start from it)."""
-    cfg, _, state, _ = _best_state(Path(run_dir))
+    cfg, _, state, _ = _best_state(Path(run_dir), trust=trust)
     params = steps.member(state["params"], 0) if cfg.trainer.num_seeds > 1 else state["params"]
     return jax.device_get(params)
 

@@ -110,7 +110,13 @@ def _network(cfg: DictConfig, condition: str, geometry: Geometry, steps_per_epoc
     def build_params(seed: int):
         x_dim = condition_dim(condition, geometry)
         return build_model(
-            cfg.model, x_dim, geometry, precision=cfg.trainer.precision, seed=seed, output_bias=output_bias
+            cfg.model,
+            x_dim,
+            geometry,
+            precision=cfg.trainer.precision,
+            seed=seed,
+            condition=condition,
+            output_bias=output_bias,
         )
 
     opt = instantiate(
