@@ -63,6 +63,22 @@ def test_job_states_are_read_from_squeue_and_a_job_no_longer_listed_has_ended():
     assert SlurmJob.watcher is not watcher  # installed only inside job_states(), on a cluster without accounting
 
 
+def test_a_failed_state_ends_a_job_only_when_two_reads_in_a_row_give_it():
+    """While submitit requeues a preempted job, squeue may list it FAILED for a moment: one read of FAILED is
+    not the job's end; a job still FAILED at the next read has failed."""
+    from cvae_exp.runs import slurm
+
+    watcher = slurm._queue_watcher()
+    for job in ("5", "6"):
+        watcher.register_job(job)
+    states = []
+    for listing in (b"5|FAILED|vm\n6|FAILED|vm\n", b"5|PENDING|\n6|FAILED|vm\n", b"5|FAILED|vm\n6|FAILED|vm\n"):
+        info = watcher.read_info(listing)
+        watcher._info_dict.update(info)
+        states.append([watcher.is_done(j, mode="cache") for j in ("5", "6")])
+    assert states == [[False, False], [False, True], [False, True]]
+
+
 def test_usr1_and_usr2_stop_the_loop_and_pass_on_to_the_handler_from_before():
     """What `sbatch --signal` and submitit send before a time limit: the loop stops (after a checkpoint); then
     hand_over gives a Python handler from before the loop (submitit's requeue) its turn; SIGTERM is never handed."""

@@ -158,6 +158,10 @@ def job_states() -> Iterator[None]:
         SlurmJob.watcher = before
 
 
+# States that end a job unless the job is being requeued (it then turns PENDING within a second).
+UNSETTLED_STATES = frozenset({"FAILED", "PREEMPTED", "NODE_FAIL", "BOOT_FAIL"})
+
+
 def _queue_watcher():
     from submitit.slurm.slurm import SlurmInfoWatcher
 
@@ -180,6 +184,19 @@ def _queue_watcher():
             # a job of ours that squeue no longer lists has ended (sbatch returns once the job is queued)
             for job_id in self._registered - self._finished:
                 listed.setdefault(job_id, {"JobID": job_id, "State": "ENDED", "NodeList": ""})
+            return self._settled(listed)
+
+        def _settled(self, listed: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
+            """A failed-looking state counts only when two reads in a row give it: while submitit requeues a
+            preempted job, squeue can list it FAILED for a moment before it is pending again, and submitit
+            would take that for the job's end (seen once in the cluster tests)."""
+            seen = getattr(self, "_failing", set())
+            self._failing = set()
+            for job_id, info in listed.items():
+                if info["State"] in UNSETTLED_STATES:
+                    self._failing.add(job_id)
+                    if job_id not in seen:
+                        listed[job_id] = {**info, "State": "REQUEUED"}
             return listed
 
     return QueueWatcher(delay_s=15)  # squeue is cheap: a job's end is seen within 15 s
