@@ -63,32 +63,51 @@ def test_the_vmap_launcher_refuses_a_sweep_inside_a_runs_checkpoints(outer, smal
 
 # Orbax's abandoned reads of a checkpoint deleted under them printed "Exception ignored in: <coroutine ...>"
 @pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
-def test_reading_a_run_while_it_trains_never_loses_the_checkpoint(tiny_mnist, cli_env, tmp_path, caplog):
+def test_reading_a_run_while_it_trains_never_loses_the_checkpoint(tiny_mnist, cli_env, tmp_path, caplog, monkeypatch):
     """cvae-eval / cvae-sample (trained_run.load_run) against a live run that saves every step and keeps one
-    checkpoint: its keep policy deletes the checkpoint being read. Reads go on until that has happened (it
-    failed the read: "none could be restored"); each read goes on with the checkpoint there now, and nothing
-    is set aside as damaged."""
+    checkpoint: its keep policy deletes the checkpoint being read (the read waits, before it restores, until
+    the live run has deleted it: the race made certain). The read goes on with the checkpoint there now and
+    nothing is set aside as damaged. The live run is paused (SIGSTOP) for the second try only, so that the
+    test does not depend on how fast this machine reads against how fast it saves."""
     import logging
     import signal
+    import time
 
     from cli_runs import finish, launch, steps, tiny, wait_for
 
+    from cvae_exp.runs import checkpoint
     from cvae_exp.runs.trained_run import load_run
 
     run = tmp_path / "live"
     changes = {"trainer.max_steps": 100000, "checkpoint.every": 1, "checkpoint.keep": 1, "trainer.eval_every": 100000}
     proc = launch(tiny(tiny_mnist, run, changes), cli_env, tmp_path / "live.log")
-    deleted_while_read = "The checkpoint being read was deleted by the live run"
+    real_restore, real_manager = checkpoint.restore_first, checkpoint.make_manager
+    tried = []
+
+    def restore_after_the_live_run_deleted_it(manager, target, ranked):
+        if not tried:
+            tried.append(ranked[0])
+            wait_for(lambda: not (run / "checkpoints" / str(ranked[0])).exists(), proc, tmp_path / "live.log")
+        return real_restore(manager, target, ranked)
+
+    def manager_of_a_paused_run(*args, **kwargs):
+        if tried:  # the second try: the live run holds still while it reads
+            proc.send_signal(signal.SIGSTOP)
+            time.sleep(0.2)
+        return real_manager(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "restore_first", restore_after_the_live_run_deleted_it)
+    monkeypatch.setattr(checkpoint, "make_manager", manager_of_a_paused_run)
     try:
         wait_for(lambda: len(steps(run)) >= 1 and steps(run)[-1] >= 3, proc, tmp_path / "live.log")
-        seen = []
         with caplog.at_level(logging.INFO, logger="cvae_exp"):
-            for _ in range(12):
-                seen.append(load_run(run).step)
-                if deleted_while_read in caplog.text:
-                    break
-        assert deleted_while_read in caplog.text and proc.poll() is None, seen
+            loaded = load_run(run)
+        assert "The checkpoint being read was deleted by the live run" in caplog.text
+        assert loaded.step > tried[0] and loaded.step in steps(run)
         assert not (run / "damaged_checkpoints").exists()
+        proc.send_signal(signal.SIGCONT)
+        assert proc.poll() is None
     finally:
+        proc.send_signal(signal.SIGCONT)
         proc.send_signal(signal.SIGTERM)
         finish(proc, tmp_path / "live.log")
