@@ -1,6 +1,7 @@
 """The README's command lines run as written, in order, in a fresh folder (the first creates the run directory
 the next ones use), each made short the same way: the tests' small dataset and network appended (the Hub is not
-reachable here) and every `trainer.max_steps=N` divided by 100. The long ones are left out: `make` lines and
+reachable here), every `trainer.max_steps=N` divided by 100 and every `cvae-eval` given 10 importance
+samples (its default is 100; `eval.samples=N` is divided by 100). The long ones are left out: `make` lines and
 the five-job `sweep=latent_dim` multirun (tests/test_sweep.py runs sweeps); `~/shapes`, the
 reader's own image folder, is one the test writes (32 x 32 RGB, 3 classes); `<date>/<time>` is the sweep the
 commands before it wrote."""
@@ -33,6 +34,9 @@ def shortened(words: list[str], data: str, root: Path) -> tuple[str, list[str]]:
     if "<date>/<time>" in " ".join(args):
         newest = max((root / "outputs" / "multirun").glob("*/*"))
         args = [a.replace("outputs/multirun/<date>/<time>", str(newest.relative_to(root))) for a in args]
+    if command == "cvae-eval":
+        args = [re.sub(r"^eval\.samples=(\d+)$", lambda m: f"eval.samples={int(m[1]) // 100}", a) for a in args]
+        args += [] if any(a.startswith("eval.samples=") for a in args) else ["eval.samples=10"]
     if command == "cvae-train":
         steps = [] if any(a.startswith("trainer.max_steps=") for a in args) else ["trainer.max_steps=10"]
         own = [] if any(a.startswith("data.path=") for a in args) else [f"data.path={data}"]
