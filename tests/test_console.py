@@ -238,3 +238,44 @@ def test_the_vmap_launcher_prints_as_a_single_run_does(tiny_mnist, cli_env, tmp_
     lines = [line for line in output.splitlines() if line.strip()]
     assert lines and all(LOG_LINE.match(line) for line in lines), output[-3000:]
     assert any("vmap group 0: jobs 0, 1" in line for line in lines)
+
+
+def test_a_line_another_thread_logs_while_the_bar_closes_gets_its_own_line(monkeypatch):
+    """tqdm.close drops the bar from those a log line clears before it takes tqdm's lock: a line logged by
+    another thread in that moment (Orbax's save thread, with verbose=true) was written onto the bar. Here the
+    other thread logs exactly then; the bar is closed as the training loop closes it (steps.close_bar)."""
+    import io
+    import threading
+
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from cvae_exp.training.steps import close_bar
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)  # the console, whose handlers logging_redirect_tqdm replaces
+    log = logging.getLogger("test_console.saver")
+    log.propagate, log.level = False, logging.INFO
+    monkeypatch.setattr(log, "handlers", [logging.StreamHandler(term)])
+    removed = tqdm._decr_instances.__func__
+    threads = []
+
+    def decr_then_log(cls, instance):
+        removed(cls, instance)
+        thread = threading.Thread(target=log.info, args=("[saver] wrote the checkpoint",))
+        thread.start()
+        thread.join(0.3)  # with the lock held, it waits until the bar is closed
+        threads.append(thread)
+
+    monkeypatch.setattr(tqdm, "_decr_instances", classmethod(decr_then_log))
+    with logging_redirect_tqdm(loggers=[log]):
+        bar = tqdm(total=3, file=term, mininterval=0)
+        bar.update(3)
+        close_bar(bar)
+        threads[0].join()
+    shown = [line.rsplit("\r", 1)[-1] for line in term.getvalue().split("\n")]
+    assert "[saver] wrote the checkpoint" in shown, shown

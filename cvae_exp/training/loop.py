@@ -26,6 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cvae_exp.errors import Interrupted
+from cvae_exp.training.steps import close_bar
 
 log = logging.getLogger("cvae_exp")
 
@@ -229,7 +230,7 @@ def fit(state, step_fn, feed, plan: Plan, jobs: list[Job], hooks: Hooks, block_f
             state, metrics = block_fn(state, feed(step), n) if n > 1 else step_fn(state, feed(step))
             if not stop.started:
                 if stop.requested:  # it came while the first step was compiled: nothing is trained yet
-                    bar.close()
+                    close_bar(bar)
                     raise Interrupted(stop.signum)
                 stop.started = True
             step += n
@@ -240,9 +241,9 @@ def fit(state, step_fn, feed, plan: Plan, jobs: list[Job], hooks: Hooks, block_f
             stopping = stop.requested
             _after_step(step, state, metrics, plan, jobs, hooks, stopping, window, bar)
             if stopping:
-                bar.close()
+                close_bar(bar)
                 return state, stop.signum
-    bar.close()
+    close_bar(bar)
     # a signal that came while the last step logged, evaluated or saved: its checkpoint is written; stop there
     return state, stop.signum if stop.requested else None
 

@@ -262,3 +262,11 @@ def params_sha256(params) -> str:
         digest.update(jax.tree_util.keystr(path).encode())
         digest.update(np.ascontiguousarray(leaf).tobytes())
     return digest.hexdigest()
+
+
+def close_bar(bar) -> None:
+    """Closes a tqdm bar holding tqdm's write lock: tqdm.close drops the bar from the bars that a log line
+    clears first and only then takes the lock, and a line another thread logged in between (Orbax's saves,
+    with verbose=true) was written onto the bar's line."""
+    with bar.get_lock():
+        bar.close()
