@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -13,7 +14,7 @@ from cvae_exp.models.kinds import kind
 from cvae_exp.models.mlp import MLP
 from cvae_exp.models.nets import NetFactory
 
-__all__ = ["CVAE", "Baseline", "MLP", "build_model", "data_logit"]
+__all__ = ["CVAE", "Baseline", "MLP", "build_model", "data_logit", "model_builder"]
 
 MLP_NET = {"_target_": "cvae_exp.models.mlp.MLPNet"}  # model.net of a config saved before the seam existed
 
@@ -27,6 +28,7 @@ def build_model(
     seed: int = 0,
     condition: str | None = None,
     output_bias=None,
+    abstract: bool = False,
 ):
     """(graphdef, params as a plain dict) of the network for `model.kind`: a Baseline, or a CVAE
     with the networks its objective needs (and a baseline submodule when `model.baseline_run` is set),
@@ -34,7 +36,40 @@ def build_model(
     the geometry for `condition="quadrants"` (None: when x_dim is the image's size), else a vector. Every
     network comes from `model.net` (cvae_exp.models.nets). The steps merge the two back inside jit.
     `output_bias` [y_dim], when given, is the first value of the output network's bias
-    (model.output_bias=data_logit; the network's `start_output_bias`)."""
+    (model.output_bias=data_logit; the network's `start_output_bias`). With `abstract=True`, only the
+    parameters' shapes (a restore target). One network of several seeds: `model_builder`."""
+    build = model_builder(model_cfg, x_dim, geometry, precision=precision, condition=condition, output_bias=output_bias)
+    return build(seed, abstract=abstract)
+
+
+def model_builder(model_cfg, x_dim: int, geometry: Geometry, *, precision="fp32", condition=None, output_bias=None):
+    """`build(seed, abstract=False) -> (graphdef, params)` of `build_model`'s network, for any seed: the
+    network is built inside one jitted program, compiled once for all seeds (built op by op, every
+    initializer and shape compiled programs of its own: a cold start compiled dozens). The seed's key is
+    made outside, as nnx.Rngs(seed) makes it, so the parameters are those of the op-by-op build."""
+    graphdefs = []
+
+    def init(key_data):
+        model = _construct(
+            model_cfg, x_dim, geometry, precision, jax.random.wrap_key_data(key_data), condition, output_bias
+        )
+        graphdef, params = nnx.split(model)
+        graphdefs[:] = [graphdef]
+        return params
+
+    jitted = jax.jit(init)
+
+    def build(seed: int, abstract: bool = False):
+        key_data = jax.random.key_data(jax.random.key(seed))
+        params = jax.eval_shape(init, key_data) if abstract else jitted(key_data)
+        return graphdefs[0], nnx.to_pure_dict(params)
+
+    return build
+
+
+def _construct(model_cfg, x_dim: int, geometry: Geometry, precision: str, key, condition, output_bias):
+    """The network of `build_model` as an NNX module, its initializers drawn from `key` (under jit or
+    eval_shape)."""
     dtype = jnp.bfloat16 if precision == "bf16" else jnp.float32
     y_dim = geometry.dims
     net = model_cfg.get("net") or MLP_NET
@@ -44,7 +79,7 @@ def build_model(
         geometry,
         hidden=list(model_cfg.hidden),
         dtype=dtype,
-        rngs=nnx.Rngs(seed),
+        rngs=nnx.Rngs(key),
         activation=model_cfg.activation,
         kernel_init=model_cfg.kernel_init,
         output_bias=model_cfg.output_bias == "data_logit",
@@ -77,11 +112,9 @@ def build_model(
             baseline_frozen=model_cfg.baseline_frozen,
             **common,
         )
-    graphdef, state = nnx.split(model)
     if output_bias is not None:
         start_output_bias(model.generation if what.latent else model.net, output_bias)
-    graphdef, state = nnx.split(model)
-    return graphdef, nnx.to_pure_dict(state)
+    return model
 
 
 def start_output_bias(net, bias) -> None:

@@ -20,7 +20,7 @@ from cvae_exp.data import sources
 from cvae_exp.data.geometry import Geometry
 from cvae_exp.data.pipeline import Splits, condition_dim, make_splits
 from cvae_exp.errors import UserError
-from cvae_exp.models.build import build_model, data_logit
+from cvae_exp.models.build import data_logit, model_builder
 from cvae_exp.training import devices, steps
 
 
@@ -107,18 +107,14 @@ def _network(cfg: DictConfig, condition: str, geometry: Geometry, steps_per_epoc
     the data is read (`steps_per_epoch`: an epoch for the schedules counted in epochs; `output_bias`:
     model.output_bias=data_logit's first bias)."""
 
-    def build_params(seed: int):
-        x_dim = condition_dim(condition, geometry)
-        return build_model(
-            cfg.model,
-            x_dim,
-            geometry,
-            precision=cfg.trainer.precision,
-            seed=seed,
-            condition=condition,
-            output_bias=output_bias,
-        )
-
+    build_params = model_builder(
+        cfg.model,
+        condition_dim(condition, geometry),
+        geometry,
+        precision=cfg.trainer.precision,
+        condition=condition,
+        output_bias=output_bias,
+    )
     opt = instantiate(
         cfg.optimizer, total_steps=cfg.trainer.max_steps, steps_per_epoch=steps_per_epoch, _convert_="all"
     )
@@ -130,8 +126,8 @@ def state_shape(cfg: DictConfig, geometry: Geometry) -> Any:
     run), built from its config and the geometry its checkpoint recorded: reading a run's parameters needs
     none of its data (the schedule's epoch and the output bias change no shape)."""
     build_params, opt = _network(cfg, steps.task_condition(cfg), geometry, cfg.optimizer.steps_per_epoch or 1)
-    _, params = build_params(cfg.seed)
-    shape = jax.eval_shape(lambda: steps.init_state(params, opt.tx, cfg.seed))
+    _, params = build_params(cfg.seed, abstract=True)
+    shape = jax.eval_shape(lambda p: steps.init_state(p, opt.tx, cfg.seed), params)
     lead = (cfg.trainer.num_seeds,) if cfg.trainer.num_seeds > 1 else ()
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(lead + a.shape, a.dtype), shape)
 

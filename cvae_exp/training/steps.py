@@ -77,25 +77,34 @@ def task_condition(cfg) -> str:
     return "none" if kinds.kind(cfg.model.kind).fixed_prior else cfg.data.condition
 
 
+# The host-side assembly of states (stacking members, taking one, a fresh state) runs as one jitted program
+# each: run op by op, every leaf's shape compiled programs of its own (a cold start compiled dozens).
+
+
+@jax.jit
 def stack(trees: list) -> Any:
     """K pytrees of the same structure as one with a leading axis of size K (the vmapped seeds)."""
     return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
 
 
+@jax.jit
 def member(tree: Any, i: int) -> Any:
     """Seed i's slice of a stacked pytree."""
-    return jax.tree.map(lambda a: a[i], tree)
+    return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), tree)
 
 
 def init_state(params: Any, tx: optax.GradientTransformation, seed: int) -> dict:
-    return {
-        "step": jnp.zeros((), jnp.int32),
-        "params": params,
-        "opt_state": tx.init(params),
-        "rng": jax.random.key_data(jax.random.key(seed)),
-        "nonfinite": jnp.zeros((), jnp.int32),  # steps whose loss was NaN/Inf
-        "first_nonfinite": jnp.full((), -1, jnp.int32),
-    }
+    def fresh(params, rng):
+        return {
+            "step": jnp.zeros((), jnp.int32),
+            "params": params,
+            "opt_state": tx.init(params),
+            "rng": rng,
+            "nonfinite": jnp.zeros((), jnp.int32),  # steps whose loss was NaN/Inf
+            "first_nonfinite": jnp.full((), -1, jnp.int32),
+        }
+
+    return jax.jit(fresh)(params, jax.random.key_data(jax.random.key(seed)))  # one program for every seed
 
 
 def loss_fn(params, graphdef, batch, key, step, task: Task, train: bool):
@@ -242,7 +251,7 @@ def evaluate(eval_step, params, split, batch_size: int, sharding, key, progress:
             jax.block_until_ready(totals)  # host sync: only with a bar
             bar.update(1)
     if bar is not None:
-        bar.close()
+        close_bar(bar)
     totals = jax.device_get(totals)  # host sync
     count = totals.pop("count")
     return {k: host_value(v / count) for k, v in totals.items()}
