@@ -54,7 +54,7 @@ def load_run(run_dir: str | Path, sharding=None, seed_index: int = 0, which: str
     run_dir = Path(run_dir).resolve()
     cfg, step, state, geometry = _best_state(run_dir, sharding, seed_index, which, trust)
     check_data_path(cfg)  # the saved config's data, before it loads (its targets: _best_state)
-    exp = build_experiment(cfg)
+    exp = build_experiment(cfg, abstract=True)  # the weights are the checkpoint's
     if not geometry.same_shape(exp.geometry):
         raise UserError(
             f"run_dir={run_dir} was trained on images of {geometry.describe()}, but its data now holds "

@@ -66,10 +66,11 @@ class Experiment:
         return steps.init_state(params, self.opt.tx, seed)
 
 
-def build_experiment(cfg: DictConfig) -> Experiment:
+def build_experiment(cfg: DictConfig, abstract: bool = False) -> Experiment:
     """Loads the data and builds the network and optimizer that `cfg` describes (no devices yet); its data path
     and targets were checked by the command's pre-flight (cvae_exp.runs.preflight, or trained_run for a saved
-    run's config)."""
+    run's config). `abstract=True`: the parameters' shapes only (a run read from its checkpoint restores its
+    own), no initial values computed."""
     raw = sources.load(cfg.data.name, cfg.data.path, cfg.data.hub, columns=data_columns(cfg), checked=True)
     check_geometry(steps.task_condition(cfg), raw.geometry, raw.source)
     splits = make_splits(
@@ -87,7 +88,7 @@ def build_experiment(cfg: DictConfig) -> Experiment:
     # An epoch of the training split, for the schedules counted in epochs (optimizer.schedule=burda).
     epoch = cfg.optimizer.steps_per_epoch or len(splits.train.images) // cfg.trainer.batch_size
     build_params, opt = _network(cfg, task.condition, raw.geometry, epoch, bias)
-    graphdef, params = build_params(cfg.seed)
+    graphdef, params = build_params(cfg.seed, abstract=abstract)
     return Experiment(
         raw.source,
         splits,
