@@ -43,10 +43,11 @@ def build_model(
 
 
 def model_builder(model_cfg, x_dim: int, geometry: Geometry, *, precision="fp32", condition=None, output_bias=None):
-    """`build(seed, abstract=False) -> (graphdef, params)` of `build_model`'s network, for any seed: the
-    network is built inside one jitted program, compiled once for all seeds (built op by op, every
-    initializer and shape compiled programs of its own: a cold start compiled dozens). The seed's key is
-    made outside, as nnx.Rngs(seed) makes it, so the parameters are those of the op-by-op build."""
+    """`build(seed, abstract=False) -> (graphdef, params)` of `build_model`'s network, for any seed; with
+    `abstract=True` the parameters' shapes only, traced and never computed (a restore target, a run read from
+    its checkpoint). The network is built op by op: each initializer's small program is compiled once per
+    shape and process and serves every network with a layer of that shape (one jitted program per network
+    compiled less for one cold run, and more for a sweep or the tests, whose networks differ)."""
     graphdefs = []
 
     def init(key_data):
@@ -57,18 +58,16 @@ def model_builder(model_cfg, x_dim: int, geometry: Geometry, *, precision="fp32"
         graphdefs[:] = [graphdef]
         return params
 
-    jitted = jax.jit(init)
-
     def build(seed: int, abstract: bool = False):
         key_data = jax.random.key_data(jax.random.key(seed))
-        params = jax.eval_shape(init, key_data) if abstract else jitted(key_data)
+        params = jax.eval_shape(init, key_data) if abstract else init(key_data)
         return graphdefs[0], nnx.to_pure_dict(params)
 
     return build
 
 
 def _construct(model_cfg, x_dim: int, geometry: Geometry, precision: str, key, condition, output_bias):
-    """The network of `build_model` as an NNX module, its initializers drawn from `key` (under jit or
+    """The network of `build_model` as an NNX module, its initializers drawn from `key` (or traced, under
     eval_shape)."""
     dtype = jnp.bfloat16 if precision == "bf16" else jnp.float32
     y_dim = geometry.dims

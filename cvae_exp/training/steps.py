@@ -77,34 +77,25 @@ def task_condition(cfg) -> str:
     return "none" if kinds.kind(cfg.model.kind).fixed_prior else cfg.data.condition
 
 
-# The host-side assembly of states (stacking members, taking one, a fresh state) runs as one jitted program
-# each: run op by op, every leaf's shape compiled programs of its own (a cold start compiled dozens).
-
-
-@jax.jit
 def stack(trees: list) -> Any:
     """K pytrees of the same structure as one with a leading axis of size K (the vmapped seeds)."""
     return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
 
 
-@jax.jit
 def member(tree: Any, i: int) -> Any:
     """Seed i's slice of a stacked pytree."""
-    return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), tree)
+    return jax.tree.map(lambda a: a[i], tree)
 
 
 def init_state(params: Any, tx: optax.GradientTransformation, seed: int) -> dict:
-    def fresh(params, rng):
-        return {
-            "step": jnp.zeros((), jnp.int32),
-            "params": params,
-            "opt_state": tx.init(params),
-            "rng": rng,
-            "nonfinite": jnp.zeros((), jnp.int32),  # steps whose loss was NaN/Inf
-            "first_nonfinite": jnp.full((), -1, jnp.int32),
-        }
-
-    return jax.jit(fresh)(params, jax.random.key_data(jax.random.key(seed)))  # one program for every seed
+    return {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "opt_state": tx.init(params),
+        "rng": jax.random.key_data(jax.random.key(seed)),
+        "nonfinite": jnp.zeros((), jnp.int32),  # steps whose loss was NaN/Inf
+        "first_nonfinite": jnp.full((), -1, jnp.int32),
+    }
 
 
 def loss_fn(params, graphdef, batch, key, step, task: Task, train: bool):
