@@ -139,7 +139,7 @@ def _no_checkpoint(runs, tmp_path):
         (_no_checkpoint, [], "holds no checkpoint"),
         (lambda runs, tmp: runs["baseline"], ["data.n_given=2"], "data.n_given=1"),
         (lambda runs, tmp: runs["baseline"], ["data.quadrant_layout=top_first"], "data.quadrant_layout"),
-        (lambda runs, tmp: runs["baseline"], ["model.hidden=[48]"], "model.baseline_hidden=[32]"),
+        (lambda runs, tmp: runs["baseline"], ["model.hidden=[32]"], "model.baseline_hidden=[64]"),
         (lambda runs, tmp: runs["baseline"], ["model=baseline"], "model.kind=baseline"),
         (lambda runs, tmp: runs["baseline"], ["model=vae"], "model.kind=vae"),
         (lambda runs, tmp: runs["baseline"], ["data.condition=label"], "data.condition=quadrants"),

@@ -15,7 +15,7 @@ from conftest import in_process
 from own_data import write_image_folder
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-SMALL = ["data.val_size=200", "model.hidden=[32]", "trainer.batch_size=32", "trainer.eval_batch_size=100"]
+SMALL = ["data.val_size=200", "model.hidden=[16]", "trainer.batch_size=32", "trainer.eval_batch_size=100"]
 SMALL += ["trainer.progress=false", "logger.images=false", "trainer.log_every=10"]
 
 
