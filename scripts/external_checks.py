@@ -106,9 +106,11 @@ def finished(folder: Path) -> dict | None:
     scored = (test.get("samples"), test.get("examples")) == (SAMPLES, TEST_DIGITS)
     if metrics.get("step") != config["trainer"]["max_steps"] or not scored:
         return None
+    val = folder / "eval_val.json"
     return {
         "metrics": metrics,
         "test": test,
+        "val": json.loads(val.read_text()) if val.is_file() else {},
         "seed": config["seed"],
         **json.loads((folder / "record.json").read_text()),
     }

@@ -324,7 +324,7 @@ def fake_run(folder, seed: int, step: int, ncll: float) -> None:
     (folder / "metrics.json").write_text(json.dumps({"step": step, "wall_s": 9.0, "hardware": "test host"}))
     test = {"samples": 5000, "examples": 10000, "checkpoint": "last", "ncll": ncll, "ncll_sem": 0.3, "seconds": 1.0}
     (folder / "eval_test.json").write_text(json.dumps(test))
-    (folder / "eval_val.json").write_text(json.dumps({**test, "examples": 400}))
+    (folder / "eval_val.json").write_text(json.dumps({**test, "examples": 400, "ncll": ncll + 0.5}))
     (folder / ".hydra" / "config.yaml").write_text(f"seed: {seed}\ntrainer:\n  max_steps: 100\n")
     overrides = ["experiment=burda2016_vae", f"seed={seed}", "resume=auto"]
     (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
@@ -346,6 +346,9 @@ def test_external_checks_table_counts_finished_runs_only_and_leaves_the_rest_pen
     assert vae["ours_spread"] == round(math.sqrt(0.5), 2) and vae["gap"] == "+0.74"
     assert vae["train_command"] == "cvae-train experiment=burda2016_vae seed=<seed> hydra.run.dir=<run dir>"
     assert all(r["status"] == "pending" and r["ours_nll"] == "" for k, r in rows.items() if k != "VAE")
+    page = ext.markdown(ext.rows())  # the runs' table: each finished seed with its test and val figures
+    assert "| 0 | 100 | 87.00 ± 0.30 | 87.50 | 9 | 1 | test host |" in page
+    assert "| 1 | 100 | 88.00 ± 0.30 | 88.50 | 9 | 1 | test host |" in page and "| 2 | 60 |" not in page
 
 
 def test_committed_external_checks_are_rebuilt_from_the_committed_records(tmp_path):
