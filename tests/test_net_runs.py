@@ -138,3 +138,20 @@ def test_a_trusted_user_module_trains_and_evaluates_and_every_command_names_the_
     assert refused.returncode == 2 and "trust_modules=[mynets]" in refused.stderr
     ok(in_process("cvae_exp.evaluate", [f"run_dir={run}", "eval.samples=2", trust], env=cli_env, cwd=run))
     assert math.isfinite(json.loads((run / "eval.json").read_text())["ncll_is"])
+
+
+def test_a_conv_baseline_with_another_output_bias_is_refused_as_the_aid(sohn_runs, tiny_mnist):
+    """The MLP's output bias is its last layer's bias, the same parameters either way; a conv network's
+    per-pixel output bias exists only with model.output_bias=data_logit: a conv baseline trained without it
+    cannot be loaded into a CVAE that has it. Refused in one sentence naming both values."""
+    from conftest import compose_config
+
+    from cvae_exp.config import validate
+    from cvae_exp.errors import UserError
+
+    aided = [*SOHN, f"data.path={tiny_mnist}", f"model.baseline_run={sohn_runs['baseline']}"]
+    validate(compose_config(aided))  # the baseline's own output bias: accepted
+    with pytest.raises(UserError) as err:
+        validate(compose_config([*aided, "model.output_bias=data_logit"]))
+    said = str(err.value)
+    assert "model.output_bias=zero" in said and "model.output_bias=data_logit" in said and "ConvNet" in said
