@@ -62,7 +62,8 @@ def storage_error(err: BaseException) -> StorageError | None:
     text = str(err)
     code = _TS_ERRNO.search(text)
     if code and int(code.group(1)) in _FS_ERRNOS:  # TensorStore (under Orbax) reports OS errors as text
-        path = _TS_PATH.findall(text)
+        # the last absolute path it names: its spec, also in the text, quotes JSON keys after "file" too
+        path = [p for p in _TS_PATH.findall(text) if os.path.isabs(p)]
         where = path[-1] if path else "a checkpoint file"
         return StorageError(f"The file system refused {where}: {_describe(int(code.group(1)))}.")
     cause = err.__cause__  # `raise ... from` an OSError (an implicit context may be unrelated)

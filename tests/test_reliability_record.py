@@ -326,6 +326,9 @@ def test_only_file_system_errors_are_reported_as_such():
     assert str(full) == "The file system refused /r/checkpoints/5: No space left on device (ENOSPC)."
     tensorstore = ValueError('Error writing "w": Failed writing: "/r/d/ab": Failed to write: [os_error_code=\'30\']')
     assert str(storage_error(tensorstore)) == "The file system refused /r/d/ab: Read-only file system (EROFS)."
+    # as TensorStore also quotes its spec: {"driver":"file","file_io_locking":...} is no file of the run
+    spec = 'Error writing local file "/r/d/cd": [os_error_code=27] [tensorstore_spec=\'{\\"driver\\":\\"file\\",\\"file_io_locking\\":{}}\']'
+    assert str(storage_error(ValueError(spec))) == "The file system refused /r/d/cd: File too large (EFBIG)."
     assert storage_error(ConnectionRefusedError(111, "Connection refused")) is None  # not the file system's
     assert storage_error(ValueError("a bug")) is None
 
