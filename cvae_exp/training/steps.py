@@ -78,13 +78,24 @@ def task_condition(cfg) -> str:
 
 
 def stack(trees: list) -> Any:
-    """K pytrees of the same structure as one with a leading axis of size K (the vmapped seeds)."""
-    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
+    """K pytrees of the same structure as one with a leading axis of size K (the vmapped seeds): one jitted
+    program for the whole tree, not one small program per leaf shape (each is compiled once per process)."""
+    return _stack(list(trees))
 
 
 def member(tree: Any, i: int) -> Any:
-    """Seed i's slice of a stacked pytree."""
-    return jax.tree.map(lambda a: a[i], tree)
+    """Seed i's slice of a stacked pytree (one jitted program for every i)."""
+    return _member(tree, jnp.int32(i))
+
+
+@jax.jit
+def _stack(trees: list) -> Any:
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
+
+
+@jax.jit
+def _member(tree: Any, i: jax.Array) -> Any:
+    return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), tree)
 
 
 def init_state(params: Any, tx: optax.GradientTransformation, seed: int) -> dict:
