@@ -14,7 +14,7 @@ from cvae_exp.models.kinds import kind
 from cvae_exp.models.mlp import MLP
 from cvae_exp.models.nets import NetFactory
 
-__all__ = ["CVAE", "Baseline", "MLP", "build_model", "data_logit", "model_builder"]
+__all__ = ["CVAE", "Baseline", "MLP", "build_model", "data_logit"]
 
 MLP_NET = {"_target_": "cvae_exp.models.mlp.MLPNet"}  # model.net of a config saved before the seam existed
 
@@ -37,33 +37,17 @@ def build_model(
     network comes from `model.net` (cvae_exp.models.nets). The steps merge the two back inside jit.
     `output_bias` [y_dim], when given, is the first value of the output network's bias
     (model.output_bias=data_logit; the network's `start_output_bias`). With `abstract=True`, only the
-    parameters' shapes (a restore target). One network of several seeds: `model_builder`."""
-    build = model_builder(model_cfg, x_dim, geometry, precision=precision, condition=condition, output_bias=output_bias)
-    return build(seed, abstract=abstract)
+    parameters' shapes, traced and never computed (a restore target, a run read from its checkpoint).
 
+    The network is built op by op: each initializer's small program is compiled once per shape and process
+    and serves every network with a layer of that shape (one jitted program per network compiled less for
+    one cold run, and more for a sweep or the tests, whose networks differ)."""
 
-def model_builder(model_cfg, x_dim: int, geometry: Geometry, *, precision="fp32", condition=None, output_bias=None):
-    """`build(seed, abstract=False) -> (graphdef, params)` of `build_model`'s network, for any seed; with
-    `abstract=True` the parameters' shapes only, traced and never computed (a restore target, a run read from
-    its checkpoint). The network is built op by op: each initializer's small program is compiled once per
-    shape and process and serves every network with a layer of that shape (one jitted program per network
-    compiled less for one cold run, and more for a sweep or the tests, whose networks differ)."""
-    graphdefs = []
+    def construct():
+        return _construct(model_cfg, x_dim, geometry, precision, jax.random.key(seed), condition, output_bias)
 
-    def init(key_data):
-        model = _construct(
-            model_cfg, x_dim, geometry, precision, jax.random.wrap_key_data(key_data), condition, output_bias
-        )
-        graphdef, params = nnx.split(model)
-        graphdefs[:] = [graphdef]
-        return params
-
-    def build(seed: int, abstract: bool = False):
-        key_data = jax.random.key_data(jax.random.key(seed))
-        params = jax.eval_shape(init, key_data) if abstract else init(key_data)
-        return graphdefs[0], nnx.to_pure_dict(params)
-
-    return build
+    graphdef, params = nnx.split(nnx.eval_shape(construct) if abstract else construct())
+    return graphdef, nnx.to_pure_dict(params)
 
 
 def _construct(model_cfg, x_dim: int, geometry: Geometry, precision: str, key, condition, output_bias):

@@ -20,7 +20,7 @@ from cvae_exp.data import sources
 from cvae_exp.data.geometry import Geometry
 from cvae_exp.data.pipeline import Splits, condition_dim, make_splits
 from cvae_exp.errors import UserError
-from cvae_exp.models.build import data_logit, model_builder
+from cvae_exp.models.build import build_model, data_logit
 from cvae_exp.training import devices, steps
 
 
@@ -108,14 +108,18 @@ def _network(cfg: DictConfig, condition: str, geometry: Geometry, steps_per_epoc
     the data is read (`steps_per_epoch`: an epoch for the schedules counted in epochs; `output_bias`:
     model.output_bias=data_logit's first bias)."""
 
-    build_params = model_builder(
-        cfg.model,
-        condition_dim(condition, geometry),
-        geometry,
-        precision=cfg.trainer.precision,
-        condition=condition,
-        output_bias=output_bias,
-    )
+    def build_params(seed: int, abstract: bool = False):
+        return build_model(
+            cfg.model,
+            condition_dim(condition, geometry),
+            geometry,
+            precision=cfg.trainer.precision,
+            seed=seed,
+            condition=condition,
+            output_bias=output_bias,
+            abstract=abstract,
+        )
+
     opt = instantiate(
         cfg.optimizer, total_steps=cfg.trainer.max_steps, steps_per_epoch=steps_per_epoch, _convert_="all"
     )
