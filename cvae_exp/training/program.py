@@ -63,7 +63,7 @@ class Program:
         return steps.member(params, i) if self.vmapped else params
 
     def member_key(self, i: int):
-        return self.eval_keys[i] if self.vmapped else self.eval_keys
+        return steps.member(self.eval_keys, i) if self.vmapped else self.eval_keys
 
     def member_task(self, i: int) -> steps.Task:
         values = {name: type(getattr(self.task, name))(v[i]) for name, v in self.task_values.items()}
