@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import re
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -539,8 +540,18 @@ def saved_value(saved: Any, dotted_key: str) -> Any:
 def differs(saved: Any, current: Any, dotted_key: str) -> bool:
     """Whether a key of the current config differs from the run's saved one (a key the saved run could not
     have had, and that ADDED_KEYS does not know, does not)."""
-    was = saved_value(resolved_record(saved), dotted_key)
-    return was is not _ABSENT and was != _get(current, dotted_key)
+    return bool(differing(saved, current, [dotted_key]))
+
+
+def differing(saved: Any, current: Any, dotted_keys: Iterable[str]) -> list[str]:
+    """The keys among `dotted_keys` that `differs` names, in their order; the saved record is resolved once."""
+    record = resolved_record(saved)
+    out = []
+    for key in dotted_keys:
+        was = saved_value(record, key)
+        if was is not _ABSENT and was != _get(current, key):
+            out.append(key)
+    return out
 
 
 def with_added_keys(saved: Any) -> dict:

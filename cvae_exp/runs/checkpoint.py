@@ -296,15 +296,14 @@ def changed_shape_keys(saved: dict, current: dict) -> list[str]:
     is named by the keys below it that differ (model.net.channels), or by its _target_ when that differs."""
     from omegaconf import OmegaConf
 
-    from cvae_exp.config import differing_keys, differs, resolved_record, saved_value
+    from cvae_exp.config import differing, differing_keys, resolved_record, saved_value
 
     saved = resolved_record(saved)  # a record holds interpolations as written: compared resolved
     changed = []
-    for k in SHAPE_KEYS:
-        if differs(saved, current, k):
-            was, now = saved_value(saved, k), saved_value(current, k)
-            now = OmegaConf.to_container(now, resolve=True) if OmegaConf.is_config(now) else now
-            changed += differing_keys(k, was, now) if isinstance(was, dict) and isinstance(now, dict) else [k]
+    for k in differing(saved, current, SHAPE_KEYS):
+        was, now = saved_value(saved, k), saved_value(current, k)
+        now = OmegaConf.to_container(now, resolve=True) if OmegaConf.is_config(now) else now
+        changed += differing_keys(k, was, now) if isinstance(was, dict) and isinstance(now, dict) else [k]
     return changed
 
 
