@@ -540,12 +540,12 @@ def saved_value(saved: Any, dotted_key: str) -> Any:
 def differs(saved: Any, current: Any, dotted_key: str) -> bool:
     """Whether a key of the current config differs from the run's saved one (a key the saved run could not
     have had, and that ADDED_KEYS does not know, does not)."""
-    return bool(differing(saved, current, [dotted_key]))
+    return bool(differing(resolved_record(saved), current, [dotted_key]))
 
 
-def differing(saved: Any, current: Any, dotted_keys: Iterable[str]) -> list[str]:
-    """The keys among `dotted_keys` that `differs` names, in their order; the saved record is resolved once."""
-    record = resolved_record(saved)
+def differing(record: Any, current: Any, dotted_keys: Iterable[str]) -> list[str]:
+    """The keys among `dotted_keys`, in their order, that `differs` names, given the saved config already
+    resolved (`resolved_record`): a caller comparing many keys resolves it once."""
     out = []
     for key in dotted_keys:
         was = saved_value(record, key)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from cvae_exp.config import differing, onto_schema, saved_value
+from cvae_exp.config import differing, onto_schema, resolved_record, saved_value
 from cvae_exp.errors import UserError
 from cvae_exp.runs import checkpoint
 
@@ -183,9 +183,8 @@ def check_resumable(resumed: Resumed, run_dir: Path) -> None:
             f"{where} was trained with different {', '.join(changed)}; resume it with the same values or "
             "start a new run directory."
         )
-    data = [
-        k.removeprefix("data.") for k in differing(saved.config, plain, [f"data.{k}" for k in sorted(plain["data"])])
-    ]
+    changed_data = differing(resolved_record(saved.config), plain, [f"data.{k}" for k in sorted(plain["data"])])
+    data = [key.removeprefix("data.") for key in changed_data]
     if data and not new.resume_data_change:
         now = plain["data"]
         listed = ", ".join(f"data.{k}={now[k]} (trained with {saved_value(saved.config, f'data.{k}')})" for k in data)
