@@ -4,8 +4,9 @@ launcher hands it the jobs of one static-signature partition (cvae_exp.runs.vmap
 the jobs and run directories they hand over, and in the words of their messages (`Launch`).
 
 Every job restores its own newest verified checkpoint. Jobs that then stand at different steps (a relaunch
-after a fault, a job added to a sweep) train as separate groups, one after another, so that no job redoes a
-step it has a checkpoint of and none is stepped past its own checkpoints.
+after a fault, a job added to a sweep) train one step-group after another, so that no job redoes a step it has
+a checkpoint of and none is stepped past its own checkpoints; each runs the whole group's program (the other
+members stepped along and ignored), so its numbers are those of the uninterrupted group, bit for bit.
 """
 
 from __future__ import annotations
@@ -103,21 +104,16 @@ def train_group(specs: list[JobSpec], how: Launch) -> list[JobSpec]:
     outs = [_output(spec, fingerprint) for spec in specs]
     try:
         # ---- restore (verified), then each job is accepted: its record and its log go to disk
-        restored = [
-            _restore(spec, out, program, span) for spec, out, span in zip(specs, outs, _spans(specs), strict=True)
-        ]
+        spans = _spans(specs)
+        restored = [_restore(spec, out, program, span) for spec, out, span in zip(specs, outs, spans, strict=True)]
         _check(how)
         for spec, out in zip(specs, outs, strict=True):
             spec.accept()
             if spec.resumed_from is not None:
                 spec.log.info("%sResumed from step %d in %s", spec.label, spec.resumed_from, out.manager.directory)
-        for start in sorted({r[1] for r in restored}):
+        for start in sorted({r[1] for r in restored}):  # one step at a time: the whole group's program
             chosen = [i for i, r in enumerate(restored) if r[1] == start]
-            part = [specs[i] for i in chosen]
-            group = (
-                program if len(chosen) == len(specs) else build_program(exp, _member_plains(part), mesh, baseline, True)
-            )
-            _train(group, part, [outs[i] for i in chosen], [restored[i] for i in chosen], how, mesh, t0)
+            _train(program, *([seq[i] for i in chosen] for seq in (specs, outs, restored, spans)), how, mesh, t0)
     finally:
         for out in outs:
             out.manager.wait_until_finished()  # Orbax saves are async: the last one must land before exit
@@ -167,9 +163,9 @@ def _restore(spec: JobSpec, out: JobOutput, program: Program, span: range) -> tu
     return found.state, found.step, early
 
 
-def _train(program: Program, specs, outs, restored, how: Launch, mesh, t0: float) -> None:
-    """One group of jobs that stand at the same step: the loop, then the final evaluation and metrics."""
-    spans = _spans(specs)
+def _train(program: Program, specs, outs, restored, spans: list[range], how: Launch, mesh, t0: float) -> None:
+    """The jobs of the group that stand at the same step (`spans`: their members in the group): the loop, then
+    the final evaluation and metrics."""
     jobs = [
         loop.Job(span, spec.cfg.trainer.max_steps, early, spec.log, spec.label, start=step)
         for spec, span, (_, step, early) in zip(specs, spans, restored, strict=True)

@@ -96,13 +96,17 @@ class Program:
         )
 
     def group_state(self, job_states: list, spans: list[range]):
-        """The group's state on the devices from each job's plain state (fresh or restored)."""
+        """The group's state on the devices from each job's plain state (fresh or restored). Members that no
+        span covers (jobs that stand at another step after a relaunch) hold their fresh state, at step 0:
+        they are stepped along, ignored, so that the members that train run the very program of the whole
+        group (a vmapped product rounds differently with another number of members)."""
         if not self.vmapped:
             return jax.device_put(job_states[0], self.state_sharding)
-        per_member = []
+        per_member = list(self.fresh)
         for plain, span in zip(job_states, spans, strict=True):
             parts = [plain] if len(span) == 1 else [steps.member(plain, k) for k in range(len(span))]
-            per_member += [members.from_plain(p, self.fresh[i]) for p, i in zip(parts, span, strict=True)]
+            for p, i in zip(parts, span, strict=True):
+                per_member[i] = members.from_plain(p, self.fresh[i])
         return jax.device_put(steps.stack(per_member), self.state_sharding)
 
     def fresh_job_state(self, span: range):
@@ -113,14 +117,13 @@ class Program:
         return plain[0] if len(span) == 1 else steps.stack(plain)
 
 
-def build_program(exp, plains: list[dict], mesh, baseline: Any = None, vmapped: bool | None = None) -> Program:
+def build_program(exp, plains: list[dict], mesh, baseline: Any = None) -> Program:
     """The program that trains the members `plains` (resolved configs of one static signature) of `exp`, built
     from the first's config; `baseline`: the pre-trained baseline's params of an aided run
-    (cvae_exp.runs.trained_run). One member is the unvmapped step unless `vmapped` (the member of a vmap
-    group that trains apart from the rest, whose own values need not be those `exp` was built with)."""
+    (cvae_exp.runs.trained_run). One member is the unvmapped step."""
     t = plains[0]["trainer"]
     k = len(plains)
-    vmapped = k > 1 if vmapped is None else vmapped
+    vmapped = k > 1
     seeds = [p["seed"] for p in plains]
     state_sharding = devices.replicated(mesh)
     batch_sharding = devices.data_sharded(mesh, k)
