@@ -244,13 +244,14 @@ def member_plains(cfg: DictConfig, members: int) -> list[dict]:
 
 def bench(cfg: DictConfig) -> dict:
     from cvae_exp.runs import launch
-    from cvae_exp.training import devices
 
     launch.begin()  # a refused bench leaves nothing behind (cvae_exp.runs.launch.discard)
     check_keys(cfg)  # the bench's pre-flight: keys, values, the data path, the targets
     validate(cfg)
     check_data_path(cfg)
-    check_targets(cfg)
+    check_targets(cfg)  # imports optax (and JAX): after the checks that need nothing
+
+    from cvae_exp.training import devices
 
     devices.initialize_distributed(cfg.cluster)
     import jax

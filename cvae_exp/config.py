@@ -760,6 +760,15 @@ def require_run_dir(cfg: DictConfig, command: str) -> None:
         raise UserError(f"run_dir is missing: {command} run_dir=<a cvae-train run directory> names the run to use.")
 
 
+def trained_run_config(run_dir: Path) -> DictConfig:
+    """The config of the cvae-train run in `run_dir`, refused with one sentence where the directory is no run
+    or holds no checkpoints/ folder."""
+    cfg = read_run_config(run_dir, f"run_dir={run_dir}")
+    if not (run_dir / "checkpoints").is_dir():
+        raise UserError(f"run_dir={run_dir} holds no checkpoints/ folder.")
+    return cfg
+
+
 def validate_eval(cfg: DictConfig) -> None:
     _at_least("eval.samples", cfg.eval.samples, 1)
     _at_least("eval.chunk", cfg.eval.chunk, 1)

@@ -22,7 +22,15 @@ import hydra
 from omegaconf import DictConfig
 
 from cvae_exp.cli import CONF_DIR, console, exit_on_user_error, no_wait_after_storage_failure
-from cvae_exp.config import EvalApp, check_keys, register_configs, require_run_dir, trusted_modules, validate_eval
+from cvae_exp.config import (
+    EvalApp,
+    check_keys,
+    register_configs,
+    require_run_dir,
+    trained_run_config,
+    trusted_modules,
+    validate_eval,
+)
 from cvae_exp.models.kinds import kind
 from cvae_exp.runs import launch
 
@@ -135,6 +143,7 @@ def run(cfg: DictConfig) -> dict:
     require_run_dir(cfg, "cvae-eval")
     check_keys(cfg, EvalApp)
     validate_eval(cfg)
+    trained_run_config(Path(cfg.run_dir).resolve())  # a directory that is no trained run: refused before JAX starts
     e = cfg.eval
     result = evaluate_run(
         cfg.run_dir,

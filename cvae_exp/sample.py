@@ -29,7 +29,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
 from cvae_exp.cli import CONF_DIR, console, exit_on_user_error, no_wait_after_storage_failure
-from cvae_exp.config import check_keys, require_run_dir, trusted_modules
+from cvae_exp.config import check_keys, require_run_dir, trained_run_config, trusted_modules
 from cvae_exp.errors import UserError
 from cvae_exp.models.kinds import kind
 from cvae_exp.runs import launch
@@ -183,6 +183,7 @@ def run(cfg: DictConfig) -> list[Path]:
     require_run_dir(cfg, "cvae-sample")
     check_keys(cfg, SampleApp)
     validate(cfg.sample)
+    trained_run_config(Path(cfg.run_dir).resolve())  # a directory that is no trained run: refused before JAX starts
     return sample_run(cfg.run_dir, cfg.sample, cfg.seed, trusted_modules(cfg))
 
 

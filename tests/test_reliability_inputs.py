@@ -10,12 +10,15 @@ by a tripwire, so "before any work" is checked exactly; data cases also run thro
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import IMPOSSIBLE, in_process, run_module
 from conftest import compose_config as make_cfg
+from omegaconf import OmegaConf
 
 import cvae_exp.runs.job
 from cvae_exp.cli import exit_on_user_error
@@ -221,6 +224,38 @@ def test_a_refused_launch_leaves_no_run_directory(bad, tiny_mnist, cli_env, tmp_
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {bad.split('=')[0]}="), done.stderr
     assert not (tmp_path / "outputs").exists()
+
+
+# What each command's pre-flight refuses from the config or the file system alone.
+REFUSED_BEFORE_JAX = [
+    ("cvae_exp.train", ["optimizer.lr=0"], "optimizer.lr=0"),
+    ("cvae_exp.train", ["data.path=/nonexistent/mnist"], "data.path=/nonexistent/mnist does not exist"),
+    ("cvae_exp.evaluate", ["run_dir=/nonexistent/run"], "run_dir=/nonexistent/run is not a cvae-train run"),
+    ("cvae_exp.sample", ["run_dir=RUN_WITHOUT_CHECKPOINTS"], "holds no checkpoints/ folder"),
+    ("cvae_exp.bench", ["trainer.batch_size=0"], "trainer.batch_size=0"),
+]
+
+
+def test_a_refused_command_never_starts_jax(cli_env, tmp_path):
+    """The pre-flight needs only the config and the file system: a refusal comes before JAX, Orbax or the
+    data libraries load (a new process per command, as users run it; `jax` not in sys.modules at its exit)."""
+    no_checkpoints = tmp_path / "no_checkpoints"
+    (no_checkpoints / ".hydra").mkdir(parents=True)
+    (no_checkpoints / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(make_cfg()))
+    for module, args, named in REFUSED_BEFORE_JAX:
+        args = [a.replace("RUN_WITHOUT_CHECKPOINTS", str(no_checkpoints)) for a in args]
+        args.append(f"hydra.run.dir={tmp_path / 'run'}")
+        code = (
+            "import atexit, runpy, sys\n"
+            "atexit.register(lambda: print('loaded:', *sorted({'jax', 'orbax', 'datasets'} & set(sys.modules)),"
+            " file=sys.stderr))\n"
+            f"sys.argv = [{module!r}, *{args!r}]\n"
+            f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)\n"
+        )
+        done = subprocess.run([sys.executable, "-c", code], env=cli_env, cwd=tmp_path, capture_output=True, text=True)
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        assert done.returncode == 2 and lines[0].startswith("error: ") and named in lines[0], (module, done.stderr)
+        assert lines[1:] == ["loaded:"], (module, done.stderr)  # nothing of JAX, Orbax or datasets
 
 
 def test_data_found_bad_while_decoding_names_the_file_and_row(bad_data, tmp_path):

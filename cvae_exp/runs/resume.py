@@ -27,7 +27,6 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cvae_exp.config import differing, onto_schema, resolved_record, saved_value
 from cvae_exp.errors import UserError
-from cvae_exp.runs import checkpoint
 
 log = logging.getLogger("cvae_exp")
 # From the command, never from the saved run: trust_modules above all (a saved config never grants trust).
@@ -74,6 +73,8 @@ def saved_run(run_dir: Path) -> SavedRun | None:
     folder = run_dir / "checkpoints"
     if not (folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir())):
         return None
+    from cvae_exp.runs import checkpoint  # Orbax and JAX: only where there is a checkpoint to read
+
     manager = checkpoint.make_manager(run_dir, keep=1)  # only reads here (a read-only one logs warnings)
     found = checkpoint.newest_meta(manager)
     manager.close()
@@ -173,6 +174,8 @@ def check_resumable(resumed: Resumed, run_dir: Path) -> None:
     saved, new = resumed.saved, resumed.cfg
     if saved is None:
         return
+    from cvae_exp.runs import checkpoint
+
     plain = OmegaConf.to_container(new, resolve=True)
     where = (
         f"The checkpoint at step {saved.step} in {run_dir / 'checkpoints'}" if saved.step else f"The run in {run_dir}"

@@ -19,6 +19,7 @@ from cvae_exp.config import (
     check_targets,
     onto_schema,
     read_run_config,
+    trained_run_config,
     with_trust,
 )
 from cvae_exp.data.geometry import Geometry
@@ -70,9 +71,7 @@ def _best_state(
     """(the config its weights were trained with, step, state, the geometry of its images) of the run's best
     checkpoint that verifies (damaged ones set aside unless the run is live); only the checkpoint is read,
     none of the data (a checkpoint without a geometry record was trained on MNIST)."""
-    cfg = run_config(run_dir)
-    if not (run_dir / "checkpoints").is_dir():
-        raise UserError(f"run_dir={run_dir} holds no checkpoints/ folder.")
+    cfg = trained_run_config(run_dir)
     # A run that is still training saves and deletes checkpoints while this reads them: what vanished was not
     # damaged, and the ranking is made again from what is there now (a few tries; each save keeps `keep`).
     for attempt in range(_READ_TRIES):
