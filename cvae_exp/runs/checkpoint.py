@@ -291,14 +291,14 @@ class Vanished(Exception):
 
 
 def changed_shape_keys(saved: dict, current: dict) -> list[str]:
-    """The SHAPE_KEYS whose values differ between a checkpoint's config and the current one; a key added since
-    the checkpoint was saved counts with the value it had then (cvae_exp.config.ADDED_KEYS). A node (model.net)
-    is named by the keys below it that differ (model.net.channels), or by its _target_ when that differs."""
+    """The SHAPE_KEYS whose values differ between a checkpoint's config, resolved (cvae_exp.config.resolved_record:
+    a record holds interpolations as written), and the current one; a key added since the checkpoint was saved
+    counts with the value it had then (cvae_exp.config.ADDED_KEYS). A node (model.net) is named by the keys below
+    it that differ (model.net.channels), or by its _target_ when that differs."""
     from omegaconf import OmegaConf
 
-    from cvae_exp.config import differing, differing_keys, resolved_record, saved_value
+    from cvae_exp.config import differing, differing_keys, saved_value
 
-    saved = resolved_record(saved)  # a record holds interpolations as written: compared resolved
     changed = []
     for k in differing(saved, current, SHAPE_KEYS):
         was, now = saved_value(saved, k), saved_value(current, k)

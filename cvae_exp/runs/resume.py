@@ -180,13 +180,14 @@ def check_resumable(resumed: Resumed, run_dir: Path) -> None:
     where = (
         f"The checkpoint at step {saved.step} in {run_dir / 'checkpoints'}" if saved.step else f"The run in {run_dir}"
     )
-    changed = checkpoint.changed_shape_keys(saved.config, plain)
+    record = resolved_record(saved.config)  # as written: compared resolved, once for every key below
+    changed = checkpoint.changed_shape_keys(record, plain)
     if changed:
         raise UserError(
             f"{where} was trained with different {', '.join(changed)}; resume it with the same values or "
             "start a new run directory."
         )
-    changed_data = differing(resolved_record(saved.config), plain, [f"data.{k}" for k in sorted(plain["data"])])
+    changed_data = differing(record, plain, [f"data.{k}" for k in sorted(plain["data"])])
     data = [key.removeprefix("data.") for key in changed_data]
     if data and not new.resume_data_change:
         now = plain["data"]
