@@ -113,7 +113,8 @@ def train_group(specs: list[JobSpec], how: Launch) -> list[JobSpec]:
                 spec.log.info("%sResumed from step %d in %s", spec.label, spec.resumed_from, out.manager.directory)
         for start in sorted({r[1] for r in restored}):  # one step at a time: the whole group's program
             chosen = [i for i, r in enumerate(restored) if r[1] == start]
-            _train(program, *([seq[i] for i in chosen] for seq in (specs, outs, restored, spans)), how, mesh, t0)
+            _train(program, [specs[i] for i in chosen], [outs[i] for i in chosen], [restored[i] for i in chosen],
+                   [spans[i] for i in chosen], how, mesh, t0)  # fmt: skip
     finally:
         for out in outs:
             out.manager.wait_until_finished()  # Orbax saves are async: the last one must land before exit
