@@ -272,14 +272,23 @@ def test_a_full_disk_ends_the_run_with_one_sentence_and_exit_74(base, env, tmp_p
     assert re.fullmatch(
         rf"error: The file system refused {re.escape(str(run / 'checkpoints'))}/\S+: File too large \(EFBIG\)\.", line
     ), line
-    # The failed save was one of the first after the resume (step 100, or under load 120, whose save starts
-    # before the failure of the one in the background surfaces); the run stopped at a log step once the save
-    # had failed, or at the latest when the next save waited for it. Its unfinished folder stays, set apart.
-    failed = [name.split(".")[0] for name in tmp_folders(run)]
-    assert failed and set(failed) <= {str(STEPS + 20), str(STEPS + 40)}, failed
-    assert f"step {STEPS + 60}:" not in proc.stdout
+    # Which save fails depends on how TensorStore splits the array data into files that time (one file of
+    # 568 kB at step 40, two of about 290 kB at step 80, more under load): a save whose every file stays under
+    # the limit is a complete checkpoint. The failure of the first save that hit the limit surfaces at the
+    # next log step, or at the latest when the next save waits for it: the run never logs two steps past it.
+    # The failed save's unfinished folder stays, set apart; the newest of the earlier checkpoints and those
+    # completed before the failure are kept, and an earlier one that stays is unchanged.
+    failed = sorted(int(name.split(".")[0]) for name in tmp_folders(run))
+    assert failed and failed[0] > STEPS, failed
+    assert f"step {failed[0] + 40}:" not in proc.stdout
     assert not (run / ".lock").exists()
-    assert {s: tree_digest(run / "checkpoints" / str(s)) for s in steps(run)} == earlier
+    kept = steps(run)
+    completed = [s for s in kept if s not in earlier]
+    assert all(s < failed[0] for s in completed), (completed, failed)
+    assert set(sorted({*earlier, *completed})[-3:]) <= set(kept)  # checkpoint.keep=3 (and the best)
+    assert {s: tree_digest(run / "checkpoints" / str(s)) for s in kept if s in earlier} == {
+        s: d for s, d in earlier.items() if s in kept
+    }
 
 
 def test_a_full_disk_under_the_vmap_launcher_names_the_file(tiny_mnist, env, tmp_path):
