@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_runs import metrics
 from conftest import REPO, in_process, run_module, shrunk
 from own_data import write_image_folder
 
@@ -31,10 +32,6 @@ SOHN += ["trainer.eval_batch_size=100", "trainer.progress=false", *CONV, *QUICK]
 def ok(proc):
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
-
-
-def metrics(run_dir: Path) -> dict:
-    return json.loads((run_dir / "metrics.json").read_text())
 
 
 @pytest.fixture(scope="module")

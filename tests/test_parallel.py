@@ -7,23 +7,18 @@ the tests' process (one CPU device; the launchers start the jobs' processes).
 
 from __future__ import annotations
 
-import json
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from cli_runs import metrics
 
 STEPS = ["trainer.max_steps=20", "trainer.eval_every=20", "checkpoint.every=20", "trainer.batch_size=32"]
 
 
 def devices_env(n: int) -> dict[str, str]:
     return {"XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
-
-
-def metrics(run_dir: Path) -> dict:
-    return json.loads((run_dir / "metrics.json").read_text())
 
 
 def assert_same_training(a: dict, b: dict, rel: float = 1e-4) -> None:

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import tbevents
+from cli_runs import metrics
 from conftest import in_process, run_module
 
 SEED, K, STEPS = 3, 2, 30
@@ -29,10 +30,6 @@ def runs(session_cli, small_overrides, tmp_path_factory):
         assert result.returncode == 0, result.stderr[-3000:]
         out[name] = root / str(name)
     return out
-
-
-def metrics(run_dir) -> dict:
-    return json.loads((run_dir / "metrics.json").read_text())
 
 
 def test_each_seed_equals_its_separate_run(runs):

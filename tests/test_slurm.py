@@ -8,7 +8,6 @@ seed's run trained here without SLURM (`separate`)."""
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import slurm_cluster
-from cli_runs import launch, ok, steps, train
+from cli_runs import launch, metrics, ok, steps, train
 from conftest import in_process, run_module
 
 pytestmark = pytest.mark.slurm
@@ -50,10 +49,6 @@ def tiny_args(data: str, run_dir: Path | None = None, seed: int | str = 0, max_s
         f"seed={seed}",
     ]
     return args + ([f"hydra.run.dir={run_dir}"] if run_dir is not None else [])
-
-
-def metrics(run_dir: Path) -> dict:
-    return json.loads((run_dir / "metrics.json").read_text())
 
 
 @pytest.fixture(scope="module")

@@ -12,28 +12,13 @@ check what each left behind:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-from pathlib import Path
 
 import pytest
 import tbevents
+from cli_runs import metrics, tree_digest
 
 FIRST, TOTAL, EVAL, LOG = 60, 90, 30, 10
-
-
-def tree_digest(root: Path) -> dict[str, str]:
-    """{relative path: sha256} of every file under root."""
-    return {
-        str(f.relative_to(root)): hashlib.sha256(f.read_bytes()).hexdigest()
-        for f in sorted(root.rglob("*"))
-        if f.is_file()
-    }
-
-
-def read_metrics(run_dir: Path) -> dict:
-    return json.loads((run_dir / "metrics.json").read_text())
 
 
 def checked(result, what: str):
@@ -53,7 +38,7 @@ def scenario(session_cli, small_overrides, tmp_path_factory):
     s["first"] = cli(small_overrides(run, f"trainer.max_steps={FIRST}"))
     if s["first"].returncode != 0:
         return s  # every test reports the failure through `first`
-    s["first_metrics"] = read_metrics(run)
+    s["first_metrics"] = metrics(run)
     s["first_tb"] = tbevents.load(run / "tb")
     s["first_tb_files"] = tbevents.event_files(run / "tb")
     before = {
@@ -76,17 +61,17 @@ def scenario(session_cli, small_overrides, tmp_path_factory):
 
     s["resumed"] = cli(small_overrides(run, f"trainer.max_steps={TOTAL}", "resume=true"))
     if s["resumed"].returncode == 0:
-        s["resumed_metrics"] = read_metrics(run)
+        s["resumed_metrics"] = metrics(run)
         s["resumed_tb_files"] = tbevents.event_files(run / "tb")
         s["resumed_checkpoints"] = tree_digest(run / "checkpoints")
 
     s["straight_run"] = cli(small_overrides(straight, f"trainer.max_steps={TOTAL}"))
     if s["straight_run"].returncode == 0:
-        s["straight_metrics"] = read_metrics(straight)
+        s["straight_metrics"] = metrics(straight)
         s["straight_tb"] = tbevents.load(straight / "tb")
         # A finished run started again with resume=true (a requeued job, a repeated command): nothing to train.
         s["rerun_finished"] = cli(small_overrides(straight, f"trainer.max_steps={TOTAL}", "resume=true"))
-        s["rerun_metrics"] = read_metrics(straight)
+        s["rerun_metrics"] = metrics(straight)
     return s
 
 

@@ -6,14 +6,13 @@ sentence, nothing written); a value added to the sweep trains only the new job."
 
 from __future__ import annotations
 
-import json
 import random
 import shutil
 from pathlib import Path
 
 import pytest
 import yaml
-from cli_runs import tree_digest
+from cli_runs import metrics, steps, tree_digest
 from conftest import in_process, run_module, shrunk
 from test_reliability_record import flip_one_bit
 
@@ -32,14 +31,6 @@ def sweep(tiny_mnist, where: Path, seeds: str, *extra: str) -> list[str]:
         *extra,
         f"hydra.sweep.dir={where}",
     ]
-
-
-def metrics(job: Path) -> dict:
-    return json.loads((job / "metrics.json").read_text())
-
-
-def steps(job: Path) -> list[int]:
-    return sorted(int(p.name) for p in (job / "checkpoints").iterdir() if p.name.isdigit())
 
 
 @pytest.fixture(scope="module")
