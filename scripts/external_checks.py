@@ -5,9 +5,11 @@ protocol is known from public code, rebuilt from the committed records.
     python3 scripts/external_checks.py table [<out folder, default results>]
 
 `record` copies what the table needs from a run directory (metrics.json, eval_val.json, eval_test.json,
-.hydra/config.yaml and overrides.yaml; never checkpoints) into results/external_checks_cells/<record name>/ and
-writes record.json beside them: when the test evaluation finished (UTC, from its file) and the commands that
-trained and evaluated it. `table` writes <out>/external_checks.csv and .md from those records alone (no data,
+.hydra/config.yaml and overrides.yaml, and train.log where there is one; never checkpoints) into
+results/external_checks_cells/<record name>/ and writes record.json beside them: when the test evaluation
+finished (UTC, from its file), the commands that trained and evaluated it, and how often the training resumed
+from a checkpoint (from train.log, which every launch appends to; null without one). A resumed run's
+metrics.json times its last launch only, and the table says so. `table` writes <out>/external_checks.csv and .md from those records alone (no data,
 no JAX): a protocol's row holds the finished seeds, and a protocol with none is marked pending, never filled in.
 """
 
@@ -84,6 +86,9 @@ def record(run_dir: Path, name: str) -> Path:
     for rel in FILES:
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(run_dir / rel, out / rel)
+    log = run_dir / "train.log"
+    if log.is_file():
+        shutil.copyfile(log, out / "train.log")
     overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())
     train = "cvae-train " + " ".join(o for o in overrides if not o.startswith(PER_RUN)) + " hydra.run.dir=<run dir>"
     finished = datetime.datetime.fromtimestamp((run_dir / "eval_test.json").stat().st_mtime, datetime.UTC)
@@ -91,6 +96,7 @@ def record(run_dir: Path, name: str) -> Path:
         "finished_utc": finished.strftime("%Y-%m-%d %H:%M"),
         "train_command": train,
         "eval_command": f"cvae-eval run_dir=<run dir> eval.samples={SAMPLES} eval.checkpoint=last eval.split=test",
+        "resumes": log.read_text().count("Resumed from step") if log.is_file() else None,
     }
     (out / "record.json").write_text(json.dumps(meta, indent=2) + "\n")
     return out
@@ -180,7 +186,8 @@ def markdown(table: list[dict]) -> str:
             "steps",
             "test NLL ± s.e.",
             "val NLL (400 digits)",
-            "train wall s",
+            "resumes",
+            "train wall s (last launch)",
             "eval s",
             "hardware",
         ]
@@ -188,12 +195,22 @@ def markdown(table: list[dict]) -> str:
         for r in done:
             for run in r["runs"]:
                 t, m = run["test"], run["metrics"]
+                resumes = "not recorded" if run.get("resumes") is None else run["resumes"]
                 lines.append(
                     f"| {r['protocol']} | {run['seed']} | {m['step']} | {t['ncll']:.2f} ± {t['ncll_sem']:.2f} | "
-                    f"{run['val'].get('ncll', float('nan')):.2f} | {m.get('wall_s', 0):.0f} | {t['seconds']:.0f} | "
+                    f"{run['val'].get('ncll', float('nan')):.2f} | {resumes} | {m.get('wall_s', 0):.0f} | "
+                    f"{t['seconds']:.0f} | "
                     f"{m.get('hardware', '')} |"
                 )
-        lines += ["", "Commands (from the repository root; `<run dir>` the run's folder):", ""]
+        lines += [
+            "",
+            "Resumes: how often the training went on from a checkpoint (counted in the run's train.log, which the",
+            "record keeps; not recorded for a record made without it). The train wall time is that of the last",
+            "launch alone (metrics.json), so a resumed run trained longer than it says.",
+            "",
+            "Commands (from the repository root; `<run dir>` the run's folder):",
+            "",
+        ]
         for r in done:
             lines += [f"- {r['protocol']}: `{r['train_command']}`, then `{r['eval_command']}`"]
     return "\n".join(lines) + "\n"

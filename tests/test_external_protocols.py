@@ -328,6 +328,8 @@ def fake_run(folder, seed: int, step: int, ncll: float) -> None:
     (folder / ".hydra" / "config.yaml").write_text(f"seed: {seed}\ntrainer:\n  max_steps: 100\n")
     overrides = ["experiment=burda2016_vae", f"seed={seed}", "resume=auto"]
     (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    if seed == 1:  # a run that went on from its checkpoint twice; the others were recorded without a log
+        (folder / "train.log").write_text("Devices: 1\nResumed from step 40\nDevices: 1\nResumed from step 80\n")
 
 
 def test_external_checks_table_counts_finished_runs_only_and_leaves_the_rest_pending(tmp_path, monkeypatch):
@@ -347,8 +349,9 @@ def test_external_checks_table_counts_finished_runs_only_and_leaves_the_rest_pen
     assert vae["train_command"] == "cvae-train experiment=burda2016_vae seed=<seed> hydra.run.dir=<run dir>"
     assert all(r["status"] == "pending" and r["ours_nll"] == "" for k, r in rows.items() if k != "VAE")
     page = ext.markdown(ext.rows())  # the runs' table: each finished seed with its test and val figures
-    assert "| 0 | 100 | 87.00 ± 0.30 | 87.50 | 9 | 1 | test host |" in page
-    assert "| 1 | 100 | 88.00 ± 0.30 | 88.50 | 9 | 1 | test host |" in page and "| 2 | 60 |" not in page
+    assert "| 0 | 100 | 87.00 ± 0.30 | 87.50 | not recorded | 9 | 1 | test host |" in page
+    assert "| 1 | 100 | 88.00 ± 0.30 | 88.50 | 2 | 9 | 1 | test host |" in page and "| 2 | 60 |" not in page
+    assert (tmp_path / "results/external_checks_cells/burda2016_vae_s1/train.log").read_text().count("Resumed") == 2
 
 
 def test_committed_external_checks_are_rebuilt_from_the_committed_records(tmp_path):
