@@ -9,8 +9,9 @@ protocol is known from public code, rebuilt from the committed records.
 results/external_checks_cells/<record name>/ and writes record.json beside them: when the test evaluation
 finished (UTC, from its file), the commands that trained and evaluated it, and how often the training resumed
 from a checkpoint (from train.log, which every launch appends to; null without one). A resumed run's
-metrics.json times its last launch only, and the table says so. `table` writes <out>/external_checks.csv and .md from those records alone (no data,
-no JAX): a protocol's row holds the finished seeds, and a protocol with none is marked pending, never filled in.
+metrics.json times its last launch only, and the table says so. `table` writes <out>/external_checks.csv and
+.md from those records alone (no data, no JAX): a protocol's row holds the finished seeds, and a protocol with
+none is marked pending, never filled in.
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ def record(run_dir: Path, name: str) -> Path:
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(run_dir / rel, out / rel)
     log = run_dir / "train.log"
+    resumes = log.read_text().count("Resumed from step") if log.is_file() else None
     if log.is_file():
         shutil.copyfile(log, out / "train.log")
     overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())
@@ -96,7 +98,7 @@ def record(run_dir: Path, name: str) -> Path:
         "finished_utc": finished.strftime("%Y-%m-%d %H:%M"),
         "train_command": train,
         "eval_command": f"cvae-eval run_dir=<run dir> eval.samples={SAMPLES} eval.checkpoint=last eval.split=test",
-        "resumes": log.read_text().count("Resumed from step") if log.is_file() else None,
+        "resumes": resumes,
     }
     (out / "record.json").write_text(json.dumps(meta, indent=2) + "\n")
     return out
@@ -199,8 +201,7 @@ def markdown(table: list[dict]) -> str:
                 lines.append(
                     f"| {r['protocol']} | {run['seed']} | {m['step']} | {t['ncll']:.2f} ± {t['ncll_sem']:.2f} | "
                     f"{run['val'].get('ncll', float('nan')):.2f} | {resumes} | {m.get('wall_s', 0):.0f} | "
-                    f"{t['seconds']:.0f} | "
-                    f"{m.get('hardware', '')} |"
+                    f"{t['seconds']:.0f} | {m.get('hardware', '')} |"
                 )
         lines += [
             "",
