@@ -120,6 +120,7 @@ def finished(folder: Path) -> dict | None:
         "test": test,
         "val": json.loads(val.read_text()) if val.is_file() else {},
         "seed": config["seed"],
+        "val_trained_on": config.get("data", {}).get("val_holdout", True) is False,
         **json.loads((folder / "record.json").read_text()),
     }
 
@@ -198,16 +199,19 @@ def markdown(table: list[dict]) -> str:
             for run in r["runs"]:
                 t, m = run["test"], run["metrics"]
                 resumes = "not recorded" if run.get("resumes") is None else run["resumes"]
+                val = f"{run['val'].get('ncll', float('nan')):.2f}" + " (trained on)" * run["val_trained_on"]
                 lines.append(
                     f"| {r['protocol']} | {run['seed']} | {m['step']} | {t['ncll']:.2f} ± {t['ncll_sem']:.2f} | "
-                    f"{run['val'].get('ncll', float('nan')):.2f} | {resumes} | {m.get('wall_s', 0):.0f} | "
+                    f"{val} | {resumes} | {m.get('wall_s', 0):.0f} | "
                     f"{t['seconds']:.0f} | {m.get('hardware', '')} |"
                 )
         lines += [
             "",
             "Resumes: how often the training went on from a checkpoint (counted in the run's train.log, which the",
             "record keeps; not recorded for a record made without it). The train wall time is that of the last",
-            "launch alone (metrics.json), so a resumed run trained longer than it says.",
+            "launch alone (metrics.json), so a resumed run trained longer than it says. The val digits are the last",
+            "400 of the training file; \"trained on\" marks a protocol that trains on them too (nbip/IWAE has no",
+            "validation set, `data.val_holdout=false`): there they measure fit, not generalisation.",
             "",
             "Commands (from the repository root; `<run dir>` the run's folder):",
             "",

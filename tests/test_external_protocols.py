@@ -325,7 +325,10 @@ def fake_run(folder, seed: int, step: int, ncll: float) -> None:
     test = {"samples": 5000, "examples": 10000, "checkpoint": "last", "ncll": ncll, "ncll_sem": 0.3, "seconds": 1.0}
     (folder / "eval_test.json").write_text(json.dumps(test))
     (folder / "eval_val.json").write_text(json.dumps({**test, "examples": 400, "ncll": ncll + 0.5}))
-    (folder / ".hydra" / "config.yaml").write_text(f"seed: {seed}\ntrainer:\n  max_steps: 100\n")
+    holdout = "false" if seed == 1 else "true"  # seed 1 as the label protocol: its val digits are trained on
+    (folder / ".hydra" / "config.yaml").write_text(
+        f"seed: {seed}\ntrainer:\n  max_steps: 100\ndata:\n  val_holdout: {holdout}\n"
+    )
     overrides = ["experiment=burda2016_vae", f"seed={seed}", "resume=auto"]
     (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
     if seed == 1:  # a run that went on from its checkpoint twice; the others were recorded without a log
@@ -350,7 +353,7 @@ def test_external_checks_table_counts_finished_runs_only_and_leaves_the_rest_pen
     assert all(r["status"] == "pending" and r["ours_nll"] == "" for k, r in rows.items() if k != "VAE")
     page = ext.markdown(ext.rows())  # the runs' table: each finished seed with its test and val figures
     assert "| 0 | 100 | 87.00 ± 0.30 | 87.50 | not recorded | 9 | 1 | test host |" in page
-    assert "| 1 | 100 | 88.00 ± 0.30 | 88.50 | 2 | 9 | 1 | test host |" in page and "| 2 | 60 |" not in page
+    assert "| 1 | 100 | 88.00 ± 0.30 | 88.50 (trained on) | 2 | 9 | 1 | test host |" in page and "| 2 | 60 |" not in page
     assert (tmp_path / "results/external_checks_cells/burda2016_vae_s1/train.log").read_text().count("Resumed") == 2
 
 
