@@ -210,7 +210,7 @@ def markdown(table: list[dict]) -> str:
             "Resumes: how often the training went on from a checkpoint (counted in the run's train.log, which the",
             "record keeps; not recorded for a record made without it). The train wall time is that of the last",
             "launch alone (metrics.json), so a resumed run trained longer than it says. The val digits are the last",
-            "400 of the training file; \"trained on\" marks a protocol that trains on them too (nbip/IWAE has no",
+            '400 of the training file; "trained on" marks a protocol that trains on them too (nbip/IWAE has no',
             "validation set, `data.val_holdout=false`): there they measure fit, not generalisation.",
             "",
             "Commands (from the repository root; `<run dir>` the run's folder):",
