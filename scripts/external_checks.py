@@ -5,7 +5,8 @@ protocol is known from public code, rebuilt from the committed records.
     python3 scripts/external_checks.py table [<out folder, default results>]
 
 `record` copies what the table needs from a run directory (metrics.json, eval_val.json, eval_test.json,
-.hydra/config.yaml and overrides.yaml, and train.log where there is one; never checkpoints) into
+.hydra/config.yaml and overrides.yaml, and train.log where there is one; never checkpoints; the run directory's
+and the data's absolute paths written as <run dir> and the data.path override) into
 results/external_checks_cells/<record name>/ and writes record.json beside them: when the test evaluation
 finished (UTC, from its file), the commands that trained and evaluated it, and how often the training resumed
 from a checkpoint (from train.log, which every launch appends to; null without one). A resumed run's
@@ -19,7 +20,6 @@ from __future__ import annotations
 import csv
 import datetime
 import json
-import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -76,6 +76,22 @@ COLUMNS = [
 PER_RUN = ("hydra.", "resume=")
 
 
+def placeless(run_dir: Path, overrides: list[str]):
+    """A function that writes the paths of the machine a run trained on the way the command named them: the run
+    directory as <run dir> and the resolved data path as its `data.path=` override (the records are committed)."""
+    source = json.loads((run_dir / "metrics.json").read_text()).get("data_source", "")
+    data = source.split(":", 1)[1] if ":" in source else ""
+    given = next((o.split("=", 1)[1] for o in overrides if o.startswith("data.path=")), "<data path>")
+    pairs = [(str(run_dir.resolve()), "<run dir>")] + ([(data, given)] if Path(data).is_absolute() else [])
+
+    def unplace(text: str) -> str:
+        for path, name in pairs:
+            text = text.replace(path, name)
+        return text
+
+    return unplace
+
+
 def record(run_dir: Path, name: str) -> Path:
     """Copies a finished run's record into CELLS/<name> and writes its record.json."""
     test = json.loads((run_dir / "eval_test.json").read_text())
@@ -84,14 +100,13 @@ def record(run_dir: Path, name: str) -> Path:
             f"external_checks.py: {run_dir}/eval_test.json is not the protocol's (S={SAMPLES}, the last checkpoint)"
         )
     out = CELLS / name
-    for rel in FILES:
-        (out / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(run_dir / rel, out / rel)
-    log = run_dir / "train.log"
-    resumes = log.read_text().count("Resumed from step") if log.is_file() else None
-    if log.is_file():
-        shutil.copyfile(log, out / "train.log")
     overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())
+    unplace = placeless(run_dir, overrides)
+    log = run_dir / "train.log"
+    for rel in FILES + (("train.log",) if log.is_file() else ()):
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_text(unplace((run_dir / rel).read_text()))
+    resumes = log.read_text().count("Resumed from step") if log.is_file() else None
     train = "cvae-train " + " ".join(o for o in overrides if not o.startswith(PER_RUN)) + " hydra.run.dir=<run dir>"
     finished = datetime.datetime.fromtimestamp((run_dir / "eval_test.json").stat().st_mtime, datetime.UTC)
     meta = {

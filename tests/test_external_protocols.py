@@ -321,7 +321,9 @@ def test_an_iw_run_trains_and_cvae_eval_scores_its_last_checkpoint(session_cli, 
 
 def fake_run(folder, seed: int, step: int, ncll: float) -> None:
     (folder / ".hydra").mkdir(parents=True)
-    (folder / "metrics.json").write_text(json.dumps({"step": step, "wall_s": 9.0, "hardware": "test host"}))
+    data = f"parquet:{folder.parent / 'mnist'}"  # resolved by the run, as a relative data.path is
+    metrics = {"step": step, "wall_s": 9.0, "hardware": "test host", "data_source": data}
+    (folder / "metrics.json").write_text(json.dumps(metrics))
     test = {"samples": 5000, "examples": 10000, "checkpoint": "last", "ncll": ncll, "ncll_sem": 0.3, "seconds": 1.0}
     (folder / "eval_test.json").write_text(json.dumps(test))
     (folder / "eval_val.json").write_text(json.dumps({**test, "examples": 400, "ncll": ncll + 0.5}))
@@ -329,10 +331,11 @@ def fake_run(folder, seed: int, step: int, ncll: float) -> None:
     (folder / ".hydra" / "config.yaml").write_text(
         f"seed: {seed}\ntrainer:\n  max_steps: 100\ndata:\n  val_holdout: {holdout}\n"
     )
-    overrides = ["experiment=burda2016_vae", f"seed={seed}", "resume=auto"]
+    overrides = ["experiment=burda2016_vae", "data.path=../mnist", f"seed={seed}", "resume=auto"]
     (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
     if seed == 1:  # a run that went on from its checkpoint twice; the others were recorded without a log
-        (folder / "train.log").write_text("Devices: 1\nResumed from step 40\nDevices: 1\nResumed from step 80\n")
+        launch = f"Devices: 1; run dir: {folder}\nData: {data}; train 59600\n"
+        (folder / "train.log").write_text(f"{launch}Resumed from step 40\n{launch}Resumed from step 80\n")
 
 
 def test_external_checks_table_counts_finished_runs_only_and_leaves_the_rest_pending(tmp_path, monkeypatch):
@@ -349,13 +352,19 @@ def test_external_checks_table_counts_finished_runs_only_and_leaves_the_rest_pen
     vae = rows["VAE"]
     assert (vae["status"], vae["seeds"], vae["ours_nll"]) == ("finished", 2, 87.5)
     assert vae["ours_spread"] == round(math.sqrt(0.5), 2) and vae["gap"] == "+0.74"
-    assert vae["train_command"] == "cvae-train experiment=burda2016_vae seed=<seed> hydra.run.dir=<run dir>"
+    command = "cvae-train experiment=burda2016_vae data.path=../mnist seed=<seed> hydra.run.dir=<run dir>"
+    assert vae["train_command"] == command
     assert all(r["status"] == "pending" and r["ours_nll"] == "" for k, r in rows.items() if k != "VAE")
     page = ext.markdown(ext.rows())  # the runs' table: each finished seed with its test and val figures
     assert "| 0 | 100 | 87.00 ± 0.30 | 87.50 | not recorded | 9 | 1 | test host |" in page
     assert "| 1 | 100 | 88.00 ± 0.30 | 88.50 (trained on) | 2 | 9 | 1 | test host |" in page
     assert "| 2 | 60 |" not in page
-    assert (tmp_path / "results/external_checks_cells/burda2016_vae_s1/train.log").read_text().count("Resumed") == 2
+    kept = tmp_path / "results/external_checks_cells/burda2016_vae_s1"
+    assert (kept / "train.log").read_text().count("Resumed") == 2
+    # the committed record names no path of the machine: the run dir and the data as the command gave them
+    assert "run dir: <run dir>\nData: parquet:../mnist;" in (kept / "train.log").read_text()
+    assert json.loads((kept / "metrics.json").read_text())["data_source"] == "parquet:../mnist"
+    assert not [f for f in kept.rglob("*") if f.is_file() and str(tmp_path) in f.read_text()]
 
 
 def test_committed_external_checks_are_rebuilt_from_the_committed_records(tmp_path):
