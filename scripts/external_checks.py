@@ -76,11 +76,11 @@ COLUMNS = [
 PER_RUN = ("hydra.", "resume=")
 
 
-def placeless(run_dir: Path, overrides: list[str]):
+def placeless(run_dir: Path, source: str, overrides: list[str]):
     """A function that writes the paths of the machine a run trained on the way the command named them: the run
-    directory as <run dir> and the resolved data path as its `data.path=` override (the records are committed)."""
-    source = json.loads((run_dir / "metrics.json").read_text()).get("data_source", "")
-    data = source.split(":", 1)[1] if ":" in source else ""
+    directory as <run dir> and the resolved data path (`source`, metrics.json's `kind:path`) as its `data.path=`
+    override (the records are committed; cvae_exp/results/sohn2015.py's _relative_source does this for reports)."""
+    data = source.partition(":")[2]
     given = next((o.split("=", 1)[1] for o in overrides if o.startswith("data.path=")), "<data path>")
     pairs = [(str(run_dir.resolve()), "<run dir>")] + ([(data, given)] if Path(data).is_absolute() else [])
 
@@ -100,13 +100,14 @@ def record(run_dir: Path, name: str) -> Path:
             f"external_checks.py: {run_dir}/eval_test.json is not the protocol's (S={SAMPLES}, the last checkpoint)"
         )
     out = CELLS / name
-    overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())
-    unplace = placeless(run_dir, overrides)
-    log = run_dir / "train.log"
-    for rel in FILES + (("train.log",) if log.is_file() else ()):
+    logged = ("train.log",) if (run_dir / "train.log").is_file() else ()
+    texts = {rel: (run_dir / rel).read_text() for rel in FILES + logged}
+    overrides = yaml.safe_load(texts[".hydra/overrides.yaml"])
+    unplace = placeless(run_dir, json.loads(texts["metrics.json"]).get("data_source", ""), overrides)
+    for rel, text in texts.items():
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
-        (out / rel).write_text(unplace((run_dir / rel).read_text()))
-    resumes = log.read_text().count("Resumed from step") if log.is_file() else None
+        (out / rel).write_text(unplace(text))
+    resumes = texts["train.log"].count("Resumed from step") if logged else None
     train = "cvae-train " + " ".join(o for o in overrides if not o.startswith(PER_RUN)) + " hydra.run.dir=<run dir>"
     finished = datetime.datetime.fromtimestamp((run_dir / "eval_test.json").stat().st_mtime, datetime.UTC)
     meta = {
